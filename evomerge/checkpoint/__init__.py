@@ -1,0 +1,1 @@
+"""HF checkpoints in and out: reading, layout, compatibility, writing."""

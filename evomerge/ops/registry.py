@@ -1,0 +1,140 @@
+"""One registry of merge operators.
+
+An operator is a small pure function on torch tensors::
+
+    fn(tensors: list[Tensor], base: Tensor | None, params: dict, ctx: OpContext) -> Tensor
+
+``tensors`` are the step's inputs (float32, on the compute device, same shape), ``base`` the
+reference tensor for task-vector methods, ``params`` the step's parameters with defaults
+filled in and per-input values as lists aligned with ``tensors``. ``ctx`` gives the output
+tensor name and a seeded ``torch.Generator`` for random operators.
+
+Register with :func:`register_op`, which also declares the parameters so a plan can be
+checked before any tensor is touched (unknown operator, wrong number of per-model values,
+densities out of range...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PlanError
+
+if TYPE_CHECKING:  # torch is imported by the operator modules, not by the registry
+    import torch
+
+    from ..plan import TensorStep
+
+
+@dataclass
+class OpContext:
+    name: str
+    generator: torch.Generator | None = None
+    device: Any = None
+
+
+@dataclass
+class OpSpec:
+    name: str
+    fn: Callable[..., Any]
+    needs_base: bool = False
+    # names of parameters given once per input (lists aligned with inputs)
+    per_input: tuple[str, ...] = ()
+    # defaults for every parameter (per-input defaults are scalars broadcast to all inputs)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # closed ranges checked at validation time: name -> (lo, hi), None for open ends
+    ranges: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    random: bool = False
+    doc: str = ""
+
+    def resolve_params(self, step: TensorStep) -> dict[str, Any]:
+        """Defaults filled, per-input scalars broadcast to lists. Raises PlanError."""
+        n = len(step.inputs)
+        unknown = set(step.params) - set(self.defaults) - set(self.per_input)
+        if unknown:
+            raise PlanError(
+                f"operator {self.name!r} for tensor {step.output!r} got unknown "
+                f"parameter(s) {sorted(unknown)}; it takes {sorted(set(self.defaults) | set(self.per_input))}"
+            )
+        out: dict[str, Any] = {}
+        for key in set(self.defaults) | set(self.per_input):
+            value = step.params.get(key, self.defaults.get(key))
+            if key in self.per_input:
+                if value is None:
+                    raise PlanError(
+                        f"operator {self.name!r} for tensor {step.output!r} needs {key!r}"
+                    )
+                if isinstance(value, (list, tuple)):
+                    if len(value) != n:
+                        raise PlanError(
+                            f"operator {self.name!r} for tensor {step.output!r}: {key!r} has "
+                            f"{len(value)} values for {n} input models"
+                        )
+                    value = [float(v) for v in value]
+                else:
+                    value = [float(value)] * n
+            out[key] = value
+        for key, (lo, hi) in self.ranges.items():
+            vals = out.get(key)
+            if vals is None:
+                continue
+            for v in vals if isinstance(vals, list) else [vals]:
+                if (lo is not None and v < lo) or (hi is not None and v > hi):
+                    raise PlanError(
+                        f"operator {self.name!r} for tensor {step.output!r}: {key}={v} is out "
+                        f"of range [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                    )
+        return out
+
+    def validate(self, step: TensorStep) -> None:
+        n = len(step.inputs)
+        if n < self.min_inputs or (self.max_inputs is not None and n > self.max_inputs):
+            want = (
+                f"{self.min_inputs}" if self.max_inputs == self.min_inputs
+                else f"{self.min_inputs}..{self.max_inputs if self.max_inputs else 'n'}"
+            )
+            raise PlanError(
+                f"operator {self.name!r} for tensor {step.output!r} takes {want} inputs, got {n}"
+            )
+        if self.needs_base and step.base is None:
+            raise PlanError(
+                f"operator {self.name!r} for tensor {step.output!r} needs a base model"
+            )
+        self.resolve_params(step)
+
+
+_OPS: dict[str, OpSpec] = {}
+
+
+def register_op(name: str, **spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _OPS:
+            raise ValueError(f"operator {name!r} registered twice")
+        _OPS[name] = OpSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), **spec)
+        return fn
+
+    return deco
+
+
+def get_op(name: str) -> OpSpec:
+    _load_builtin_ops()
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise PlanError(
+            f"unknown merge operator {name!r}; known: {', '.join(sorted(_OPS))}"
+        ) from None
+
+
+def list_ops() -> list[str]:
+    _load_builtin_ops()
+    return sorted(_OPS)
+
+
+def _load_builtin_ops() -> None:
+    # Importing the package registers every built-in operator exactly once.
+    from . import builtin  # noqa: F401
