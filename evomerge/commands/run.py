@@ -1,0 +1,133 @@
+"""`evomerge run | resume | status | export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..config import load_config
+
+
+def _executor_overrides(executor, workers, address):
+    out = {}
+    if executor:
+        out["name"] = executor
+    if workers:
+        out["workers"] = workers
+    if address:
+        out["address"] = address
+        out.setdefault("name", "ray")
+    return out
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--runs-dir", default="runs", show_default=True, help="Folder holding run directories.")
+@click.option("--name", default=None, help="Run name (default: the config's name).")
+@click.option("--budget", type=int, default=None, help="Override the number of evaluations.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None)
+@click.option("--workers", type=int, default=None, help="Ray workers (default: from resources).")
+@click.option("--address", default=None, help="Ray cluster address (auto, ray://host:port).")
+@click.option("--force", is_flag=True, help="Continue a run whose config changed.")
+@click.option("--no-progress", is_flag=True)
+def run(config, runs_dir, name, budget, executor, workers, address, force, no_progress):
+    """Start (or continue) a search from a run CONFIG.yaml."""
+    from ..engine.runner import run_search
+
+    cfg = load_config(config)
+    changes = {}
+    if name:
+        changes["name"] = name
+    if budget:
+        changes["budget"] = budget
+    ex = _executor_overrides(executor, workers, address)
+    if ex:
+        changes["executor"] = cfg.executor.model_copy(update=ex)
+    if changes:
+        cfg = cfg.model_copy(update=changes)
+    run_dir = Path(runs_dir) / cfg.name
+    best = run_search(cfg, run_dir, force=force, progress=not no_progress)
+    _print_best(best, run_dir)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Continue even if config.yaml was edited.")
+@click.option("--budget", type=int, default=None, help="Extend (or set) the number of evaluations.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--address", default=None)
+@click.option("--no-progress", is_flag=True)
+def resume(run_dir, force, budget, executor, workers, address, no_progress):
+    """Continue RUN_DIR exactly where it stopped (after any crash)."""
+    from ..engine.runner import resume_search
+
+    best = resume_search(run_dir, force=force, budget=budget, progress=not no_progress,
+                         executor=_executor_overrides(executor, workers, address))
+    _print_best(best, Path(run_dir))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot/--no-plot", default=True, help="Write fitness.png into the run directory.")
+def status(run_dir, as_json, plot):
+    """Show progress of RUN_DIR and plot fitness over evaluations."""
+    from ..engine.report import plot_fitness, summarize
+
+    s = summarize(run_dir)
+    png = plot_fitness(run_dir) if plot else None
+    if as_json:
+        click.echo(json.dumps(dict(s, plot=str(png) if png else None), indent=1))
+        return
+    con = Console()
+    t = Table(title=f"run {s['run']}", show_header=False)
+    t.add_row("evaluations", f"{s['evaluations']} / {s['budget']}" + (" (complete)" if s["complete"] else ""))
+    t.add_row("evaluated / cached / failed / pending",
+              f"{s['evaluated']} / {s['cached']} / {s['failed']} / {s['pending']}")
+    if s["generations"]:
+        t.add_row("generations", str(s["generations"]))
+    if s["seconds_per_evaluation"] is not None:
+        t.add_row("seconds per evaluation", f"{s['seconds_per_evaluation']:.2f}")
+    if s["evaluations_per_second"]:
+        t.add_row("evaluations per second", f"{s['evaluations_per_second']:.2f}")
+    if s["best"]:
+        t.add_row("best", f"id {s['best']['id']}: {s['best']['fitness'] * 100:.1f}")
+        for task, v in s["best"]["scores"].items():
+            t.add_row(f"  {task}", f"{v * 100:.1f}")
+    workers = (s.get("executor") or {}).get("workers") or {}
+    for w, ws in workers.items():
+        t.add_row(f"worker {w}", f"{ws.get('evaluations', 0)} evals, utilisation {ws.get('utilisation', 0) * 100:.0f}%")
+    if png:
+        t.add_row("plot", str(png))
+    con.print(t)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--top", "k", type=int, default=1, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--device", default=None)
+@click.option("--shard-size", default="2GB", show_default=True)
+def export(run_dir, k, out_dir, device, shard_size):
+    """Export the best K individuals of RUN_DIR as HF checkpoints."""
+    from ..engine.export import export_top
+
+    for p in export_top(run_dir, k, out_dir, device=device, shard_size=shard_size):
+        click.echo(str(p))
+
+
+def _print_best(best, run_dir: Path) -> None:
+    if best is None:
+        click.echo(f"run finished without a successful evaluation: {run_dir}")
+        return
+    scores = ", ".join(f"{k} {v * 100:.1f}" for k, v in best["scores"].items())
+    click.echo(f"best candidate {best['id']}: fitness {best['fitness'] * 100:.1f} ({scores})")
+    click.echo(f"run directory: {run_dir}")
+
+
+COMMANDS = [run, resume, status, export]

@@ -1,0 +1,203 @@
+"""Pydantic models of the run YAML users write (`evomerge run CONFIG.yaml`).
+
+A run config names the source models, the search space, the optimizer, the fitness tasks and
+backend, the executor and the budget. Unknown fields are errors (``extra="forbid"``), and every
+validation error becomes one :class:`ConfigError` line naming the file and the field path.
+
+Model paths may be local HF directories, or ``zoo:<member>`` / ``zoo:<variant>/<member>``
+references into the locally built model zoo (resolved by :mod:`evomerge.engine.models`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamRange(_Strict):
+    """Bounds and start value of one searched coefficient (weight, density, ...)."""
+
+    low: float
+    high: float
+    init: float | None = None
+
+    @field_validator("high")
+    @classmethod
+    def _ordered(cls, v: float, info: Any) -> float:
+        low = info.data.get("low")
+        if low is not None and v <= low:
+            raise ValueError(f"high ({v}) must be greater than low ({low})")
+        return v
+
+
+class SpaceConfig(_Strict):
+    """The search space. ``type`` picks a registered space; the other fields configure it.
+
+    parameter:  per-layer-group coefficients per source model for ``method``.
+    layer_swap: bottom/top k layers (and embeddings/head) from one expert, the rest from
+                another, with k evolved; ``per_layer: true`` generalizes to a source mix per layer.
+    """
+
+    type: Literal["parameter", "layer_swap", "m2n2"] = "parameter"
+    method: str = "task_arithmetic"
+    # parameter space
+    layer_groups: int | Literal["layer"] = 1
+    split_attn_mlp: bool = False
+    params: dict[str, ParamRange] = Field(
+        default_factory=lambda: {"weight": ParamRange(low=0.0, high=1.5, init=1.0)}
+    )
+    non_layer: Literal["search", "uniform"] = "search"  # uniform: fixed at init
+    smoothing: float = Field(0.0, ge=0.0, le=1.0)
+    fixed: dict[str, Any] = Field(default_factory=dict)  # operator scalars (lambda, normalize...)
+    # layer_swap space
+    outer: str | None = None  # expert giving the bottom/top layers (layer swap)
+    inner: str | None = None  # expert giving the middle layers
+    per_layer: bool = False
+    temperature: float = Field(0.0, ge=0.0)  # 0: hard source choice per layer; >0: soft mix
+
+
+class OptimizerConfig(_Strict):
+    name: str = "cma"
+    sigma0: float | None = None
+    popsize: int | None = Field(None, ge=2)
+    seed: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskRef(_Strict):
+    path: str
+    weight: float = Field(1.0, ge=0.0)
+
+
+class BackendConfig(_Strict):
+    name: str = "hf"
+    device: str | None = None
+    dtype: str | None = "float32"
+    batch_size: int = Field(128, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutorConfig(_Strict):
+    name: Literal["local", "ray"] = "local"
+    workers: int | None = Field(None, ge=1)
+    address: str | None = None
+    max_inflight: int | None = Field(None, ge=1)
+    max_failures: int = Field(2, ge=0)  # retries of one candidate before it is told as failed
+    gpus_per_worker: float | None = Field(None, ge=0.0)
+    num_threads: int | None = Field(None, ge=1)  # torch threads per worker
+
+
+class RunConfig(_Strict):
+    name: str
+    models: dict[str, str]
+    base_model: str | None = None
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: int = Field(100, ge=1, description="number of candidates evaluated")
+    tasks: list[TaskRef]
+    report_tasks: list[TaskRef] = Field(default_factory=list)  # held-out reporting only
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    seed: int = 0
+    dtype: str | None = None  # output dtype of merged weights (default: the sources')
+
+    @field_validator("models")
+    @classmethod
+    def _nonempty(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) < 2:
+            raise ValueError("needs at least two source models")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _has_tasks(cls, v: list[TaskRef]) -> list[TaskRef]:
+        if not v:
+            raise ValueError("needs at least one task")
+        return v
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.base_model is not None and self.base_model not in self.models:
+            raise ConfigError(
+                f"base_model: {self.base_model!r} is not one of models ({', '.join(self.models)})"
+            )
+
+    # -- identity ---------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of everything that changes which candidates are made and how they score.
+
+        Excluded: the run name, the budget (a run may be extended) and the executor (where
+        candidates are evaluated does not change their scores).
+        """
+        d = self.model_dump(mode="json")
+        for key in ("name", "budget", "executor"):
+            d.pop(key, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    cfg = parse_config(data, str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    """Make model and task paths absolute relative to the config file's folder.
+
+    Task paths are tried relative to the config file, then to the current directory (so
+    presets in ``search_spaces/`` can name ``fitness/...`` from the repository root).
+    """
+
+    def fix(p: str) -> str:
+        if p.startswith("zoo:"):
+            return p
+        q = Path(p).expanduser()
+        if q.is_absolute():
+            return str(q)
+        for root in (base_dir, Path.cwd()):
+            if (root / q).exists():
+                return str((root / q).resolve())
+        return str((base_dir / q).resolve())
+
+    data = cfg.model_dump()
+    data["models"] = {k: fix(v) for k, v in cfg.models.items()}
+    for key in ("tasks", "report_tasks"):
+        data[key] = [dict(t, path=fix(t["path"])) for t in data[key]]
+    return RunConfig.model_validate(data)

@@ -1,0 +1,81 @@
+"""Worker-side evaluation: one resident model, a materializer, a backend, the tasks.
+
+An :class:`Evaluator` is built once per worker (in-process for the local executor, inside a
+Ray actor for the Ray executor) from a plain-data :class:`EvalSpec`. Per candidate it writes
+the MergePlan's weights into the resident model in place and scores every task per example.
+Any exception while doing so becomes a failed outcome (the optimizer is told a penalty),
+never a crash of the run.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..plan import MergePlan
+
+
+@dataclass
+class EvalSpec:
+    """Everything a worker needs, as plain data (it travels to Ray actors)."""
+
+    model_dir: str  # config + tokenizer of the resident model (the base, or the first source)
+    tasks: list[dict[str, Any]]  # [{path, weight}]
+    backend: dict[str, Any] = field(default_factory=dict)  # BackendConfig dump
+    split: str = "search"
+    num_threads: int | None = None
+    cache_sources: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Outcome:
+    scores: dict[str, list[float]] | None
+    seconds: float
+    error: str | None = None
+    worker: str = "local"
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+class Evaluator:
+    def __init__(self, spec: EvalSpec, worker: str = "local"):
+        import torch
+
+        from ..fitness import load_tasks
+        from ..fitness.backends import make_backend
+        from ..materialize import Materializer
+
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.worker = worker
+        b = dict(spec.backend)
+        name = b.pop("name", "hf")
+        options = b.pop("options", {}) or {}
+        self.backend = make_backend(name, model_dir=spec.model_dir, **b, **options)
+        self.materializer = Materializer(device=self.backend.device, cache_sources=spec.cache_sources)
+        self.tasks = load_tasks(spec.tasks)
+
+    def evaluate(self, plan: MergePlan | dict[str, Any], split: str | None = None) -> Outcome:
+        t0 = time.perf_counter()
+        try:
+            if isinstance(plan, dict):
+                plan = MergePlan.from_dict(plan)
+            self.backend.load_plan(plan, self.materializer)
+            raw = self.backend.evaluate(self.tasks, split=split or self.spec.split)
+            scores = {k: [float(x) for x in v] for k, v in raw.items()}
+            return Outcome(scores, time.perf_counter() - t0, None, self.worker)
+        except Exception as err:  # noqa: BLE001 - any failure is a failed candidate
+            msg = f"{type(err).__name__}: {err}"
+            tb = traceback.format_exc(limit=3)
+            return Outcome(None, time.perf_counter() - t0, f"{msg} | {tb.splitlines()[-1]}", self.worker)
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,74 @@
+"""`evomerge status`: what a run has done so far, and a plot of fitness over evaluations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import RunStore
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    store = RunStore.open(run_dir)
+    cfg = store.config()
+    records = store.read_evals()
+    ckpt = store.load_checkpoint() or {}
+    ok = [r for r in records if not r.get("failed")]
+    evaluated = [r for r in ok if not r.get("cached")]
+    gens = {r.get("info", {}).get("generation") for r in records} - {None}
+    best = max(ok, key=lambda r: r["fitness"]) if ok else None
+    stats_path = store.dir / "executor_stats.json"
+    span = (records[-1]["time"] - records[0]["time"]) if len(records) > 1 else 0.0
+    return {
+        "run": cfg.name,
+        "dir": str(store.dir),
+        "budget": cfg.budget,
+        "evaluations": len(records),
+        "evaluated": len(evaluated),
+        "cached": sum(1 for r in records if r.get("cached")),
+        "failed": sum(1 for r in records if r.get("failed")),
+        "pending": len(ckpt.get("pending", [])),
+        "generations": len(gens) if gens else None,
+        "best": None if best is None else {
+            "id": best["id"], "fitness": best["fitness"], "scores": best["scores"],
+        },
+        "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
+        "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
+        "complete": len(records) >= cfg.budget,
+        "executor": _read_json(stats_path),
+    }
+
+
+def plot_fitness(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = RunStore.open(run_dir)
+    records = [r for r in store.read_evals() if not r.get("failed")]
+    if not records:
+        return None
+    x = np.arange(1, len(records) + 1)
+    y = np.array([r["fitness"] for r in records]) * 100
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.scatter(x, y, s=8, alpha=0.5, label="candidate")
+    ax.plot(x, np.maximum.accumulate(y), color="C3", label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("combined fitness (%)")
+    ax.set_title(f"{store.config().name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    out = Path(out) if out else store.dir / "fitness.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,47 @@
+"""Starting and resuming runs with a progress bar: what `evomerge run` / `resume` call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from .search import Search, open_or_create
+from .store import RunStore
+
+
+def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
+               progress: bool = True) -> dict[str, Any] | None:
+    store = open_or_create(cfg, run_dir, force=force)
+    try:
+        search = Search(cfg, store)
+        if not progress:
+            return search.run()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("{task.fields[best]}")) as bar:
+            task = bar.add_task(cfg.name, total=cfg.budget, best="")
+
+            def update(s: Search) -> None:
+                best = f"best {s.best['fitness'] * 100:.1f}" if s.best else ""
+                bar.update(task, completed=s.told, best=best)
+
+            search.on_progress = update
+            return search.run()
+    finally:
+        store.unlock()
+
+
+def resume_search(run_dir: str | Path, force: bool = False, budget: int | None = None,
+                  progress: bool = True, executor: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    store = RunStore.open(run_dir)
+    cfg = store.config()
+    changes: dict[str, Any] = {}
+    if budget is not None:
+        changes["budget"] = budget
+    if executor:
+        changes["executor"] = cfg.executor.model_copy(update=executor)
+    if changes:
+        cfg = cfg.model_copy(update=changes)
+    return run_search(cfg, store.dir, force=force, progress=progress)

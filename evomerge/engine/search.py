@@ -1,0 +1,236 @@
+"""The search loop: the one place that knows spaces, optimizers, executors and the store.
+
+One candidate's way through it::
+
+    optimizer.ask -> Candidate(id, genome)          checkpoint (optimizer state + pending)
+    space.decode(genome) -> recipe -> MergePlan     plan.hash() -> cached result?
+    executor.submit(id, plan) ... poll -> Outcome   per-example scores per task
+    log record appended (fsynced)                   optimizer.tell(Result)
+    checkpoint                                      best.json
+
+Exactness on resume: the checkpoint always reflects the optimizer after its last ask or
+tell; records in the log whose candidate is still pending in the checkpoint are replayed as
+tells in log order; the remaining pending candidates are dispatched again unchanged (same
+ids, same genomes). With a deterministic executor order (local, or a generational optimizer)
+the resumed run therefore makes the same candidates and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..errors import EvomergeError, RunError
+from ..optim import FAILED_FITNESS, Candidate, Result, make_optimizer
+from ..optim.state import from_jsonable, to_jsonable
+from ..spaces import make_space
+from .evaluator import EvalSpec, Outcome
+from .executor import Executor, make_executor
+from .faults import maybe_crash
+from .models import resolve_models
+from .store import RunStore
+from .tasks_info import TaskInfo
+
+
+class Search:
+    def __init__(self, cfg: RunConfig, store: RunStore, executor: Executor | None = None,
+                 on_progress: Callable[[Search], None] | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.models = resolve_models(cfg.models)
+        self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
+        self.tasks = TaskInfo.load(cfg.tasks)
+        self.optimizer = build_optimizer(cfg, self.space)
+        # fail fast on a space/recipe that cannot compile at all
+        self.space.plan(self.space.initial()).validate()
+        self.executor = executor or make_executor(cfg.executor)
+        self.on_progress = on_progress
+        self.pending: dict[int, Candidate] = {}
+        self.told = 0
+        self.cache: dict[str, dict[str, Any]] = {}  # plan hash -> record with scores
+        self.waiting: dict[str, list[int]] = {}  # plan hash -> candidate ids awaiting it
+        self.submitted: dict[int, tuple[str, dict[str, Any]]] = {}  # id -> (hash, recipe)
+        self.best: dict[str, Any] | None = None
+        self.started = time.time()
+
+    # -- state ------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        self.store.save_checkpoint({
+            "optimizer": to_jsonable(self.optimizer.state_dict()),
+            "pending": [
+                {"id": c.id, "genome": c.genome.tolist(), "info": to_jsonable(c.info)}
+                for c in self.pending.values()
+            ],
+            "told": self.told,
+        })
+
+    def restore(self) -> None:
+        """Rebuild state from checkpoint + log (no-op for a fresh run)."""
+        ckpt = self.store.load_checkpoint()
+        records = self.store.read_evals(repair=True)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(from_jsonable(ckpt["optimizer"]))
+            self.pending = {
+                p["id"]: Candidate(p["id"], np.asarray(p["genome"], dtype=float), from_jsonable(p["info"]))
+                for p in ckpt["pending"]
+            }
+            self.told = int(ckpt["told"])
+        elif records:
+            raise RunError(f"{self.store.dir}: evaluation log without checkpoint; cannot resume")
+        for rec in records:
+            self._remember(rec)
+            if rec["id"] in self.pending:  # finished after the last checkpoint: replay its tell
+                cand = self.pending.pop(rec["id"])
+                self.optimizer.tell([self._result(cand.id, rec)])
+                self.told += 1
+        if records:
+            self.checkpoint()
+
+    def _remember(self, rec: dict[str, Any]) -> None:
+        if not rec.get("failed") and rec.get("plan_hash"):
+            self.cache.setdefault(rec["plan_hash"], rec)
+        if not rec.get("failed") and (self.best is None or rec["fitness"] > self.best["fitness"]):
+            self.best = rec
+
+    def _result(self, cid: int, rec: dict[str, Any]) -> Result:
+        per_example = None
+        if rec.get("per_example"):
+            per_example = np.concatenate([np.asarray(rec["per_example"][t], dtype=float)
+                                          for t in self.tasks.names])
+        return Result(cid, float(rec["fitness"]), per_example, bool(rec.get("failed")))
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any] | None:
+        self.restore()
+        spec = EvalSpec(
+            model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
+            tasks=[t.model_dump() for t in self.cfg.tasks],
+            backend=self.cfg.backend.model_dump(),
+            num_threads=self.cfg.executor.num_threads,
+        )
+        self.executor.start(spec)
+        try:
+            for cand in list(self.pending.values()):
+                self._dispatch(cand)
+            while self.told < self.cfg.budget:
+                self._fill()
+                if self.told >= self.cfg.budget:
+                    break
+                if self.executor.in_flight == 0 and not self.pending:
+                    raise RunError("optimizer asked for no candidates and none are in flight")
+                for cid, outcome in self.executor.poll(timeout=1.0):
+                    self._finish(cid, outcome)
+            self.store.write_json("executor_stats.json", self.executor.stats())
+        finally:
+            self.executor.close()
+        return self.best
+
+    def _fill(self) -> None:
+        room = self.executor.capacity - self.executor.in_flight
+        left = self.cfg.budget - self.told - len(self.pending)
+        n = min(room, left)
+        if n <= 0:
+            return
+        cands = self.optimizer.ask(n)
+        if not cands:
+            return
+        for c in cands:
+            self.pending[c.id] = c
+        self.checkpoint()
+        maybe_crash("after_ask")
+        for c in cands:
+            self._dispatch(c)
+
+    def _dispatch(self, cand: Candidate) -> None:
+        try:
+            recipe = self.space.decode(cand.genome)
+            plan = self.space.compile(recipe)
+        except EvomergeError as err:  # a genome that does not compile is a failed candidate
+            self.submitted[cand.id] = ("", {})
+            self._finish(cand.id, Outcome(None, 0.0, f"compile: {err}"))
+            return
+        h = plan.hash()
+        self.submitted[cand.id] = (h, recipe)
+        if h in self.cache:
+            self._finish(cand.id, None, cached=self.cache[h])
+        elif h in self.waiting:
+            self.waiting[h].append(cand.id)
+        else:
+            self.waiting[h] = []
+            self.executor.submit(cand.id, plan.to_dict())
+
+    def _finish(self, cid: int, outcome: Outcome | None, cached: dict[str, Any] | None = None) -> None:
+        cand = self.pending[cid]
+        h, recipe = self.submitted.pop(cid)
+        if cached is not None:
+            scores, seconds, error, worker = cached["per_example"], 0.0, None, "cache"
+        else:
+            assert outcome is not None
+            scores, seconds, error, worker = outcome.scores, outcome.seconds, outcome.error, outcome.worker
+        failed = error is not None
+        means = {} if failed else {t: float(np.mean(scores[t])) for t in self.tasks.names}
+        fitness = FAILED_FITNESS if failed else self.tasks.combine(means)
+        rec = {
+            "id": cid,
+            "genome": [float(x) for x in cand.genome],
+            "info": to_jsonable(cand.info),
+            "recipe": recipe,
+            "plan_hash": h,
+            "fitness": fitness,
+            "scores": means,
+            "per_example": None if failed else scores,
+            "failed": failed,
+            "error": error,
+            "cached": cached is not None,
+            "seconds": seconds,
+            "worker": worker,
+            "time": time.time(),
+        }
+        self.store.append_eval(rec)
+        maybe_crash("after_log")
+        del self.pending[cid]
+        self.optimizer.tell([self._result(cid, rec)])
+        self.told += 1
+        self._remember(rec)
+        if self.best is rec:
+            self.store.write_best(rec)
+        self.checkpoint()
+        maybe_crash("after_tell")
+        if self.on_progress is not None:
+            self.on_progress(self)
+        # candidates that waited for this plan get the same scores without evaluation
+        for other in self.waiting.pop(h, []) if h else []:
+            if failed:
+                self._finish(other, outcome)
+            else:
+                self._finish(other, None, cached=rec)
+
+
+def build_optimizer(cfg: RunConfig, space: Any):
+    o = cfg.optimizer
+    kwargs: dict[str, Any] = dict(
+        lower=space.lower, upper=space.upper, x0=space.initial(),
+        sigma0=o.sigma0 if o.sigma0 is not None else space.sigma0,
+        seed=o.seed if o.seed is not None else cfg.seed,
+    )
+    if o.popsize is not None:
+        kwargs["popsize"] = o.popsize
+    init = space.initial_population()
+    if init is not None:
+        kwargs["initial"] = init
+    kwargs.update(o.options)
+    return make_optimizer(o.name, **kwargs)
+
+
+def open_or_create(cfg: RunConfig, run_dir: Any, force: bool = False) -> RunStore:
+    """A new run directory, or the existing one for the same config (resumed)."""
+    store = RunStore(run_dir)
+    if store.exists():
+        store.lock()
+        store.check_config(cfg, force=force)
+        return store
+    return RunStore.create(run_dir, cfg)

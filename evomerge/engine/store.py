@@ -1,0 +1,202 @@
+"""The run directory: everything a run must not lose, written so a crash loses nothing.
+
+``runs/<name>/``::
+
+    config.yaml        the resolved config (paths absolute)
+    meta.json          fingerprint of the config at creation, versions, creation time
+    evals.jsonl        append-only evaluation log: one JSON record per finished candidate
+    checkpoint.json    optimizer state + pending candidates (atomically replaced)
+    best.json          best-so-far record (atomically replaced)
+    .lock              held (flock) by the process running the search
+
+Writes of whole files go to a temporary file in the same folder, are fsynced and renamed
+over the old one, so a reader sees the old or the new file, never half of one. The log is
+appended line by line and fsynced; a line cut short by a crash is detected and dropped on
+the next open (its candidate is still pending in the checkpoint and is evaluated again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import RunConfig, parse_config
+from ..errors import RunError
+
+FORMAT = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self._lock_fd: int | None = None
+
+    # -- creation / opening ----------------------------------------------------------
+    @classmethod
+    def create(cls, run_dir: str | Path, cfg: RunConfig) -> RunStore:
+        store = cls(run_dir)
+        if store.exists():
+            raise RunError(f"run directory {store.dir} already holds a run")
+        store.dir.mkdir(parents=True, exist_ok=True)
+        store.lock()
+        atomic_write_text(store.dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        meta = {
+            "format": FORMAT,
+            "fingerprint": cfg.fingerprint(),
+            "created": time.time(),
+            "evomerge_version": _version(),
+        }
+        atomic_write_text(store.dir / "meta.json", json.dumps(meta, indent=1))
+        return store
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunStore:
+        store = cls(run_dir)
+        if not store.exists():
+            raise RunError(f"no run found at {store.dir} (expected config.yaml and meta.json)")
+        return store
+
+    def exists(self) -> bool:
+        return (self.dir / "meta.json").is_file() and (self.dir / "config.yaml").is_file()
+
+    def lock(self) -> None:
+        """Hold an exclusive lock so two processes never drive the same run."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"run {self.dir} is in use by another evomerge process") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- config ------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.dir / "meta.json").read_text())
+
+    def config(self) -> RunConfig:
+        path = self.dir / "config.yaml"
+        return parse_config(yaml.safe_load(path.read_text()), str(path))
+
+    def check_config(self, cfg: RunConfig, force: bool = False) -> None:
+        """Refuse a config whose results-relevant fields changed since the run began."""
+        old = self.meta().get("fingerprint")
+        if old != cfg.fingerprint():
+            if not force:
+                diff = _diff(self.config().model_dump(mode="json"), cfg.model_dump(mode="json"))
+                raise RunError(
+                    f"config of run {self.dir} changed since it started ({', '.join(diff) or 'fields'}); "
+                    "use --force to continue with the new config, or start a new run"
+                )
+            meta = self.meta()
+            meta.setdefault("forced_changes", []).append({"time": time.time(), "from": old})
+            meta["fingerprint"] = cfg.fingerprint()
+            atomic_write_text(self.dir / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    # -- evaluation log ----------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "evals.jsonl"
+
+    def append_eval(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with open(self.log_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_evals(self, repair: bool = False) -> list[dict[str, Any]]:
+        """All complete records. A torn last line (crash mid-append) is dropped (and cut off
+        the file when ``repair``)."""
+        if not self.log_path.exists():
+            return []
+        data = self.log_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data) and repair:
+            with open(self.log_path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        records = []
+        for i, line in enumerate(data[:end].splitlines()):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"{self.log_path}:{i + 1}: corrupt evaluation record") from None
+        return records
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        state = dict(state, format=FORMAT, saved=time.time())
+        atomic_write_text(self.dir / "checkpoint.json", json.dumps(state, separators=(",", ":")))
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        path = self.dir / "checkpoint.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{path} is corrupt") from None
+
+    def write_best(self, record: dict[str, Any]) -> None:
+        atomic_write_text(self.dir / "best.json", json.dumps(record, indent=1))
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_text(self.dir / name, json.dumps(data, indent=1))
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ("name", "budget", "executor") and not prefix:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

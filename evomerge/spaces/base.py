@@ -1,0 +1,132 @@
+"""Search spaces: a flat genome for the optimizer, a readable recipe for the user.
+
+Every space maps ``genome (numpy vector in [0, 1]^dim) -> recipe (dict, mergekit-style YAML)
+-> MergePlan``. The optimizer only sees the unit box; bounds and transforms (ranges, rounding,
+softmax) live in the space, so the same optimizer serves every space. The decoded recipe is
+what gets stored in the evaluation log and exported next to merged checkpoints, and
+``evomerge merge`` can rebuild the exact weights from it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..config import SpaceConfig
+from ..errors import ConfigError
+from ..plan import MergePlan
+
+
+class SearchSpace(ABC):
+    #: default CMA-ES step size in unit-box coordinates (Sakana's paper uses 1/6)
+    sigma0: float = 1.0 / 6.0
+
+    def __init__(self, cfg: SpaceConfig, models: dict[str, str], base: str | None,
+                 seed: int = 0, dtype: str | None = None):
+        self.cfg = cfg
+        self.models = dict(models)
+        self.base = base
+        self.seed = int(seed)
+        self.dtype = dtype
+        self.experts = [k for k in self.models if k != base]
+        if not self.experts:
+            raise ConfigError("models: the search needs at least one model besides base_model")
+
+    # -- what the optimizer sees ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def names(self) -> list[str]:
+        """One readable name per genome coordinate."""
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    @property
+    def lower(self) -> np.ndarray:
+        return np.zeros(self.dim)
+
+    @property
+    def upper(self) -> np.ndarray:
+        return np.ones(self.dim)
+
+    @abstractmethod
+    def initial(self) -> np.ndarray:
+        """The starting genome (x0) in the unit box."""
+
+    def initial_population(self) -> list[np.ndarray] | None:
+        """Genomes reproducing the sources, for optimizers that start from them (M2N2)."""
+        return None
+
+    # -- genome -> recipe -> plan ----------------------------------------------------------
+    @abstractmethod
+    def decode(self, genome: np.ndarray) -> dict[str, Any]:
+        """Readable recipe (mergekit-style dict) for a genome."""
+
+    def compile(self, recipe: dict[str, Any]) -> MergePlan:
+        from ..recipe import compile_recipe
+
+        return compile_recipe(recipe)
+
+    def plan(self, genome: np.ndarray) -> MergePlan:
+        return self.compile(self.decode(genome))
+
+    def check_genome(self, genome: np.ndarray) -> np.ndarray:
+        g = np.asarray(genome, dtype=float).reshape(-1)
+        if g.shape[0] != self.dim:
+            raise ConfigError(f"genome has {g.shape[0]} values, space {self.cfg.type!r} has {self.dim}")
+        return np.clip(g, 0.0, 1.0)
+
+    def _recipe_header(self, method: str) -> dict[str, Any]:
+        r: dict[str, Any] = {"merge_method": method, "sources": dict(self.models)}
+        if self.base is not None:
+            r["base_model"] = self.base
+            r["tokenizer_source"] = "base"
+        if self.dtype:
+            r["dtype"] = self.dtype
+        r["seed"] = self.seed
+        return r
+
+
+_SPACES: dict[str, Callable[..., SearchSpace]] = {}
+
+
+def register_space(name: str):
+    def deco(cls):
+        if name in _SPACES:
+            raise ValueError(f"search space {name!r} registered twice")
+        _SPACES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_space(cfg: SpaceConfig, models: dict[str, str], base: str | None, seed: int = 0,
+               dtype: str | None = None) -> SearchSpace:
+    from . import builtin  # noqa: F401  (registers the built-in spaces)
+
+    try:
+        cls = _SPACES[cfg.type]
+    except KeyError:
+        raise ConfigError(
+            f"space.type: unknown search space {cfg.type!r}; known: {', '.join(sorted(_SPACES))}"
+        ) from None
+    return cls(cfg, models, base, seed=seed, dtype=dtype)
+
+
+def num_layers_of(path: str) -> int:
+    from ..checkpoint import open_checkpoint
+
+    return open_checkpoint(path).layout.num_layers
+
+
+def layer_groups(num_layers: int, groups: int | str) -> list[list[int]]:
+    """Split layers 0..L-1 into contiguous groups ("layer" = one group per layer)."""
+    g = num_layers if groups == "layer" else int(groups)
+    if g < 1 or g > num_layers:
+        raise ConfigError(f"space.layer_groups: {groups} groups for a model with {num_layers} layers")
+    bounds = np.linspace(0, num_layers, g + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
