@@ -43,7 +43,7 @@ class Executor(ABC):
     def stats(self) -> dict[str, Any]:
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Stop workers."""
 
 

@@ -17,7 +17,13 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
         search = Search(cfg, store)
         if not progress:
             return search.run()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[best]}")) as bar:

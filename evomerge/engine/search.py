@@ -220,8 +220,9 @@ def build_optimizer(cfg: RunConfig, space: Any):
     if o.popsize is not None:
         kwargs["popsize"] = o.popsize
     init = space.initial_population()
-    if init is not None:
+    if init is not None and o.name == "m2n2":
         kwargs["initial"] = init
+    kwargs.update(space.optimizer_extras(o.name))
     kwargs.update(o.options)
     return make_optimizer(o.name, **kwargs)
 

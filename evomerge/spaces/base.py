@@ -61,6 +61,10 @@ class SearchSpace(ABC):
         """Genomes reproducing the sources, for optimizers that start from them (M2N2)."""
         return None
 
+    def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
+        """Extra constructor arguments a space gives a particular optimizer (M2N2's crossover)."""
+        return {}
+
     # -- genome -> recipe -> plan ----------------------------------------------------------
     @abstractmethod
     def decode(self, genome: np.ndarray) -> dict[str, Any]:

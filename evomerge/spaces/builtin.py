@@ -1,3 +1,3 @@
 """Imports the built-in search spaces so they register."""
 
-from . import layer_swap, parameter  # noqa: F401
+from . import layer_swap, m2n2, parameter  # noqa: F401

@@ -44,7 +44,7 @@ class Backend(ABC):
     def evaluate(self, tasks: list[Task], split: str = "search") -> dict[str, np.ndarray]:
         """Score every task's examples; returns task name -> float array of per-example scores."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the resident model / engine / connections."""
 
 

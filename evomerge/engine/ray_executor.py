@@ -1,0 +1,226 @@
+"""Ray executor: asynchronous, fault-tolerant evaluation on a local embedded Ray or a cluster.
+
+- Joins ``address`` when given (``auto``, ``ray://host:port``); otherwise starts a local Ray
+  in this process (no dashboard, capped object store: NOTES.md).
+- One :class:`EvalWorker` actor per worker. Each builds one :class:`Evaluator`: it loads the
+  source models from paths visible on its node and keeps one resident evaluation model; per
+  candidate it materializes the plan in place and runs the backend. One GPU per worker when
+  the cluster has GPUs (``gpus_per_worker`` may be fractional), CPU workers otherwise; the
+  worker count follows the cluster's resources unless set.
+- Steady-state dispatch: each worker has at most one candidate; the rest wait in a driver
+  queue; ``poll`` returns results as they finish, so a worker never waits for a generation
+  barrier of the executor (only a generational optimizer itself can make it wait).
+- Faults: a worker whose actor dies (ray.kill, SIGKILL, OOM, node lost) is replaced by a new
+  actor and its candidate re-queued; results are keyed by candidate id and a candidate is in
+  flight on at most one worker, so a retry never counts twice. After ``max_failures``
+  retries a candidate comes back as a failed Outcome and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .evaluator import EvalSpec, Evaluator, Outcome
+from .executor import Executor
+
+
+class EvalWorker:
+    """The actor body (wrapped with ``ray.remote`` at start-up)."""
+
+    def __init__(self, spec: dict[str, Any], name: str):
+        self.name = name
+        self.evaluator = Evaluator(EvalSpec(**spec), worker=name)
+
+    def evaluate(self, plan: dict[str, Any]) -> Outcome:
+        return self.evaluator.evaluate(plan)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ready(self) -> bool:
+        return True
+
+
+@dataclass
+class _Slot:
+    name: str
+    actor: Any
+    busy_s: float = 0.0
+    evaluations: int = 0
+    replaced: int = 0
+    job: tuple[int, dict[str, Any]] | None = None
+    ref: Any = None
+    started: float = 0.0
+
+
+@dataclass
+class _Stats:
+    failures: int = 0
+    replacements: int = 0
+    dispatch_s: list[float] = field(default_factory=list)
+
+
+class RayExecutor(Executor):
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.slots: list[_Slot] = []
+        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.attempts: dict[int, int] = {}
+        self.stats_ = _Stats()
+        self._t0 = time.perf_counter()
+        self._started_ray = False
+        self._remote_cls: Any = None
+        self._spec: dict[str, Any] | None = None
+        self._serial = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, spec: EvalSpec) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            if self.cfg.address:
+                ray.init(address=self.cfg.address, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False,
+                         object_store_memory=int(os.environ.get("EVOMERGE_RAY_STORE_BYTES", 256 * 2**20)),
+                         num_cpus=self.cfg.workers or None)
+                self._started_ray = True
+        res = ray.cluster_resources()
+        gpus = float(res.get("GPU", 0))
+        per_gpu = self.cfg.gpus_per_worker if self.cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+        n = self.cfg.workers or (int(gpus / per_gpu) if per_gpu else int(res.get("CPU", 1)))
+        n = max(1, n)
+        threads = self.cfg.num_threads or 1
+        spec_d = spec.to_dict()
+        spec_d["num_threads"] = spec.num_threads or threads
+        self._spec = spec_d
+        self._remote_cls = ray.remote(num_cpus=1 if not per_gpu else 0, num_gpus=per_gpu or 0,
+                                      max_restarts=0)(EvalWorker)
+        self.slots = [self._new_slot(f"ray-{i}") for i in range(n)]
+        # wait for every actor's __init__ (model loading) before timing starts
+        ray.get([s.actor.ready.remote() for s in self.slots])
+        self._t0 = time.perf_counter()
+
+    def _new_slot(self, name: str) -> _Slot:
+        self._serial += 1
+        actor = self._remote_cls.options(name=None).remote(self._spec, name)
+        return _Slot(name=name, actor=actor)
+
+    def close(self) -> None:
+        import ray
+
+        for s in self.slots:
+            try:
+                ray.kill(s.actor)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.slots = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    # -- dispatch ------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.cfg.max_inflight or len(self.slots)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue) + sum(1 for s in self.slots if s.job is not None)
+
+    def submit(self, cid: int, plan: dict[str, Any]) -> None:
+        self.queue.append((cid, plan))
+        self._assign()
+
+    def _assign(self) -> None:
+        for s in self.slots:
+            if s.job is None and self.queue:
+                t = time.perf_counter()
+                s.job = self.queue.popleft()
+                s.ref = s.actor.evaluate.remote(s.job[1])
+                s.started = time.perf_counter()
+                self.stats_.dispatch_s.append(s.started - t)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
+        import ray
+
+        self._assign()
+        refs = [s.ref for s in self.slots if s.job is not None]
+        if not refs:
+            return []
+        # wait for the first result (up to the timeout), then take every other finished one
+        done, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if done and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            done += more
+        done_set = set(done)
+        out: list[tuple[int, Outcome]] = []
+        for s in self.slots:
+            if s.job is None or s.ref not in done_set:
+                continue
+            cid, plan = s.job
+            try:
+                outcome = ray.get(s.ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError) as err:
+                self._replace(s)
+                result = self._retry_or_fail(cid, plan, err)
+                if result is not None:
+                    out.append((cid, result))
+                continue
+            s.busy_s += outcome.seconds
+            s.evaluations += 1
+            s.job, s.ref = None, None
+            self.attempts.pop(cid, None)
+            out.append((cid, outcome))
+        self._assign()
+        return out
+
+    def _replace(self, slot: _Slot) -> None:
+        import ray
+
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # noqa: BLE001 - it is dead already
+            pass
+        self.stats_.replacements += 1
+        fresh = self._new_slot(slot.name)
+        slot.actor = fresh.actor
+        slot.replaced += 1
+        slot.job, slot.ref = None, None
+
+    def _retry_or_fail(self, cid: int, plan: dict[str, Any], err: Exception) -> Outcome | None:
+        self.stats_.failures += 1
+        n = self.attempts.get(cid, 0) + 1
+        self.attempts[cid] = n
+        if n > self.cfg.max_failures:
+            self.attempts.pop(cid, None)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return Outcome(None, 0.0, f"worker lost {n} times: {type(err).__name__}: {first}", "ray")
+        self.queue.appendleft((cid, plan))  # same candidate, same plan, first in line
+        return None
+
+    # -- reporting -----------------------------------------------------------------------
+    def worker_pids(self) -> list[int]:
+        import ray
+
+        return ray.get([s.actor.pid.remote() for s in self.slots])
+
+    def stats(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._t0
+        d = self.stats_.dispatch_s
+        return {
+            "workers": {
+                s.name: {"busy_s": s.busy_s, "evaluations": s.evaluations, "replaced": s.replaced,
+                         "utilisation": s.busy_s / wall if wall > 0 else 0.0}
+                for s in self.slots
+            },
+            "wall_s": wall,
+            "failures": self.stats_.failures,
+            "replacements": self.stats_.replacements,
+            "dispatch_ms_mean": 1000 * sum(d) / len(d) if d else None,
+        }

@@ -1,0 +1,10 @@
+"""Imports every built-in backend module so its ``@register_backend`` runs.
+
+:func:`evomerge.fitness.backends.base.make_backend` imports this module before looking a
+name up. Add one line per backend; optional backends guard their heavy imports inside
+their own module so importing them here stays cheap.
+"""
+
+from __future__ import annotations
+
+from . import hf  # noqa: F401  (registers "hf")

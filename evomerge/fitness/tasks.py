@@ -1,0 +1,334 @@
+"""Fitness task definitions: one YAML file per task, its examples in JSONL beside it.
+
+A task file names its data, how a record becomes a prompt, and how an answer is scored::
+
+    name: cipher_a
+    data: cipher_a.search.jsonl          # relative to the YAML; one JSON object per line
+    heldout_data: cipher_a.heldout.jsonl # optional: for reports only, never searched on
+    prompt: "{input}"                    # str.format template over the record's fields
+    target_field: target
+    scoring: exact_match                 # see evomerge.fitness.scoring.SCORERS
+    max_new_tokens: 8
+
+Everything is checked when the task is loaded, so a bad record fails before any model is
+built, with one line naming the file (and line) and the field. Examples are rendered once
+into :class:`Example` (final prompt text, with any few-shot prefix), so every backend
+(hf, vllm, api) sees exactly the same prompts and scoring inputs.
+
+Splits: ``search`` (the ``data`` file: what the optimizer sees) and ``heldout`` (the
+``heldout_data`` file: reported, never searched on). ``num_examples`` keeps the first N
+records of each split, so a run's examples are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import TaskError
+from .scoring import SCORERS, parse_last_number
+
+SPLITS = ("search", "heldout")
+
+
+class TaskSpec(BaseModel):
+    """The YAML of one task. Unknown fields are refused (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    data: str
+    heldout_data: str | None = None
+    prompt: str = "{input}"
+    target_field: str = "target"
+    scoring: str = "exact_match"
+    # 'regex' scoring: the answer is group 1 of the first match in the output (the whole
+    # match when the pattern has no group), compared with the stripped target.
+    regex: str | None = None
+    # 'multiple_choice': the record's list of continuation strings and the right index.
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    # 'multiple_choice': divide each choice's summed log-likelihood by its length in
+    # characters before the argmax (lm-eval's acc_norm), so long choices are not penalized.
+    length_normalize: bool = False
+    max_new_tokens: int = Field(default=8, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    num_examples: int | None = Field(default=None, ge=1)
+    few_shot: int = Field(default=0, ge=0)
+    few_shot_data: str | None = None
+    few_shot_separator: str = "\n"
+
+    @field_validator("scoring")
+    @classmethod
+    def _known_scoring(cls, value: str) -> str:
+        if value not in SCORERS:
+            raise ValueError(f"unknown scoring {value!r}; known: {', '.join(sorted(SCORERS))}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def needs_generation(self) -> bool:
+        return SCORERS[self.scoring].needs == "generation"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered example: what a backend sends, and what the scorer compares against.
+
+    ``prompt`` already holds the few-shot prefix. ``target`` is the reference answer text
+    (for multiple choice: the right choice). ``choices``/``answer`` are set for
+    multiple-choice tasks only. ``record`` is the raw JSON object, for reports.
+    """
+
+    prompt: str
+    target: str
+    choices: tuple[str, ...] | None = None
+    answer: int | None = None
+    record: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass
+class Task:
+    """A parsed task spec with its examples loaded for each split it has."""
+
+    spec: TaskSpec
+    path: Path
+    splits: dict[str, list[Example]]
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def examples(self, split: str = "search") -> list[Example]:
+        if split not in SPLITS:
+            raise TaskError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        if split not in self.splits:
+            raise TaskError(
+                f"task {self.name} has no {split} split ({self.path} sets no heldout_data)"
+            )
+        return self.splits[split]
+
+    def fingerprint(self) -> str:
+        """sha256 over the spec and every rendered example: changes when the task changes."""
+        h = hashlib.sha256(self.spec.model_dump_json().encode())
+        for split in sorted(self.splits):
+            h.update(split.encode())
+            for ex in self.splits[split]:
+                h.update(json.dumps([ex.prompt, ex.target, ex.choices, ex.answer]).encode())
+        return h.hexdigest()
+
+
+def _check_template(template: str, where: str) -> None:
+    """Refuse a malformed template (unbalanced braces) before reading any record."""
+    try:
+        list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise TaskError(f"{where}: bad prompt template {template!r}: {err}") from None
+
+
+def _read_jsonl(path: Path, task_name: str, what: str) -> list[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise TaskError(f"task {task_name}: {what} file not found: {path}")
+    records: list[tuple[int, dict[str, Any]]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: bad JSON line: {err.msg}") from None
+            if not isinstance(obj, dict):
+                raise TaskError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
+            records.append((lineno, obj))
+    return records
+
+
+def _render(spec: TaskSpec, record: dict[str, Any], where: str) -> Example:
+    """Turn one record into an Example, checking every field the spec reads from it."""
+    try:
+        prompt = spec.prompt.format(**record)
+    except KeyError as err:
+        raise TaskError(
+            f"{where}: prompt template field {err.args[0]!r} missing from record"
+        ) from None
+    except (IndexError, ValueError, AttributeError) as err:
+        raise TaskError(f"{where}: cannot format prompt template {spec.prompt!r}: {err}") from None
+
+    if spec.scoring == "multiple_choice":
+        choices = record.get(spec.choices_field)
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise TaskError(
+                f"{where}: field {spec.choices_field!r} must be a non-empty list of non-empty strings"
+            )
+        answer = record.get(spec.answer_field)
+        if (
+            isinstance(answer, bool)
+            or not isinstance(answer, int)
+            or not 0 <= answer < len(choices)
+        ):
+            raise TaskError(
+                f"{where}: field {spec.answer_field!r} must be an index into {spec.choices_field!r} "
+                f"(0..{len(choices) - 1}), got {answer!r}"
+            )
+        return Example(prompt, choices[answer], tuple(choices), answer, record)
+
+    if spec.target_field not in record:
+        raise TaskError(f"{where}: target field {spec.target_field!r} missing from record")
+    target = record[spec.target_field]
+    if isinstance(target, (dict, list)) or target is None:
+        raise TaskError(f"{where}: target field {spec.target_field!r} must be a string or number")
+    target = str(target)
+    if spec.scoring == "neg_perplexity" and not target:
+        raise TaskError(
+            f"{where}: target field {spec.target_field!r} is empty (scoring: neg_perplexity)"
+        )
+    if spec.scoring == "last_number" and parse_last_number(target) is None:
+        raise TaskError(f"{where}: target {target!r} holds no number (scoring: last_number)")
+    return Example(prompt, target, None, None, record)
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _load_split(spec: TaskSpec, path: Path, split: str, prefix: str) -> list[Example]:
+    data = _resolve(path.parent, spec.data if split == "search" else spec.heldout_data)
+    records = _read_jsonl(data, spec.name, "data" if split == "search" else "heldout_data")
+    if spec.num_examples is not None:
+        records = records[: spec.num_examples]
+    if not records:
+        raise TaskError(f"task {spec.name} has no examples in split {split} ({data})")
+    out = []
+    for lineno, record in records:
+        ex = _render(spec, record, f"{data}:{lineno}")
+        if prefix:
+            ex = Example(prefix + ex.prompt, ex.target, ex.choices, ex.answer, ex.record)
+        out.append(ex)
+    return out
+
+
+def _few_shot_prefix(spec: TaskSpec, path: Path) -> str:
+    """The first ``few_shot`` examples of ``few_shot_data``, each as prompt + target."""
+    if spec.few_shot == 0:
+        return ""
+    if spec.few_shot_data is None:
+        raise TaskError(f"{path}: few_shot: {spec.few_shot} needs few_shot_data (a JSONL file)")
+    fs_path = _resolve(path.parent, spec.few_shot_data)
+    records = _read_jsonl(fs_path, spec.name, "few_shot_data")
+    if len(records) < spec.few_shot:
+        raise TaskError(
+            f"{path}: few_shot: {spec.few_shot} but {fs_path} has only {len(records)} examples"
+        )
+    shots = [_render(spec, rec, f"{fs_path}:{ln}") for ln, rec in records[: spec.few_shot]]
+    sep = spec.few_shot_separator
+    return "".join(ex.prompt + ex.target + sep for ex in shots)
+
+
+def _format_validation_error(err: ValidationError, path: Path) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "field required"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{more}"
+
+
+def load_task(path: str | Path, weight: float = 1.0) -> Task:
+    """Parse a task YAML and load (and check) every example of its splits."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TaskError(f"task file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise TaskError(f"{where}: invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: expected a mapping of task fields")
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as err:
+        raise TaskError(_format_validation_error(err, path)) from None
+    if spec.scoring == "regex":
+        if not spec.regex:
+            raise TaskError(f"{path}: regex: required when scoring is 'regex'")
+        try:
+            re.compile(spec.regex)
+        except re.error as err:
+            raise TaskError(f"{path}: regex: invalid pattern {spec.regex!r}: {err}") from None
+    _check_template(spec.prompt, f"{path}: prompt")
+
+    prefix = _few_shot_prefix(spec, path)
+    splits = {"search": _load_split(spec, path, "search", prefix)}
+    if spec.heldout_data is not None:
+        splits["heldout"] = _load_split(spec, path, "heldout", prefix)
+    return Task(spec=spec, path=path, splits=splits, weight=float(weight))
+
+
+def load_tasks(entries: Iterable[Any], base_dir: str | Path | None = None) -> list[Task]:
+    """Load a run's tasks. Each entry is a path, a ``{path, weight}`` mapping, or an object
+    with ``path``/``weight`` attributes (a config model). Relative paths are taken from
+    ``base_dir`` (the run config's folder) when given. Names must be unique."""
+    base = Path(base_dir) if base_dir is not None else None
+    tasks: list[Task] = []
+    seen: dict[str, Path] = {}
+    for i, entry in enumerate(entries):
+        if isinstance(entry, (str, Path)):
+            rel, weight = entry, 1.0
+        elif isinstance(entry, Mapping):
+            if "path" not in entry:
+                raise TaskError(f"tasks[{i}].path: field required")
+            rel, weight = entry["path"], entry.get("weight", 1.0)
+        else:
+            rel, weight = entry.path, getattr(entry, "weight", 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise TaskError(f"tasks[{i}].weight: expected a number, got {weight!r}") from None
+        if not weight >= 0.0:
+            raise TaskError(f"tasks[{i}].weight: must be >= 0, got {weight}")
+        p = Path(rel).expanduser()
+        if base is not None and not p.is_absolute():
+            p = base / p
+        task = load_task(p, weight=weight)
+        if task.name in seen:
+            raise TaskError(
+                f"tasks[{i}]: task name {task.name!r} used twice ({seen[task.name]} and {p})"
+            )
+        seen[task.name] = p
+        tasks.append(task)
+    if not tasks:
+        raise TaskError("no fitness tasks given")
+    return tasks
