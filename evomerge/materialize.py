@@ -1,0 +1,403 @@
+"""Run a MergePlan: turn plain data into weights, in place in a resident model or on disk.
+
+One candidate of a search is one plan; evaluating it means writing its weights somewhere.
+The :class:`Materializer` streams the plan step by step: for each output tensor it reads
+the step's source tensors lazily (memory-mapped, see :mod:`evomerge.checkpoint.reader`),
+moves them to the compute device as float32, runs the operator from :mod:`evomerge.ops`
+with a generator seeded per (plan seed, tensor name), casts to the output dtype and hands
+the result on. Only one step's inputs and output are alive at a time (plus the optional
+source cache), so peak memory does not grow with model size.
+
+Two sinks:
+
+- :meth:`Materializer.materialize_into` copies each result into an existing tensor of a
+  resident model (``copy_``: no reallocation between candidates, CUDA graphs and vLLM
+  buffers stay valid). This is what evaluation uses.
+- :meth:`Materializer.materialize_to_disk` streams into
+  :func:`~evomerge.checkpoint.writer.write_checkpoint` (sharded safetensors, config,
+  tokenizer, recipe, model card).
+
+Every referenced source tensor is checked (exists, shapes agree) from metadata before any
+math, so a bad plan fails in milliseconds with a message naming the tensor and model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint.layout import detect_layout
+from .checkpoint.reader import open_checkpoint
+from .checkpoint.writer import parse_dtype, write_checkpoint
+from .errors import CheckpointError, PlanError
+from .ops import OpContext, get_op
+from .plan import MergePlan, TensorRef, TensorStep, step_seed
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_sources(plan: MergePlan) -> dict[str, Any]:
+    """A reader per source key (memoized across plans by :func:`open_checkpoint`)."""
+    readers = {}
+    for key, path in plan.sources.items():
+        try:
+            readers[key] = open_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"source model {key!r}: {e}") from None
+    return readers
+
+
+def config_source_key(plan: MergePlan) -> str:
+    return plan.config_source or plan.base or next(iter(plan.sources))
+
+
+def apply_config_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``overrides`` merged in (nested mappings merge key by key).
+
+    When the layer count changes and the config lists one ``layer_types`` entry per layer
+    all of one kind (Qwen2/Llama-style), the list is resized to match; a mixed list must be
+    given in ``overrides`` by whoever chose the layers.
+    """
+    out = copy.deepcopy(dict(config))
+
+    def merge(dst: dict, src: Mapping) -> None:
+        for k, v in src.items():
+            if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = copy.deepcopy(v)
+
+    merge(out, overrides)
+    n = out.get("num_hidden_layers")
+    types = out.get("layer_types")
+    if isinstance(n, int) and isinstance(types, list) and len(types) != n and "layer_types" not in overrides:
+        if len(set(map(str, types))) <= 1 and types:
+            out["layer_types"] = [types[0]] * n
+        else:
+            raise PlanError(
+                f"config_overrides sets num_hidden_layers={n} but the config's layer_types lists "
+                f"{len(types)} mixed entries: give layer_types in config_overrides too"
+            )
+    return out
+
+
+class Materializer:
+    """Runs MergePlans on one device.
+
+    ``device``: where the operators compute (None: CUDA when available, else CPU).
+    ``cache_sources``: keep every source tensor read on the device (float32) for the life
+    of this object, so repeated candidates over the same small sources skip the reads;
+    the default streams from the memory-mapped files each time.
+
+    Operators must not modify their input tensors: on CPU a float32 input may be a view of
+    the memory-mapped file (or of the cache) shared by every later read.
+    """
+
+    def __init__(self, device: str | torch.device | None = None, cache_sources: bool = False):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cache_sources = cache_sources
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.bytes_read = 0
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- checks -------------------------------------------------------------------------
+    def check(self, plan: MergePlan, readers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Validate ``plan`` and every source tensor it reads (metadata only); returns readers."""
+        plan.validate()
+        readers = dict(readers) if readers is not None else open_sources(plan)
+        for step in plan.steps:
+            refs = list(step.inputs) + ([step.base] if step.base is not None else [])
+            shapes = []
+            for ref in refs:
+                reader = readers[ref.model]
+                if not reader.has(ref.tensor):
+                    raise PlanError(_missing_message(step, ref, reader))
+                shapes.append((ref, tuple(reader.shape(ref.tensor))))
+            first_ref, first = shapes[0]
+            for ref, shape in shapes[1:]:
+                if shape != first:
+                    raise PlanError(
+                        f"output tensor {step.output!r}: input {ref.tensor!r} of model {ref.model!r} "
+                        f"has shape {list(shape)} but {first_ref.tensor!r} of model "
+                        f"{first_ref.model!r} has {list(first)}"
+                    )
+        return readers
+
+    def output_shape(self, plan: MergePlan, step: TensorStep, readers: Mapping[str, Any]) -> tuple[int, ...]:
+        ref = step.inputs[0]
+        return tuple(readers[ref.model].shape(ref.tensor))
+
+    def output_dtype(self, plan: MergePlan, step: TensorStep, readers: Mapping[str, Any]) -> torch.dtype:
+        """``plan.dtype``; else the config source's dtype for this tensor; else the first input's."""
+        if plan.dtype:
+            return parse_dtype(plan.dtype)
+        cs = readers[config_source_key(plan)]
+        if cs.has(step.output):
+            return cs.dtype(step.output)
+        ref = step.inputs[0]
+        return readers[ref.model].dtype(ref.tensor)
+
+    # -- the stream ---------------------------------------------------------------------
+    def _load(self, reader: Any, ref: TensorRef) -> torch.Tensor:
+        key = (str(reader.path), ref.tensor)
+        if self.cache_sources:
+            t = self._cache.get(key)
+            if t is not None:
+                return t
+        # Move in the stored dtype (half the bytes for bf16 on the way to a GPU), then widen.
+        stored = reader.get(ref.tensor, device=self.device)
+        self.bytes_read += stored.numel() * stored.element_size()
+        t = stored.to(torch.float32)
+        if self.cache_sources:
+            if t is stored and t.device.type == "cpu":
+                t = t.clone()  # own the memory: do not keep a mapping of a file that may change
+            self._cache[key] = t
+        return t
+
+    def _run(self, plan: MergePlan, readers: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields ``(name, tensor)`` cast to the output dtype."""
+        for step, out in self._compute(plan, readers):
+            yield step.output, out.to(self.output_dtype(plan, step, readers))
+
+    def _compute(self, plan: MergePlan, readers: Mapping[str, Any]) -> Iterator[tuple[TensorStep, torch.Tensor]]:
+        """Yields ``(step, float32 result)`` on the compute device, one step at a time."""
+        for step in plan.steps:
+            spec = get_op(step.op)
+            params = spec.resolve_params(step)
+            tensors = [self._load(readers[r.model], r) for r in step.inputs]
+            base = self._load(readers[step.base.model], step.base) if step.base is not None else None
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(step_seed(plan.seed, step.output))
+            with torch.no_grad():
+                out = spec.fn(tensors, base, params, OpContext(step.output, gen, self.device))
+            if not isinstance(out, torch.Tensor):
+                raise PlanError(
+                    f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
+                )
+            want = tuple(tensors[0].shape)
+            if tuple(out.shape) != want:
+                raise PlanError(
+                    f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
+                    f"{step.output!r}, expected {list(want)}"
+                )
+            del tensors, base
+            yield step, out
+
+    def iter_tensors(self, plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(output_name, tensor)`` for every step, in plan order, on the compute device.
+
+        Checks the whole plan first. A yielded tensor may share memory with a source (e.g.
+        passthrough of a float32 tensor on CPU): copy it before writing into it.
+        """
+        readers = self.check(plan)
+        yield from self._run(plan, readers)
+
+    # -- sinks --------------------------------------------------------------------------
+    def materialize_into(
+        self,
+        plan: MergePlan,
+        target: Mapping[str, torch.Tensor],
+        keep: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """Write the plan's tensors into ``target``'s existing tensors in place.
+
+        ``target`` maps names to tensors (e.g. ``model.state_dict()``, whose tensors share
+        storage with the parameters). Rules, all checked before any tensor is written:
+
+        - every name the plan produces must exist in ``target`` with the same shape;
+        - every ``target`` tensor must be produced by the plan, be tied to (share storage
+          with) one that is, or be listed in ``keep`` — otherwise it would silently keep the
+          previous candidate's values, so it is a PlanError;
+        - tied tensors are written once; if the plan produces both names of a tied pair,
+          their values must agree (PlanError otherwise).
+
+        Returns stats: ``seconds``, ``bytes`` (written), ``bytes_read``, ``tensors``.
+        """
+        t0 = time.perf_counter()
+        readers = self.check(plan)
+        produced = plan.output_names
+        produced_set = set(produced)
+        for step in plan.steps:
+            if step.output not in target:
+                raise PlanError(f"plan produces tensor {step.output!r} which the target model lacks")
+            want = self.output_shape(plan, step, readers)
+            have = tuple(target[step.output].shape)
+            if have != want:
+                raise PlanError(
+                    f"tensor {step.output!r}: the plan produces shape {list(want)} but the target "
+                    f"model's tensor has {list(have)}"
+                )
+        produced_ptrs = {_storage_key(target[n]) for n in produced}
+        keep = set(keep)
+        for name, t in target.items():
+            if name in produced_set or name in keep or _storage_key(t) in produced_ptrs:
+                continue
+            raise PlanError(
+                f"target tensor {name!r} is not produced by the plan (it would keep stale "
+                f"values); produce it or pass it in keep="
+            )
+        written: set[tuple] = set()
+        n_bytes = 0
+        read0 = self.bytes_read
+        with torch.no_grad():
+            for step, out in self._compute(plan, readers):
+                name = step.output
+                dst = target[name]
+                out_dtype = self.output_dtype(plan, step, readers)
+                if out_dtype != dst.dtype:  # round as the on-disk model would, then cast
+                    out = out.to(out_dtype)
+                key = _storage_key(dst)
+                if key in written:
+                    if not torch.equal(dst, out.to(device=dst.device, dtype=dst.dtype)):
+                        raise PlanError(
+                            f"target tensor {name!r} is tied to another tensor the plan already "
+                            f"wrote, but the plan gives it different values"
+                        )
+                    continue
+                dst.copy_(out)  # converts float32 -> the target dtype in the same pass
+                written.add(key)
+                n_bytes += dst.numel() * dst.element_size()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": n_bytes,
+            "bytes_read": self.bytes_read - read0,
+            "tensors": len(produced),
+        }
+
+    def output_config(self, plan: MergePlan, readers: Mapping[str, Any]) -> dict[str, Any]:
+        """Config of the merged model: the config source's, overrides applied, layer count checked."""
+        config = apply_config_overrides(readers[config_source_key(plan)].config, plan.config_overrides)
+        if plan.dtype:
+            config["dtype"] = str(parse_dtype(plan.dtype)).removeprefix("torch.")
+        layout = detect_layout(plan.output_names)
+        if layout.layer_prefix is not None:
+            indices = {i for n in plan.output_names if (i := layout.layer_of(n)) is not None}
+            missing = sorted(set(range(layout.num_layers)) - indices)
+            if missing:
+                raise PlanError(
+                    f"plan produces layers up to {layout.num_layers - 1} but no tensor of layer(s) "
+                    f"{missing[:5]} ({layout.layer_prefix}N.*)"
+                )
+            for key in ("num_hidden_layers", "n_layer"):
+                n_cfg = config.get(key)
+                if isinstance(n_cfg, int) and n_cfg != layout.num_layers:
+                    raise PlanError(
+                        f"plan produces {layout.num_layers} layers but the output config says "
+                        f"{key}={n_cfg}: set config_overrides.{key}"
+                    )
+        self._check_complete(plan, readers, layout.num_layers)
+        return config
+
+    @staticmethod
+    def _check_complete(plan: MergePlan, readers: Mapping[str, Any], num_layers: int) -> None:
+        """Every tensor the config source's architecture needs is produced.
+
+        transformers fills missing weights with random values and only warns, so an
+        incomplete plan would save a model that loads and silently generates garbage.
+        Non-layer tensors must match the config source's; every output layer needs every
+        per-layer tensor the config source's layers have.
+        """
+        key = config_source_key(plan)
+        cs = readers[key]
+        lay = cs.layout
+        produced = set(plan.output_names)
+        missing = [n for n in cs.names if lay.layer_of(n) is None and n not in produced]
+        if lay.layer_prefix is not None:
+            suffixes = sorted({lay.suffix_of(n) for n in cs.names if lay.layer_of(n) is not None})
+            missing += [
+                lay.layer_tensor(i, sfx)
+                for i in range(num_layers)
+                for sfx in suffixes
+                if lay.layer_tensor(i, sfx) not in produced
+            ]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise PlanError(
+                f"the plan does not produce tensor(s) {', '.join(map(repr, missing[:3]))}{more} "
+                f"that the architecture of config source {key!r} needs; the saved model would be "
+                f"incomplete"
+            )
+
+    def materialize_to_disk(
+        self,
+        plan: MergePlan,
+        out_dir: str | os.PathLike,
+        shard_size: int | str = "2GB",
+        recipe: Mapping[str, Any] | None = None,
+        card: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the merged model as an HF directory (atomic; see ``write_checkpoint``).
+
+        Config from ``plan.config_source`` (else the base, else the first source) with
+        ``plan.config_overrides`` applied; tokenizer (and ``generation_config.json``) from
+        ``plan.tokenizer_source`` (else the config source). ``recipe`` defaults to
+        ``plan.meta['recipe']``, else the plan itself; the model card lists sources,
+        method, recipe and ``plan.meta['scores']`` when present.
+        """
+        readers = self.check(plan)
+        cs_key = config_source_key(plan)
+        config = self.output_config(plan, readers)
+        tok_key = plan.tokenizer_source or cs_key
+        tok_dir = readers[tok_key].tokenizer_dir
+        if tok_dir is None and plan.tokenizer_source is not None:
+            raise CheckpointError(
+                f"tokenizer_source {tok_key!r} ({plan.sources[tok_key]}) has no tokenizer files"
+            )
+        cs_reader = readers[cs_key]
+        cs_dir = getattr(cs_reader, "base", cs_reader).path
+        extra = [cs_dir / GENERATION_CONFIG] if (cs_dir / GENERATION_CONFIG).is_file() else []
+        if recipe is None:
+            recipe = plan.meta.get("recipe") or {"merge_plan": plan.to_dict()}
+        full_card: dict[str, Any] = {
+            "name": Path(out_dir).name,
+            "method": plan.meta.get("method"),
+            "base_model": plan.sources.get(plan.base) if plan.base else None,
+            "sources": dict(plan.sources),
+            "scores": plan.meta.get("scores"),
+            "plan_hash": plan.hash(),
+        }
+        full_card.update(card or {})
+        return write_checkpoint(
+            out_dir,
+            self._run(plan, readers),
+            config,
+            tokenizer_dir=tok_dir,
+            shard_size=shard_size,
+            recipe=recipe,
+            card=full_card,
+            dtype=plan.dtype,
+            overwrite=overwrite,
+            extra_files=extra,
+        )
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor covers (tied weights share it)."""
+    return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+def _missing_message(step: TensorStep, ref: TensorRef, reader: Any) -> str:
+    where = f"model {ref.model!r} ({reader.path})"
+    layout = reader.layout
+    idx = layout.layer_of(ref.tensor)
+    if idx is not None and idx >= layout.num_layers:
+        return (
+            f"output tensor {step.output!r} reads {ref.tensor!r}: layer index {idx} is out of "
+            f"range for {where}, which has {layout.num_layers} layers (0..{layout.num_layers - 1})"
+        )
+    return f"output tensor {step.output!r} reads {ref.tensor!r}, which {where} does not have"
