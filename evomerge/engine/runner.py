@@ -12,9 +12,12 @@ from .store import RunStore
 
 def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                progress: bool = True) -> dict[str, Any] | None:
+    # Build (and so validate) everything before the run directory exists: a config that
+    # cannot start leaves nothing behind that a corrected config would collide with.
+    search = Search(cfg, store=None)
     store = open_or_create(cfg, run_dir, force=force)
+    search.store = store
     try:
-        search = Search(cfg, store)
         if not progress:
             return search.run()
         from rich.progress import (

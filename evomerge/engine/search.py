@@ -37,7 +37,7 @@ from .tasks_info import TaskInfo
 
 
 class Search:
-    def __init__(self, cfg: RunConfig, store: RunStore, executor: Executor | None = None,
+    def __init__(self, cfg: RunConfig, store: RunStore | None, executor: Executor | None = None,
                  on_progress: Callable[[Search], None] | None = None):
         self.cfg = cfg
         self.store = store
@@ -117,10 +117,10 @@ class Search:
             for cand in list(self.pending.values()):
                 self._dispatch(cand)
             while self.told < self.cfg.budget:
-                self._fill()
+                asked = self._fill()
                 if self.told >= self.cfg.budget:
                     break
-                if self.executor.in_flight == 0 and not self.pending:
+                if not asked and self.executor.in_flight == 0 and not self.pending:
                     raise RunError("optimizer asked for no candidates and none are in flight")
                 for cid, outcome in self.executor.poll(timeout=1.0):
                     self._finish(cid, outcome)
@@ -129,21 +129,23 @@ class Search:
             self.executor.close()
         return self.best
 
-    def _fill(self) -> None:
+    def _fill(self) -> int:
+        """Ask for as many candidates as the executor has room for; returns how many."""
         room = self.executor.capacity - self.executor.in_flight
         left = self.cfg.budget - self.told - len(self.pending)
         n = min(room, left)
         if n <= 0:
-            return
+            return 0
         cands = self.optimizer.ask(n)
         if not cands:
-            return
+            return 0
         for c in cands:
             self.pending[c.id] = c
         self.checkpoint()
         maybe_crash("after_ask")
         for c in cands:
             self._dispatch(c)
+        return len(cands)
 
     def _dispatch(self, cand: Candidate) -> None:
         try:
@@ -219,6 +221,12 @@ def build_optimizer(cfg: RunConfig, space: Any):
     )
     if o.popsize is not None:
         kwargs["popsize"] = o.popsize
+    if o.name == "nevergrad" or o.name.startswith(("ng:", "nevergrad:")):
+        # NGOpt's choice of algorithm depends on the budget and the parallelism
+        kwargs["budget"] = cfg.budget
+        cap = cfg.executor.max_inflight or cfg.executor.workers or 1
+        if cap > 1:
+            kwargs["num_workers"] = cap
     init = space.initial_population()
     if init is not None and o.name == "m2n2":
         kwargs["initial"] = init
@@ -232,6 +240,10 @@ def open_or_create(cfg: RunConfig, run_dir: Any, force: bool = False) -> RunStor
     store = RunStore(run_dir)
     if store.exists():
         store.lock()
-        store.check_config(cfg, force=force)
+        try:
+            store.check_config(cfg, force=force)
+        except BaseException:
+            store.unlock()
+            raise
         return store
     return RunStore.create(run_dir, cfg)

@@ -20,6 +20,7 @@ optimizer with the same constructor arguments continues exactly: identical next 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,77 @@ class Result:
     # per-example scores in [0, 1], concatenated over tasks in a fixed order; M2N2 needs them
     per_example: np.ndarray | None = None
     failed: bool = False
+
+
+def is_failed(result: Result) -> bool:
+    """A result counts as failed when flagged, or when its fitness is missing or not finite."""
+    f = result.fitness
+    return bool(result.failed) or f is None or not math.isfinite(float(f))
+
+
+def effective_fitness(result: Result) -> float:
+    """The fitness an optimizer learns from: ``FAILED_FITNESS`` for a failed result."""
+    return FAILED_FITNESS if is_failed(result) else float(result.fitness)
+
+
+def check_box(lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None) -> None:
+    """Refuse a search box optimizers cannot work in (one line naming the dimension)."""
+    from ..errors import ConfigError
+
+    if lower.ndim != 1 or upper.shape != lower.shape or lower.size == 0:
+        raise ConfigError(
+            f"search space bounds: lower {lower.shape} and upper {upper.shape} must be equal, "
+            "non-empty 1-D vectors")
+    for name, v in (("lower", lower), ("upper", upper)):
+        if not np.all(np.isfinite(v)):
+            raise ConfigError(f"search space bounds: {name} has a non-finite value at dimension "
+                              f"{int(np.flatnonzero(~np.isfinite(v))[0])}")
+    bad = np.flatnonzero(~(lower < upper))
+    if bad.size:
+        i = int(bad[0])
+        raise ConfigError(f"search space bounds: dimension {i} has lower {lower[i]} >= upper {upper[i]}")
+    if x0 is not None:
+        if x0.shape != lower.shape:
+            raise ConfigError(f"optimizer x0: shape {x0.shape} does not match the space {lower.shape}")
+        out = np.flatnonzero(~((x0 >= lower) & (x0 <= upper)))
+        if out.size:
+            i = int(out[0])
+            raise ConfigError(f"optimizer x0: dimension {i} value {x0[i]} is outside "
+                              f"[{lower[i]}, {upper[i]}]")
+
+
+def as_population(initial: Any, lower: np.ndarray, upper: np.ndarray) -> list[np.ndarray]:
+    """The ``initial`` genomes an optimizer asks first (e.g. the sources), checked in the box."""
+    from ..errors import ConfigError
+
+    if initial is None:
+        return []
+    pop = [np.asarray(g, dtype=float) for g in initial]
+    for i, g in enumerate(pop):
+        if g.shape != lower.shape or not np.all((g >= lower) & (g <= upper)):
+            raise ConfigError(f"optimizer initial[{i}]: genome of shape {g.shape} is not inside "
+                              f"the search box of {lower.shape[0]} dimensions")
+    return pop
+
+
+def int_option(value: Any, field: str, minimum: int) -> int:
+    """An integer option (``field`` is its config path), at least ``minimum``."""
+    from ..errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{field}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_options(optimizer: str, options: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed with the defaults in ``known``; an unknown key is a ConfigError."""
+    from ..errors import ConfigError
+
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"optimizer.options.{unknown[0]}: unknown option for optimizer "
+                          f"{optimizer!r} (known: {', '.join(sorted(known)) or 'none'})")
+    return {**known, **options}
 
 
 class Optimizer(ABC):

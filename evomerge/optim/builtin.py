@@ -1,0 +1,9 @@
+"""Imports the built-in optimizers so their ``@register_optimizer`` decorators run.
+
+``make_optimizer`` imports this module; nevergrad itself is imported only when an ``ng:``
+optimizer is built.
+"""
+
+from __future__ import annotations
+
+from . import cmaes, m2n2, ng, random_search  # noqa: F401
