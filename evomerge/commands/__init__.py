@@ -1,5 +1,8 @@
 """CLI commands, one module per area. Add a command here to expose it as `evomerge <name>`."""
 
-from .run import COMMANDS as _RUN_COMMANDS
+from .demo import COMMANDS as _DEMO
+from .merge import COMMANDS as _MERGE
+from .run import COMMANDS as _RUN
+from .zoo import COMMANDS as _ZOO
 
-COMMANDS: list = [*_RUN_COMMANDS]
+COMMANDS: list = [*_DEMO, *_MERGE, *_RUN, *_ZOO]

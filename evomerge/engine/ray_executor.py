@@ -52,6 +52,7 @@ class _Slot:
     busy_s: float = 0.0
     evaluations: int = 0
     replaced: int = 0
+    pid: int | None = None
     job: tuple[int, dict[str, Any]] | None = None
     ref: Any = None
     started: float = 0.0
@@ -103,7 +104,8 @@ class RayExecutor(Executor):
                                       max_restarts=0)(EvalWorker)
         self.slots = [self._new_slot(f"ray-{i}") for i in range(n)]
         # wait for every actor's __init__ (model loading) before timing starts
-        ray.get([s.actor.ready.remote() for s in self.slots])
+        for s, pid in zip(self.slots, ray.get([s.actor.pid.remote() for s in self.slots])):
+            s.pid = pid
         self._t0 = time.perf_counter()
 
     def _new_slot(self, name: str) -> _Slot:
@@ -189,7 +191,7 @@ class RayExecutor(Executor):
             pass
         self.stats_.replacements += 1
         fresh = self._new_slot(slot.name)
-        slot.actor = fresh.actor
+        slot.actor, slot.pid = fresh.actor, None
         slot.replaced += 1
         slot.job, slot.ref = None, None
 
@@ -205,11 +207,6 @@ class RayExecutor(Executor):
         return None
 
     # -- reporting -----------------------------------------------------------------------
-    def worker_pids(self) -> list[int]:
-        import ray
-
-        return ray.get([s.actor.pid.remote() for s in self.slots])
-
     def stats(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._t0
         d = self.stats_.dispatch_s
