@@ -84,8 +84,8 @@ class M2N2Space(SearchSpace):
     def decode(self, genome: np.ndarray) -> dict[str, Any]:
         table = np.asarray(genome, dtype=float).reshape(self.T, self.M)
         recipe = self._recipe_header("linear")
-        recipe.pop("base_model", None)
-        recipe["tokenizer_source"] = self.keys[0]
+        recipe.pop("base_model", None)  # every source, the base included, is a weighted input
+        recipe.pop("tokenizer_source", None)  # the first source's (all share one tokenizer)
         recipe["parameters"] = {"normalize": False}
         recipe["models"] = [
             {"model": k, "parameters": {"weight": [
