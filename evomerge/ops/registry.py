@@ -16,6 +16,7 @@ densities out of range...).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ class OpSpec:
     max_inputs: int | None = None
     random: bool = False
     doc: str = ""
+    # cross-parameter check on the resolved params: check(params, n_inputs) -> problem or None
+    check: Callable[[dict[str, Any], int], str | None] | None = None
 
     def resolve_params(self, step: TensorStep) -> dict[str, Any]:
         """Defaults filled, per-input scalars broadcast to lists. Raises PlanError."""
@@ -74,21 +77,59 @@ class OpSpec:
                             f"operator {self.name!r} for tensor {step.output!r}: {key!r} has "
                             f"{len(value)} values for {n} input models"
                         )
-                    value = [float(v) for v in value]
+                    value = [self._number(step, key, v) for v in value]
                 else:
-                    value = [float(value)] * n
+                    value = [self._number(step, key, value)] * n
+            elif value is not None and key in self.defaults and self.defaults[key] is not None:
+                value = self._like_default(step, key, value, self.defaults[key])
             out[key] = value
         for key, (lo, hi) in self.ranges.items():
             vals = out.get(key)
             if vals is None:
                 continue
             for v in vals if isinstance(vals, list) else [vals]:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise PlanError(
+                        f"operator {self.name!r} for tensor {step.output!r}: {key!r} must be "
+                        f"a number, got {v!r}"
+                    )
                 if (lo is not None and v < lo) or (hi is not None and v > hi):
                     raise PlanError(
                         f"operator {self.name!r} for tensor {step.output!r}: {key}={v} is out "
                         f"of range [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
                     )
+        if self.check is not None:
+            problem = self.check(out, n)
+            if problem:
+                raise PlanError(f"operator {self.name!r} for tensor {step.output!r}: {problem}")
         return out
+
+    def _number(self, step: TensorStep, key: str, value: Any) -> float:
+        number = None
+        if not isinstance(value, (bool, str)):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = None
+        if number is None or not math.isfinite(number):
+            raise PlanError(
+                f"operator {self.name!r} for tensor {step.output!r}: {key!r} must be a finite "
+                f"number, got {value!r}"
+            )
+        return number
+
+    def _like_default(self, step: TensorStep, key: str, value: Any, default: Any) -> Any:
+        """Scalar params take the type of their default (bool stays bool, numbers float)."""
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise PlanError(
+                    f"operator {self.name!r} for tensor {step.output!r}: {key!r} must be "
+                    f"true or false, got {value!r}"
+                )
+            return value
+        if isinstance(default, (int, float)):
+            return self._number(step, key, value)
+        return value
 
     def validate(self, step: TensorStep) -> None:
         n = len(step.inputs)

@@ -1,0 +1,470 @@
+"""Sparsification of task vectors: which entries of a delta survive, and how they are rescaled.
+
+Used by the task-vector operators (TIES, DARE, breadcrumbs, DELLA). Everything here works on
+tensors streamed in fixed-size flat *chunks* (:func:`chunk_size`), because on a CPU every
+full-size temporary costs a page-faulting allocation and a trip through main memory, while
+chunk-sized temporaries stay in cache; on CUDA one chunk is normally the whole tensor.
+
+Magnitude selection never sorts. The k-th largest ``|delta|`` is found exactly by
+:func:`order_statistics`: a Floyd-Rivest style selection that reads a fixed random sample,
+brackets the wanted rank between two sample quantiles, streams the tensor once to count the
+elements below the bracket and collect the few inside it, and finishes with a selection on
+that small band (numpy's introselect on CPU, ``torch.kthvalue`` on CUDA). It falls back to
+a selection over all values in the (~1e-9 likely) case that the bracket misses. Measured on
+this 2-core CPU for 16M float32 elements (busy machine, best of 3): ``torch.kthvalue``
+350-630 ms, ``torch.topk`` 500-1850 ms, ``torch.sort`` 2.3-3.5 s, ``np.partition`` ~110 ms
+(plus a full-size copy), this streamed selection ~50-80 ms with chunk-sized temporaries
+only. ``torch.quantile`` sorts and refuses inputs above 16M elements. On CPU the streamed
+comparisons run in numpy: torch's CPU kernels that produce bool tensors (``<``,
+``count_nonzero`` of a comparison, boolean indexing) measured 3-20x slower here.
+
+Ties at the threshold are resolved so that *exactly* ``k`` elements are kept (as mergekit's
+argsort does): every element strictly above the threshold, then elements equal to it in flat
+index order until ``k`` are reached (:class:`RankCut`). For pruning a delta the one
+exception is a threshold of exactly 0: kept and dropped zeros are the same zeros, so nothing
+is masked (the values are identical to an exact-k selection).
+
+Public helpers on whole tensors (:func:`kth_smallest`, :func:`topk_mask`,
+:func:`magnitude_mask`, :func:`outlier_mask`, :func:`random_mask`,
+:func:`della_keep_probabilities`) are the reference semantics; the operators use the
+streaming forms and the tests check both agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Elements per chunk. CPU: 128K float32 = 512 KiB per temporary, a handful of which stay in
+# L2/L3 cache. CUDA: large enough that one tensor is one chunk (kernel launches dominate).
+CPU_CHUNK = 1 << 17
+CUDA_CHUNK = 1 << 28
+
+# Below this many elements, selection just calls kthvalue on all values.
+DIRECT_SELECT_MAX = 1 << 16
+# Sample size bounds for Floyd-Rivest selection and the bracket half-width in sample ranks
+# (in units of sqrt(m); the sample rank's standard deviation is at most sqrt(m)/2, so 3
+# sqrt(m) is 6 standard deviations: a miss, which only costs time, has probability ~1e-9).
+SAMPLE_MAX = 1 << 14
+SAMPLE_MIN = 1 << 11
+BRACKET = 3.0
+# Fixed seed of the sample positions: results never depend on it (selection is exact).
+_SAMPLE_SEED = 0x5EED
+
+
+def chunk_size(device: torch.device | str | None) -> int:
+    """Elements per chunk on ``device``. On CPU ``CPU_CHUNK`` per torch thread, so each
+    thread's share of an op stays cache-sized while the number of parallel regions (each a
+    barrier across the thread team) stays low: on an oversubscribed CPU every barrier can
+    cost a scheduler time slice (measured here with 2 threads on 2 busy cores: a TIES merge
+    20x slower than with 1 thread at 128K-element chunks, 6x at 2M-element chunks)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return CUDA_CHUNK
+    return CPU_CHUNK * max(1, torch.get_num_threads())
+
+
+def chunk_bounds(n: int, size: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive chunks covering ``range(n)``; starts are multiples of
+    ``align`` (whole rows), each chunk at least one ``align`` unit long."""
+    step = max(align, (size // align) * align)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+# --------------------------------------------------------------------------------------
+# Exact order statistics without sorting
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OrderStat:
+    """The value of ascending rank ``rank`` (1-based) among ``n`` values, plus how many
+    values are strictly below it and how many are equal to it (for exact tie handling)."""
+
+    rank: int
+    value: float
+    n_less: int
+    n_equal: int
+
+
+def order_statistics(
+    n: int,
+    ranks: list[int],
+    chunks: Callable[[], Iterator[torch.Tensor]],
+    gather: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str | None = None,
+) -> list[OrderStat]:
+    """Exact k-th smallest values of a stream, for each 1-based rank in ``ranks``.
+
+    ``chunks()`` yields the values as flat float tensors in order (called once, twice only
+    on the rare fallback); ``gather(idx)`` returns the values at flat positions ``idx`` (a
+    long tensor on ``device``). Cost: one streaming pass of cheap comparisons plus
+    ``kthvalue`` on a band of about ``6 n / sqrt(m)`` values, instead of a selection or sort
+    over all ``n``.
+    """
+    for r in ranks:
+        assert 1 <= r <= n, (r, n)
+    if not ranks:
+        return []
+    if n <= DIRECT_SELECT_MAX:
+        return _direct(torch.cat([c.reshape(-1) for c in chunks()]), ranks)
+
+    m = min(SAMPLE_MAX, max(SAMPLE_MIN, n >> 6))
+    gen = torch.Generator().manual_seed(_SAMPLE_SEED ^ n)
+    # sorted positions: the gather then walks memory forward instead of jumping around
+    idx = torch.sort(torch.randint(n, (m,), generator=gen)).values
+    sample = gather(idx.to(device if device is not None else "cpu"))
+    if sample.device.type == "cpu":
+        sample = torch.from_numpy(np.sort(sample.numpy()))
+    else:
+        sample = torch.sort(sample).values
+    margin = BRACKET * math.sqrt(m)
+    brackets: list[tuple[float, float]] = []
+    for r in ranks:
+        center = (r - 0.5) / n * m
+        lo_r = math.floor(center - margin)
+        hi_r = math.ceil(center + margin)
+        lo = sample[lo_r - 1].item() if lo_r >= 1 else -math.inf
+        hi = sample[hi_r - 1].item() if hi_r <= m else math.inf
+        brackets.append((lo, hi))
+    del sample
+
+    below = [0] * len(ranks)  # values < lo
+    at_lo = [0] * len(ranks)  # values == lo
+    bands: list[list] = [[] for _ in ranks]  # values in (lo, hi]
+    for a in chunks():
+        # CPU: numpy's comparisons, counts and boolean extraction are vectorized and
+        # several times faster than torch's bool kernels on CPU (measured here)
+        x = a.numpy() if a.device.type == "cpu" else a
+        count = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
+        for j, (lo, hi) in enumerate(brackets):
+            if lo != -math.inf:
+                below[j] += int(count(x < lo))
+                at_lo[j] += int(count(x == lo))
+            if hi > lo:
+                inside = (x > lo) & (x <= hi) if lo != -math.inf else x <= hi
+                bands[j].append(x[inside])
+
+    out: list[OrderStat | None] = []
+    fallback: list[int] = []
+    for j, r in enumerate(ranks):
+        band = _concat(bands[j], device)
+        bands[j] = []
+        local = r - below[j]
+        if 1 <= local <= at_lo[j]:
+            out.append(OrderStat(r, brackets[j][0], below[j], at_lo[j]))
+        elif at_lo[j] < local <= at_lo[j] + band.numel():
+            v = _kth(band, local - at_lo[j])
+            n_less = below[j] + at_lo[j] + int(torch.count_nonzero(band < v))
+            n_eq = int(torch.count_nonzero(band == v))
+            out.append(OrderStat(r, v, n_less, n_eq))
+        else:  # the bracket missed the rank: exact fallback on all values
+            out.append(None)
+            fallback.append(j)
+    if fallback:
+        exact = _direct(torch.cat([c.reshape(-1) for c in chunks()]), [ranks[j] for j in fallback])
+        for j, stat in zip(fallback, exact):
+            out[j] = stat
+    return out  # type: ignore[return-value]
+
+
+def _kth(values: torch.Tensor, r: int) -> float:
+    """r-th smallest (1-based): numpy's introselect on CPU (about 10x faster than
+    torch.kthvalue there), torch.kthvalue elsewhere."""
+    if values.device.type == "cpu":
+        arr = values.numpy().copy()
+        arr.partition(r - 1)
+        return float(arr[r - 1])
+    return torch.kthvalue(values, r).values.item()
+
+
+def _concat(parts: list, device: torch.device | str | None) -> torch.Tensor:
+    if not parts:
+        return torch.empty(0, device=device)
+    if isinstance(parts[0], np.ndarray):
+        return torch.from_numpy(np.concatenate(parts))
+    return torch.cat(parts)
+
+
+def _direct(values: torch.Tensor, ranks: list[int]) -> list[OrderStat]:
+    res = []
+    for r in ranks:
+        v = _kth(values, r)
+        res.append(
+            OrderStat(
+                r, v, int(torch.count_nonzero(values < v)), int(torch.count_nonzero(values == v))
+            )
+        )
+    return res
+
+
+def kth_smallest(x: torch.Tensor, r: int) -> float:
+    """Exact r-th smallest (1-based) element of ``x`` (any shape), without sorting."""
+    flat = x.reshape(-1)
+    size = chunk_size(flat.device)
+    return order_statistics(
+        flat.numel(),
+        [r],
+        lambda: (flat[s:e] for s, e in chunk_bounds(flat.numel(), size)),
+        lambda idx: flat[idx],
+        flat.device,
+    )[0].value
+
+
+# --------------------------------------------------------------------------------------
+# Exact top-k masks, streamed
+# --------------------------------------------------------------------------------------
+class RankCut:
+    """Streams the mask "among the k largest scores", exactly k of them.
+
+    Built from the order statistic of ascending rank ``n - k + 1`` (the k-th largest).
+    Chunks must be fed in flat order, each exactly once: elements equal to the threshold
+    are kept in flat index order until k elements are kept. With ``zero_ties_free`` a
+    threshold of 0 keeps only the nonzero scores (for pruning deltas, where a kept zero and
+    a dropped zero are the same value).
+
+    Masks come as float 0/1 tensors: on CPU, comparisons written into float tensors and
+    multiplications are several times faster than bool tensors with ``where`` or
+    ``masked_fill_`` (measured here: 0.16 ms vs 2.8-3.4 ms per 256K elements).
+    """
+
+    def __init__(self, n: int, k: int, stat: OrderStat | None, zero_ties_free: bool = False):
+        self.n, self.k = n, k
+        self.thr = 0.0
+        self.ties_left = 0
+        if k <= 0 or k >= n:
+            self.mode = "none" if k <= 0 else "all"
+            return
+        assert stat is not None and stat.rank == n - k + 1
+        self.thr = stat.value
+        n_greater = n - stat.n_less - stat.n_equal
+        self.ties_left = k - n_greater
+        assert 1 <= self.ties_left <= stat.n_equal
+        if zero_ties_free and self.thr == 0.0:
+            self.mode = "gt"
+        elif self.ties_left == stat.n_equal:
+            self.mode = "ge"
+        else:
+            self.mode = "ties"
+
+    @staticmethod
+    def rank_for(n: int, k: int) -> int | None:
+        """The ascending rank whose order statistic a cut keeping k of n needs (or None)."""
+        return n - k + 1 if 0 < k < n else None
+
+    def copy(self) -> RankCut:
+        new = RankCut.__new__(RankCut)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    @property
+    def keeps_all_nonzero(self) -> bool:
+        """True when pruning with this cut changes no value (nothing nonzero is dropped)."""
+        return self.mode == "all" or (self.mode == "gt" and self.thr == 0.0)
+
+    def keep(self, score: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the kept elements of this chunk (advances the tie counter)."""
+        return self.keep_float(score).bool()
+
+    def keep_float(self, score: torch.Tensor, kept: bool = True) -> torch.Tensor:
+        """Float 0/1 mask of the kept (or, with ``kept=False``, the dropped) elements of
+        this chunk; advances the tie counter."""
+        if self.mode in ("all", "none"):
+            full = (self.mode == "all") == kept
+            return torch.full_like(score, 1.0 if full else 0.0)
+        if self.mode == "gt" or (self.mode == "ties" and self.ties_left == 0):
+            return (torch.gt if kept else torch.le)(score, self.thr, out=torch.empty_like(score))
+        mask = torch.ge(score, self.thr, out=torch.empty_like(score))
+        if self.mode == "ties":
+            eq = torch.eq(score, self.thr, out=torch.empty_like(score))
+            count = int(eq.sum())
+            if count > self.ties_left:
+                # keep only the first ties_left elements equal to the threshold (flat order)
+                extra = eq.reshape(-1).nonzero().squeeze(1)[self.ties_left:]
+                mask.reshape(-1)[extra] = 0.0
+            self.ties_left -= min(count, self.ties_left)
+        return mask if kept else mask.neg_().add_(1.0)
+
+    def prune(self, d: torch.Tensor) -> torch.Tensor:
+        """``d`` with the entries whose |d| is not kept set to 0 (may return ``d`` itself)."""
+        if self.keeps_all_nonzero:
+            return d
+        if self.mode == "none":
+            return d.zero_()
+        if self.mode == "ge" and self.thr > 0.0:
+            # |d| >= thr  <=>  |d| > (largest float below thr): one fused op
+            return torch.nn.functional.hardshrink(d, _float_below(self.thr, d.dtype))
+        if self.mode == "gt" or (self.mode == "ties" and self.ties_left == 0):
+            return torch.nn.functional.hardshrink(d, self.thr)
+        return d.mul_(self.keep_float(d.abs()))
+
+
+def _float_below(x: float, dtype: torch.dtype) -> float:
+    t = torch.tensor(x, dtype=dtype)
+    return torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)).item()
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly ``k`` largest entries of ``score`` (ties by flat index)."""
+    flat = score.reshape(-1)
+    n = flat.numel()
+    r = RankCut.rank_for(n, k)
+    stat = None
+    if r is not None:
+        size = chunk_size(flat.device)
+        stat = order_statistics(
+            n,
+            [r],
+            lambda: (flat[s:e] for s, e in chunk_bounds(n, size)),
+            lambda idx: flat[idx],
+            flat.device,
+        )[0]
+    cut = RankCut(n, k, stat)
+    return cut.keep(flat).reshape(score.shape)
+
+
+def magnitude_k(n: int, density: float) -> int:
+    """How many entries magnitude pruning keeps: ``int(density * n)`` as in mergekit."""
+    return n if density >= 1 else max(0, int(density * n))
+
+
+def outlier_ks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs: (number of largest entries dropped, number kept) as in mergekit:
+    keep ascending ranks [n_bot, n - n_top) where n_top = int(gamma n) and
+    n_bot = n - int(density n) - n_top, taking from n_top when n_bot would be negative."""
+    target = max(0, int(density * n))
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    return n_top, n - n_bot - n_top
+
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep mask of TIES magnitude pruning: exactly int(density n) largest |x|."""
+    return topk_mask(x.abs(), magnitude_k(x.numel(), density))
+
+
+def outlier_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep mask of Model Breadcrumbs: drop the gamma largest |x| and the smallest, keep
+    int(density n) in the middle (mergekit's ``magnitude_outliers``)."""
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    n_top, n_keep = outlier_ks(x.numel(), density, gamma)
+    a = x.abs()
+    return topk_mask(a, n_keep + n_top) & ~topk_mask(a, n_top)
+
+
+class UniformField:
+    """A reproducible stream of uniform [0, 1) draws for one input, consumed in flat order.
+
+    DARE and DELLA keep an entry when its draw is below the keep probability, so for a
+    fixed seed a higher density keeps a superset (a smooth landscape for a search over
+    densities). On CPU the draws are raw 32-bit words of numpy's PCG64 (measured here 3-4x
+    faster than torch's CPU generator, which dominated a DARE merge); on CUDA they come
+    from torch's Philox generator. Draws are independent of how the stream is chunked on
+    CPU; the two devices give different (equally valid) streams.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        if self.device.type == "cpu":
+            self._bits = np.random.PCG64(seed)
+            self._pending: np.ndarray | None = None  # a leftover 32-bit draw
+        else:
+            self._gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _raw(self, n: int) -> np.ndarray:
+        """Next ``n`` uint32 draws (two per 64-bit word, none wasted across calls)."""
+        parts = []
+        if self._pending is not None and n > 0:
+            parts.append(self._pending)
+            self._pending = None
+            n -= 1
+        words = self._bits.random_raw((n + 1) // 2).view(np.uint32)
+        if words.size > n:
+            self._pending = words[n:].copy()
+            words = words[:n]
+        parts.append(words)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def keep(self, n: int, density: float) -> torch.Tensor:
+        """Float 0/1 mask of the next ``n`` entries: 1 where the draw is below ``density``."""
+        if self.device.type == "cpu":
+            limit = min(2**32 - 1, max(0, round(density * 2**32)))
+            out = np.empty(n, dtype=np.float32)
+            np.less(self._raw(n), np.uint32(limit), out=out, casting="unsafe")
+            return torch.from_numpy(out)
+        u = torch.rand(n, generator=self._gen, device=self.device)
+        return torch.lt(u, density, out=u)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """The next ``n`` draws as float32 in [0, 1]."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self._raw(n).astype(np.float32)).mul_(2.0**-32)
+        return torch.rand(n, generator=self._gen, device=self.device)
+
+
+def random_mask(
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """DARE keep mask: each entry kept with probability ``density`` (the operators' field
+    for the same seed)."""
+    n = math.prod(shape)
+    return UniformField(seed, device).keep(n, density).reshape(tuple(shape)).bool()
+
+
+def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA (MagPrune) keep probabilities: within each row, linear in the magnitude rank
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    Rows are ``x.reshape(x.shape[0], -1)`` for 2-D and larger tensors and the whole vector
+    for 1-D ones (mergekit ranks along dim 1 of the original shape, which is the same for
+    2-D tensors). Ties in magnitude are ranked by index (a stable sort). A row of length 1
+    gets probability ``density`` (mergekit would divide by zero there).
+    """
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    return della_row_probabilities(rows.abs(), density, epsilon).reshape(x.shape)
+
+
+def della_row_probabilities(mag: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities for a block of whole rows of magnitudes (2-D, non-negative)."""
+    cols = mag.shape[1]
+    if cols == 1:
+        return torch.full_like(mag, density)
+    ranks = row_ranks(mag)
+    # rank/(cols-1) in [0, 1] -> probability in [density - eps, density + eps]
+    return ranks.mul_(2.0 * epsilon / (cols - 1)).add_(density - epsilon)
+
+
+def row_ranks(mag: torch.Tensor) -> torch.Tensor:
+    """0-based ascending rank of each element within its row (float), ties by index.
+
+    DELLA's probabilities are rank based, so this needs a per-row sort. On CPU it sorts
+    one uint64 key per element, (float bits of the magnitude) << b | (column index), with
+    numpy's SIMD sort: the order is exact and stable, and measured here ~3x faster than a
+    stable torch.sort (0.9 s vs 2.7 s for 4096 x 4096).
+    """
+    rows, cols = mag.shape
+    if mag.device.type != "cpu":
+        order = torch.sort(mag, dim=1, stable=True).indices
+        ranks = torch.empty_like(mag)
+        ar = torch.arange(cols, device=mag.device, dtype=mag.dtype).expand_as(mag)
+        return ranks.scatter_(1, order, ar)
+    a = np.ascontiguousarray(mag.numpy(), dtype=np.float32)
+    shift = np.uint64(max(1, (cols - 1).bit_length()))
+    keys = a.view(np.uint32).astype(np.uint64) << shift  # non-negative floats sort as ints
+    keys |= np.arange(cols, dtype=np.uint64)
+    keys.sort(axis=1)
+    order = (keys & np.uint64((1 << int(shift)) - 1)).astype(np.intp)
+    ranks = np.empty((rows, cols), dtype=np.float32)
+    np.put_along_axis(ranks, order, np.arange(cols, dtype=np.float32)[None, :], axis=1)
+    return torch.from_numpy(ranks)

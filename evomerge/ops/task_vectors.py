@@ -1,0 +1,481 @@
+"""Task-vector operators: task_arithmetic, ties, dare_*, breadcrumbs*, della*, lines.
+
+All of them are mergekit's "generalized task arithmetic" (GTA):
+
+1. task vectors ``d_i = x_i - base``;
+2. optional sparsification of each ``d_i`` (magnitude top-k, random DARE drop, breadcrumbs
+   outliers, DELLA magnitude-ranked sampling), optionally rescaled;
+3. weighting ``w_i d_i``;
+4. optional TIES sign consensus ("sum" method): the elected sign of each entry is the sign
+   of ``sum_i w_i d_i`` (>= 0 counts as +), and only agreeing entries are summed;
+5. optional normalization by the sum of weights (of the agreeing inputs under consensus);
+6. scaling by ``lambda``; output ``base + mixed``.
+
+Parameters and defaults follow mergekit (``weight``, ``density``, ``gamma``, ``epsilon``
+per model; ``lambda``, ``normalize``, ``rescale`` global). Deviations, all deliberate:
+
+- DARE ``rescale`` divides the kept entries by the density (the DARE paper, and mergekit
+  before it switched to matching the L1 norm of the delta; equal in expectation). DELLA
+  ``rescale`` divides each kept entry by its own keep probability (the DELLA paper).
+  ``rescale`` on magnitude methods (ties, breadcrumbs; off by default) matches the L1 norm
+  of the pruned delta to the unpruned one, as mergekit does.
+- ``density: 0`` keeps nothing (mergekit asserts); breadcrumbs with ``int(gamma n) = 0``
+  drops no outliers (mergekit's ``indices[n_bot:-0]`` then keeps nothing at all).
+- Random masks (DARE, DELLA) keep an entry when its draw from a per-input
+  :class:`~.sparsify.UniformField` is below the keep probability. Each input's field is
+  seeded from the step's generator (one seed drawn per input, for every input), so one
+  input's mask does not depend on the other inputs' weights or densities, and a higher
+  density keeps a superset. Reproducible per device type; CPU (numpy PCG64) and CUDA
+  (torch Philox) streams differ, as mergekit's do.
+- Magnitude ties at the threshold are broken by flat index so exactly ``k`` entries are
+  kept (mergekit's argsort breaks them arbitrarily). mergekit's ``int8_mask`` (a memory
+  option with no effect on the values) is not a parameter here.
+- The computation streams flat chunks (see :mod:`.sparsify`); results equal the
+  whole-tensor formulas up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PlanError
+from ..plan import step_seed
+from .registry import OpContext, register_op
+from .sparsify import (
+    RankCut,
+    UniformField,
+    chunk_bounds,
+    chunk_size,
+    della_row_probabilities,
+    magnitude_k,
+    order_statistics,
+    outlier_ks,
+)
+
+# mergekit's tolerance for the L1 rescale of magnitude-pruned deltas
+_RESCALE_EPS = 1e-7
+
+
+@dataclass
+class _Input:
+    pos: int
+    flat: torch.Tensor
+    weight: float
+    density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    # magnitude: one cut; outliers: (cut keeping top n_keep+n_top, cut of the n_top outliers)
+    cuts: list[RankCut] = field(default_factory=list)
+    draws: UniformField | None = None  # random draws (DARE, DELLA)
+    scale: float = 1.0  # multiplies the sparsified delta (DARE 1/p, L1 rescale)
+    dead: bool = False  # contributes nothing (zero weight or nothing kept)
+
+
+def _check_shapes(tensors: list[torch.Tensor], base: torch.Tensor | None, ctx: OpContext) -> None:
+    ref = base if base is not None else tensors[0]
+    for t in tensors:
+        if t.shape != ref.shape:
+            raise PlanError(
+                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
+                f"{tuple(ref.shape)}); merge operators need equal shapes"
+            )
+
+
+def _input_seeds(n: int, ctx: OpContext, device: torch.device) -> list[int]:
+    """One seed per input, drawn from the step's generator (every input draws one, so each
+    input's stream depends only on the step seed and its position)."""
+    g = ctx.generator
+    if g is None:
+        g = torch.Generator(device=device).manual_seed(step_seed(0, ctx.name))
+    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=g, device=g.device).tolist()]
+
+
+def _abs_delta_chunks(t: torch.Tensor, b: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for s, e in chunk_bounds(t.numel(), size):
+        yield torch.sub(t[s:e], b[s:e]).abs_()
+
+
+def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str, size: int) -> None:
+    """Exact thresholds for magnitude / outlier pruning of one input (one streaming pass)."""
+    n = b.numel()
+    if method == "magnitude":
+        ks = [magnitude_k(n, inp.density)]
+        if ks[0] == 0:
+            inp.dead = True
+            return
+    else:  # outliers
+        n_top, n_keep = outlier_ks(n, inp.density, inp.gamma)
+        if n_keep == 0:
+            inp.dead = True
+            return
+        ks = [n_keep + n_top, n_top]
+    ranks = [RankCut.rank_for(n, k) for k in ks]
+    wanted = sorted({r for r in ranks if r is not None})
+    t = inp.flat
+    stats = order_statistics(
+        n,
+        wanted,
+        lambda: _abs_delta_chunks(t, b, size),
+        lambda idx: torch.sub(t[idx], b[idx]).abs_(),
+        b.device,
+    )
+    by_rank = {s.rank: s for s in stats}
+    inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
+
+
+def _magnitude_prune(inp: _Input, d: torch.Tensor, method: str) -> torch.Tensor:
+    """``d`` with the entries the cuts drop set to 0 (advances the cuts' tie counters)."""
+    if method == "magnitude":
+        return inp.cuts[0].prune(d)
+    top, outliers = inp.cuts
+    a = None if outliers.mode == "none" else d.abs()
+    d = top.prune(d)
+    if a is not None:
+        d.mul_(outliers.keep_float(a, kept=False))
+    return d
+
+
+def _l1_rescale(inp: _Input, b: torch.Tensor, method: str, size: int) -> float:
+    """mergekit's rescale of a magnitude-pruned delta: ||d||_1 / ||pruned d||_1."""
+    probe = _Input(inp.pos, inp.flat, inp.weight, cuts=[c.copy() for c in inp.cuts])
+    total = kept = 0.0
+    for s, e in chunk_bounds(b.numel(), size):
+        d = torch.sub(inp.flat[s:e], b[s:e])
+        total += float(d.abs().sum(dtype=torch.float64))
+        d = _magnitude_prune(probe, d, method)
+        kept += float(d.abs().sum(dtype=torch.float64))
+    if total < _RESCALE_EPS or kept < _RESCALE_EPS:
+        return 1.0
+    return total / kept
+
+
+def generalized_task_arithmetic(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    params: dict,
+    ctx: OpContext,
+    *,
+    sparsification: str | None,
+    consensus: bool,
+    extra_scale: float = 1.0,
+) -> torch.Tensor:
+    """The GTA merge (see the module docstring). ``sparsification`` is one of None,
+    "magnitude", "outliers", "random", "della"; ``extra_scale`` multiplies lambda (LiNeS)."""
+    if base is None:
+        raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
+    _check_shapes(tensors, base, ctx)
+    if base.dtype not in (torch.float32, torch.float64) or any(
+        t.dtype != base.dtype for t in tensors
+    ):  # the contract is float32; anything else is computed in float32
+        base = base.float()
+        tensors = [t.float() for t in tensors]
+    n = base.numel()
+    if n == 0:
+        return base.clone()
+    device = base.device
+    size = chunk_size(device)
+    b = base.reshape(-1)
+    weights = [float(w) for w in params["weight"]]
+    densities = params.get("density") or [1.0] * len(tensors)
+    gammas = params.get("gamma") or [0.0] * len(tensors)
+    epsilons = params.get("epsilon") or [0.0] * len(tensors)
+    normalize = bool(params.get("normalize", False))
+    rescale = bool(params.get("rescale", False))
+    lam = float(params.get("lambda", 1.0)) * extra_scale
+
+    inputs = [
+        _Input(i, t.reshape(-1), weights[i], float(densities[i]), float(gammas[i]),
+               float(epsilons[i]))
+        for i, t in enumerate(tensors)
+    ]
+    method = sparsification
+    if method in ("random", "della"):
+        for inp, seed in zip(inputs, _input_seeds(len(inputs), ctx, device)):
+            inp.draws = UniformField(seed, device)
+    for inp in inputs:
+        if inp.weight == 0.0:
+            inp.dead = True
+            continue
+        if method is None or inp.density >= 1.0:
+            continue  # mergekit: density >= 1 leaves the delta untouched (no rescale)
+        if inp.density <= 0.0:
+            inp.dead = True
+        elif method in ("magnitude", "outliers"):
+            _prepare_cuts(inp, b, method, size)
+            if rescale and not inp.dead:
+                inp.scale = _l1_rescale(inp, b, method, size)
+        elif method == "random" and rescale:
+            inp.scale = 1.0 / inp.density
+    live = [inp for inp in inputs if not inp.dead]
+    pruning = {inp.pos: method is not None and inp.density < 1.0 for inp in live}
+
+    divisor = 1.0
+    if normalize and not consensus:
+        total_w = sum(weights)
+        divisor = total_w if abs(total_w) >= 1e-8 else 1.0
+
+    align = 1
+    if method == "della":
+        align = n if base.dim() < 2 else n // base.shape[0]
+        align = max(align, 1)
+
+    out = torch.empty_like(base)
+    o = out.view(-1)
+    for s, e in chunk_bounds(n, size, align):
+        b_c = b[s:e]
+        # 1) sparsified deltas, and their weighted sum S (the elected sign is sign(S))
+        deltas: list[tuple[_Input, torch.Tensor]] = []
+        S = None
+        for inp in live:
+            d = torch.sub(inp.flat[s:e], b_c)
+            if pruning[inp.pos]:
+                d = _sparsify_chunk(inp, d, method, rescale, align, device, e - s)
+            ew = inp.weight * inp.scale  # weight of the (rescaled) delta
+            if consensus:
+                deltas.append((inp, d))
+                S = torch.mul(d, ew) if S is None else S.add_(d, alpha=ew)
+            else:
+                S = d.mul_(ew) if S is None else S.add_(d, alpha=ew)
+        if S is None:
+            o[s:e].copy_(b_c)
+            continue
+        if not consensus:
+            torch.add(b_c, S, alpha=lam / divisor, out=o[s:e])
+            continue
+        # 2) TIES: keep the entries whose weighted delta has the elected sign (S >= 0 is +)
+        sgn = torch.ge(S, 0, out=S).mul_(2.0).sub_(1.0)  # +1 / -1, reuses S
+        mixed = torch.zeros_like(b_c)
+        div = torch.zeros_like(b_c) if normalize else None
+        agree = torch.empty_like(b_c)
+        for inp, d in deltas:
+            torch.mul(d, sgn, out=agree)
+            # sign(w d) == elected sign  <=>  d * sgn has the sign of w, and is nonzero
+            (torch.gt if inp.weight > 0 else torch.lt)(agree, 0, out=agree)
+            mixed.addcmul_(d, agree, value=inp.weight * inp.scale)
+            if div is not None:
+                div.add_(agree, alpha=inp.weight)
+        if div is not None:
+            div.add_(torch.eq(div, 0, out=agree))  # mergekit: a zero divisor becomes 1
+            mixed.div_(div)
+        torch.add(b_c, mixed, alpha=lam, out=o[s:e])
+    return out
+
+
+def _sparsify_chunk(inp: _Input, d: torch.Tensor, method: str | None, rescale: bool,
+                    align: int, device: torch.device, length: int) -> torch.Tensor:
+    if method in ("magnitude", "outliers"):
+        return _magnitude_prune(inp, d, method)
+    assert inp.draws is not None
+    if method == "random":
+        return d.mul_(inp.draws.keep(length, inp.density).to(device))
+    # della: this chunk holds whole rows of length ``align``
+    probs = della_row_probabilities(d.view(-1, align).abs(), inp.density, inp.epsilon)
+    probs = probs.view(-1)
+    u = inp.draws.uniform(length).to(device)
+    d.mul_(torch.lt(u, probs, out=u))
+    if rescale:
+        d.div_(probs)
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------
+_DENSITY = {"density": (0.0, 1.0)}
+
+
+def _della_check(params: dict, n: int) -> str | None:
+    for d, eps in zip(params["density"], params["epsilon"]):
+        if 0.0 < d < 1.0 and not (d - eps > 0.0 and d + eps < 1.0):
+            return (
+                f"epsilon={eps} with density={d}: keep probabilities density +/- epsilon "
+                f"must lie inside (0, 1)"
+            )
+    return None
+
+
+@register_op(
+    "task_arithmetic",
+    needs_base=True,
+    per_input=("weight",),
+    defaults={"weight": 1.0, "lambda": 1.0, "normalize": False},
+)
+def task_arithmetic(tensors, base, params, ctx):
+    """Task arithmetic: base + lambda * sum_i w_i (x_i - base) (divided by sum w if
+    ``normalize``; mergekit's default is false)."""
+    return generalized_task_arithmetic(tensors, base, params, ctx, sparsification=None,
+                                       consensus=False)
+
+
+@register_op(
+    "ties",
+    needs_base=True,
+    per_input=("weight", "density"),
+    defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": True,
+              "rescale": False},
+    ranges=_DENSITY,
+)
+def ties(tensors, base, params, ctx):
+    """TIES: keep the int(density n) largest |delta| per input (exactly, no sort), elect
+    the sign of the weighted sum, sum the agreeing weighted deltas and divide by the sum
+    of the agreeing weights (``normalize``, default true as in mergekit)."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="magnitude", consensus=True)
+
+
+@register_op(
+    "dare_ties",
+    needs_base=True,
+    per_input=("weight", "density"),
+    defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
+              "rescale": True},
+    ranges=_DENSITY,
+    random=True,
+)
+def dare_ties(tensors, base, params, ctx):
+    """DARE-TIES: drop each delta entry with probability 1 - density (seeded), rescale the
+    kept ones by 1/density, then TIES sign consensus. mergekit defaults: no normalize."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="random", consensus=True)
+
+
+@register_op(
+    "dare_linear",
+    needs_base=True,
+    per_input=("weight", "density"),
+    defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
+              "rescale": True},
+    ranges=_DENSITY,
+    random=True,
+)
+def dare_linear(tensors, base, params, ctx):
+    """DARE without sign consensus: random drop with 1/density rescale, weighted sum."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="random", consensus=False)
+
+
+@register_op(
+    "breadcrumbs",
+    needs_base=True,
+    per_input=("weight", "density", "gamma"),
+    defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
+              "normalize": False, "rescale": False},
+    ranges={**_DENSITY, "gamma": (0.0, 1.0)},
+)
+def breadcrumbs(tensors, base, params, ctx):
+    """Model Breadcrumbs: per input drop the int(gamma n) largest |delta| (outliers) and the
+    smallest, keeping int(density n) (exactly, no sort); weighted sum, no consensus."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="outliers", consensus=False)
+
+
+@register_op(
+    "breadcrumbs_ties",
+    needs_base=True,
+    per_input=("weight", "density", "gamma"),
+    defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
+              "normalize": False, "rescale": False},
+    ranges={**_DENSITY, "gamma": (0.0, 1.0)},
+)
+def breadcrumbs_ties(tensors, base, params, ctx):
+    """Model Breadcrumbs pruning followed by TIES sign consensus (mergekit: no normalize)."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="outliers", consensus=True)
+
+
+_DELLA = dict(
+    needs_base=True,
+    per_input=("weight", "density", "epsilon"),
+    ranges={**_DENSITY, "epsilon": (0.0, 0.5)},
+    random=True,
+    check=_della_check,
+)
+
+
+@register_op(
+    "della",
+    defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
+              "normalize": True, "rescale": True},
+    **_DELLA,
+)
+def della(tensors, base, params, ctx):
+    """DELLA: per row, keep each delta entry with probability rising linearly with its
+    magnitude rank from density-epsilon to density+epsilon, rescale kept entries by
+    1/probability, then TIES sign consensus (normalize on, as in mergekit). The per-row
+    ranks need one row-wise sort (DELLA's definition is rank based)."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="della", consensus=True)
+
+
+@register_op(
+    "della_linear",
+    defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
+              "normalize": False, "rescale": True},
+    **_DELLA,
+)
+def della_linear(tensors, base, params, ctx):
+    """DELLA pruning without sign consensus: weighted sum of the rescaled sampled deltas."""
+    return generalized_task_arithmetic(tensors, base, params, ctx,
+                                       sparsification="della", consensus=False)
+
+
+# --------------------------------------------------------------------------------------
+# LiNeS: depth-dependent scaling of the task vector
+# --------------------------------------------------------------------------------------
+def lines_scale(alpha: float, beta: float, layer: float, num_layers: int) -> float:
+    """LiNeS scale of layer ``layer`` (0-based) of ``num_layers``: ``alpha`` at the first
+    layer growing linearly to ``beta`` at the last (``alpha`` when there is one layer)."""
+    if num_layers <= 1:
+        return float(alpha)
+    return float(alpha) + (float(beta) - float(alpha)) * float(layer) / (num_layers - 1)
+
+
+def _lines_check(params: dict, n: int) -> str | None:
+    for key in ("alpha", "beta", "layer", "num_layers"):
+        value = params.get(key)
+        if value is None:
+            return f"needs {key!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value
+        ):
+            return f"{key!r} must be a finite number, got {value!r}"
+    num_layers, layer = params["num_layers"], params["layer"]
+    if float(num_layers) != int(num_layers) or int(num_layers) < 1:
+        return f"num_layers={num_layers} must be a positive integer"
+    if not 0 <= layer <= int(num_layers) - 1:
+        return f"layer={layer} is out of range [0, {int(num_layers) - 1}]"
+    return None
+
+
+@register_op(
+    "lines",
+    needs_base=True,
+    per_input=("weight",),
+    defaults={"weight": 1.0, "alpha": None, "beta": None, "layer": None,
+              "num_layers": None, "normalize": False},
+    check=_lines_check,
+)
+def lines(tensors, base, params, ctx):
+    """LiNeS (Wang et al., "LiNeS: Post-training layer scaling prevents forgetting and
+    enhances model merging", 2024): the task vector sum_i w_i (x_i - base) (divided by
+    sum w if ``normalize``) is scaled by a factor that grows linearly with depth,
+    ``scale = alpha + (beta - alpha) * layer / (num_layers - 1)``, so shallow layers stay
+    near the base (general features) and deep layers take the task-specific change.
+
+    ``layer`` is 0-based; the planner assigns non-layer tensors (embeddings, head) a layer
+    position of its choice. The paper writes the scale as ``alpha + beta * (l-1)/(L-1)``
+    with 1-based l; here ``beta`` is the scale at the last layer (the paper's alpha+beta).
+    """
+    scale = lines_scale(params["alpha"], params["beta"], params["layer"],
+                        int(params["num_layers"]))
+    p = dict(params)
+    p["lambda"] = 1.0
+    return generalized_task_arithmetic(tensors, base, p, ctx, sparsification=None,
+                                       consensus=False, extra_scale=scale)
+
+
+__all__ = ["generalized_task_arithmetic", "lines_scale"]
