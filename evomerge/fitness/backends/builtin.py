@@ -7,4 +7,7 @@ their own module so importing them here stays cheap.
 
 from __future__ import annotations
 
-from . import hf  # noqa: F401  (registers "hf")
+from . import (
+    api,  # noqa: F401  (registers "api"; stdlib only, cheap to import)
+    hf,  # noqa: F401  (registers "hf")
+)

@@ -1,0 +1,60 @@
+"""`evomerge serve MODEL_DIR`: an OpenAI-compatible API over a local checkpoint.
+
+Try an exported merge with any OpenAI client, or score it with the ``api`` fitness backend.
+The server itself lives in :mod:`evomerge.serve.server`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..errors import ConfigError
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--api-key-env", default=None, metavar="NAME",
+              help="Require 'Authorization: Bearer <key>' with the key from environment variable NAME.")
+@click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present).")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU).")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Prompts generated together within one request.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No access log.")
+def serve(model_dir, host, port, api_key_env, model_name, device, dtype, batch_size, threads, quiet):
+    """Serve MODEL_DIR (an HF checkpoint) with /v1/completions, /v1/chat/completions, /v1/models."""
+    from ..serve import make_server
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port: must be 0..65535, got {port}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    server = make_server(model_dir, host, port, api_key_env=api_key_env, model_name=model_name,
+                         device=device, dtype=dtype, batch_size=batch_size)
+    if api_key_env is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without a key (see --api-key-env)", err=True)
+    auth = f", key from ${api_key_env}" if api_key_env else ""
+    click.echo(f"serving {server.service.name} at {server.url} (Ctrl-C to stop{auth})", err=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.service.close()
+
+
+COMMANDS = [serve]
