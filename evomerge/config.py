@@ -98,6 +98,17 @@ class ExecutorConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)  # torch threads per worker
 
 
+class RacingConfig(_Strict):
+    """Cheaper fitness: score a first slice of the examples and finish only candidates whose
+    upper confidence bound can still beat the best complete fitness so far."""
+
+    enabled: bool = False
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    first_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    stages: list[float] | None = None
+    bound: Literal["hoeffding", "bernstein"] = "hoeffding"
+
+
 class RunConfig(_Strict):
     name: str
     models: dict[str, str]
@@ -109,6 +120,7 @@ class RunConfig(_Strict):
     report_tasks: list[TaskRef] = Field(default_factory=list)  # held-out reporting only
     backend: BackendConfig = Field(default_factory=BackendConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    racing: RacingConfig = Field(default_factory=RacingConfig)
     seed: int = 0
     dtype: str | None = None  # output dtype of merged weights (default: the sources')
 

@@ -195,3 +195,37 @@ def test_empty_task_split_is_refused(test_zoo, tmp_path):
     with pytest.raises(TaskError, match="no examples"):
         run_search(cfg, tmp_path / "run", progress=False)
     assert np.isfinite(1.0)
+
+
+@register_backend("synthetic_for_tests")
+class _SyntheticBackend(HFBackend):
+    """Real resident model and real in-place merges; per-example scores are a deterministic
+    function of the merged weights (the test zoo's experts all score 0, which can't show
+    racing). Example j scores 1 when its fixed pseudo-random level is below p(weights)."""
+
+    def evaluate(self, tasks, split="search"):
+        import zlib
+
+        w = self.model.get_input_embeddings().weight
+        p = (float(w.double().norm()) * 997.0) % 1.0
+        return {t.name: np.array([float(zlib.crc32(e.prompt.encode()) % 1000 / 1000 < p)
+                                  for e in t.examples(split)]) for t in tasks}
+
+
+@pytest.mark.slow
+def test_racing_cuts_hopeless_candidates_and_keeps_the_best(test_zoo, tmp_path):
+    common = dict(optimizer={"name": "random", "seed": 4}, budget=14,
+                  backend={"name": "synthetic_for_tests", "batch_size": 256})
+    run_search(parse_config(_cfg(test_zoo, **common)), tmp_path / "full", progress=False)
+    raced = parse_config(_cfg(test_zoo, **common, racing={"enabled": True, "first_fraction": 0.25}))
+    best = run_search(raced, tmp_path / "race", progress=False)
+    full, race = _log(tmp_path / "full"), _log(tmp_path / "race")
+    assert [r["genome"] for r in full] == [r["genome"] for r in race]  # same candidates
+    cut = [r for r in race if r.get("racing_cut")]
+    assert cut, "no candidate was cut"
+    assert all(r["examples_evaluated"] < r["examples_total"] for r in cut)
+    assert all(r["per_example"] is None for r in cut)
+    assert best["id"] == max(full, key=lambda r: r["fitness"])["id"]
+    assert not best.get("racing_cut")
+    saved = sum(r.get("examples_total", 0) - r.get("examples_evaluated", 0) for r in race)
+    assert saved > 0

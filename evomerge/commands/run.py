@@ -99,6 +99,10 @@ def status(run_dir, as_json, plot):
         t.add_row("best", f"id {s['best']['id']}: {s['best']['fitness'] * 100:.1f}")
         for task, v in s["best"]["scores"].items():
             t.add_row(f"  {task}", f"{v * 100:.1f}")
+    if s.get("racing"):
+        r = s["racing"]
+        t.add_row("racing", f"{r['cut']} cut, {r['examples_saved']} example evaluations saved "
+                            f"({r['fraction_saved'] * 100:.0f}%)")
     workers = (s.get("executor") or {}).get("workers") or {}
     for w, ws in workers.items():
         t.add_row(f"worker {w}", f"{ws.get('evaluations', 0)} evals, utilisation {ws.get('utilisation', 0) * 100:.0f}%")

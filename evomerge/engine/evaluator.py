@@ -27,6 +27,7 @@ class EvalSpec:
     split: str = "search"
     num_threads: int | None = None
     cache_sources: bool = True
+    racing: dict[str, Any] | None = None  # RacingConfig dump when racing is enabled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,6 +39,12 @@ class Outcome:
     seconds: float
     error: str | None = None
     worker: str = "local"
+    # racing: a candidate cut early has complete=False, NaN for examples never scored, and
+    # its partial estimate in partial_fitness
+    complete: bool = True
+    partial_fitness: float | None = None
+    evaluated: int | None = None
+    total: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -63,12 +70,18 @@ class Evaluator:
         self.materializer = Materializer(device=self.backend.device, cache_sources=spec.cache_sources)
         self.tasks = load_tasks(spec.tasks)
 
-    def evaluate(self, plan: MergePlan | dict[str, Any], split: str | None = None) -> Outcome:
+    def evaluate(self, plan: MergePlan | dict[str, Any], split: str | None = None,
+                 context: dict[str, Any] | None = None) -> Outcome:
+        """Score one plan. ``context["best"]`` (the best complete fitness so far) turns on
+        racing when the spec enables it."""
         t0 = time.perf_counter()
         try:
             if isinstance(plan, dict):
                 plan = MergePlan.from_dict(plan)
             self.backend.load_plan(plan, self.materializer)
+            best = (context or {}).get("best")
+            if self.spec.racing and best is not None:
+                return self._race(best, split or self.spec.split, t0)
             raw = self.backend.evaluate(self.tasks, split=split or self.spec.split)
             scores = {k: [float(x) for x in v] for k, v in raw.items()}
             return Outcome(scores, time.perf_counter() - t0, None, self.worker)
@@ -76,6 +89,16 @@ class Evaluator:
             msg = f"{type(err).__name__}: {err}"
             tb = traceback.format_exc(limit=3)
             return Outcome(None, time.perf_counter() - t0, f"{msg} | {tb.splitlines()[-1]}", self.worker)
+
+    def _race(self, best: float, split: str, t0: float) -> Outcome:
+        from ..fitness.racing import evaluate_racing
+
+        r = dict(self.spec.racing or {})
+        r.pop("enabled", None)
+        res = evaluate_racing(self.backend, self.tasks, best, split=split, **r)
+        scores = {k: [float(x) for x in v] for k, v in res.scores.items()}
+        return Outcome(scores, time.perf_counter() - t0, None, self.worker, complete=res.complete,
+                       partial_fitness=res.fitness, evaluated=res.evaluated, total=res.total)
 
     def close(self) -> None:
         self.backend.close()

@@ -31,7 +31,8 @@ class Executor(ABC):
     def capacity(self) -> int: ...
 
     @abstractmethod
-    def submit(self, cid: int, plan: dict[str, Any]) -> None: ...
+    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
+        """Queue one candidate; ``context`` travels with it (e.g. the best fitness for racing)."""
 
     @abstractmethod
     def poll(self, timeout: float | None = None) -> list[tuple[int, Outcome]]: ...
@@ -51,7 +52,7 @@ class LocalExecutor(Executor):
     """Evaluates in this process, one candidate per ``poll``: the debugging path."""
 
     def __init__(self, max_inflight: int | None = None):
-        self._queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self._queue: deque[tuple[int, dict[str, Any], dict[str, Any] | None]] = deque()
         self._cap = max_inflight or 1
         self.evaluator: Evaluator | None = None
         self._busy = 0.0
@@ -70,15 +71,15 @@ class LocalExecutor(Executor):
     def in_flight(self) -> int:
         return len(self._queue)
 
-    def submit(self, cid: int, plan: dict[str, Any]) -> None:
-        self._queue.append((cid, plan))
+    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
+        self._queue.append((cid, plan, context))
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
         if not self._queue:
             return []
         assert self.evaluator is not None, "executor not started"
-        cid, plan = self._queue.popleft()
-        out = self.evaluator.evaluate(plan)
+        cid, plan, context = self._queue.popleft()
+        out = self.evaluator.evaluate(plan, context=context)
         self._busy += out.seconds
         self._count += 1
         return [(cid, out)]

@@ -35,8 +35,8 @@ class EvalWorker:
         self.name = name
         self.evaluator = Evaluator(EvalSpec(**spec), worker=name)
 
-    def evaluate(self, plan: dict[str, Any]) -> Outcome:
-        return self.evaluator.evaluate(plan)
+    def evaluate(self, plan: dict[str, Any], context: dict[str, Any] | None = None) -> Outcome:
+        return self.evaluator.evaluate(plan, context=context)
 
     def pid(self) -> int:
         return os.getpid()
@@ -53,7 +53,7 @@ class _Slot:
     evaluations: int = 0
     replaced: int = 0
     pid: int | None = None
-    job: tuple[int, dict[str, Any]] | None = None
+    job: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
     ref: Any = None
     started: float = 0.0
 
@@ -69,7 +69,7 @@ class RayExecutor(Executor):
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.slots: list[_Slot] = []
-        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.queue: deque[tuple[int, dict[str, Any], dict[str, Any] | None]] = deque()
         self.attempts: dict[int, int] = {}
         self.stats_ = _Stats()
         self._t0 = time.perf_counter()
@@ -134,8 +134,8 @@ class RayExecutor(Executor):
     def in_flight(self) -> int:
         return len(self.queue) + sum(1 for s in self.slots if s.job is not None)
 
-    def submit(self, cid: int, plan: dict[str, Any]) -> None:
-        self.queue.append((cid, plan))
+    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
+        self.queue.append((cid, plan, context))
         self._assign()
 
     def _assign(self) -> None:
@@ -143,7 +143,7 @@ class RayExecutor(Executor):
             if s.job is None and self.queue:
                 t = time.perf_counter()
                 s.job = self.queue.popleft()
-                s.ref = s.actor.evaluate.remote(s.job[1])
+                s.ref = s.actor.evaluate.remote(s.job[1], s.job[2])
                 s.started = time.perf_counter()
                 self.stats_.dispatch_s.append(s.started - t)
 
@@ -164,13 +164,14 @@ class RayExecutor(Executor):
         for s in self.slots:
             if s.job is None or s.ref not in done_set:
                 continue
-            cid, plan = s.job
+            cid = s.job[0]
             try:
                 outcome = ray.get(s.ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ObjectLostError) as err:
+                job = s.job
                 self._replace(s)
-                result = self._retry_or_fail(cid, plan, err)
+                result = self._retry_or_fail(job, err)
                 if result is not None:
                     out.append((cid, result))
                 continue
@@ -195,7 +196,9 @@ class RayExecutor(Executor):
         slot.replaced += 1
         slot.job, slot.ref = None, None
 
-    def _retry_or_fail(self, cid: int, plan: dict[str, Any], err: Exception) -> Outcome | None:
+    def _retry_or_fail(self, job: tuple[int, dict[str, Any], dict[str, Any] | None],
+                       err: Exception) -> Outcome | None:
+        cid = job[0]
         self.stats_.failures += 1
         n = self.attempts.get(cid, 0) + 1
         self.attempts[cid] = n
@@ -203,7 +206,7 @@ class RayExecutor(Executor):
             self.attempts.pop(cid, None)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return Outcome(None, 0.0, f"worker lost {n} times: {type(err).__name__}: {first}", "ray")
-        self.queue.appendleft((cid, plan))  # same candidate, same plan, first in line
+        self.queue.appendleft(job)  # same candidate, same plan, first in line
         return None
 
     # -- reporting -----------------------------------------------------------------------

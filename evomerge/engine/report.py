@@ -37,6 +37,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
+        "racing": _racing(records),
         "executor": _read_json(stats_path),
     }
 
@@ -66,6 +67,16 @@ def plot_fitness(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    raced = [r for r in records if r.get("examples_total")]
+    if not raced:
+        return None
+    total = sum(r["examples_total"] for r in raced)
+    done = sum(r["examples_evaluated"] for r in raced)
+    return {"cut": sum(1 for r in raced if r.get("racing_cut")), "examples_saved": total - done,
+            "fraction_saved": (total - done) / total if total else 0.0}
 
 
 def _read_json(path: Path) -> Any:

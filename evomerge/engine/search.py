@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
-from ..errors import EvomergeError, RunError
+from ..errors import ConfigError, EvomergeError, RunError
 from ..optim import FAILED_FITNESS, Candidate, Result, make_optimizer
 from ..optim.state import from_jsonable, to_jsonable
 from ..spaces import make_space
@@ -45,6 +45,8 @@ class Search:
         self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
         self.tasks = TaskInfo.load(cfg.tasks)
         self.optimizer = build_optimizer(cfg, self.space)
+        if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
+            raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
         # fail fast on a space/recipe that cannot compile at all
         self.space.plan(self.space.initial()).validate()
         self.executor = executor or make_executor(cfg.executor)
@@ -91,9 +93,12 @@ class Search:
             self.checkpoint()
 
     def _remember(self, rec: dict[str, Any]) -> None:
-        if not rec.get("failed") and rec.get("plan_hash"):
+        # a racing cut is a partial estimate: never a cache entry, never the best
+        if rec.get("failed") or rec.get("racing_cut"):
+            return
+        if rec.get("plan_hash"):
             self.cache.setdefault(rec["plan_hash"], rec)
-        if not rec.get("failed") and (self.best is None or rec["fitness"] > self.best["fitness"]):
+        if self.best is None or rec["fitness"] > self.best["fitness"]:
             self.best = rec
 
     def _result(self, cid: int, rec: dict[str, Any]) -> Result:
@@ -111,6 +116,7 @@ class Search:
             tasks=[t.model_dump() for t in self.cfg.tasks],
             backend=self.cfg.backend.model_dump(),
             num_threads=self.cfg.executor.num_threads,
+            racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
         self.executor.start(spec)
         try:
@@ -163,7 +169,8 @@ class Search:
             self.waiting[h].append(cand.id)
         else:
             self.waiting[h] = []
-            self.executor.submit(cand.id, plan.to_dict())
+            context = {"best": self.best["fitness"] if self.best else None}
+            self.executor.submit(cand.id, plan.to_dict(), context)
 
     def _finish(self, cid: int, outcome: Outcome | None, cached: dict[str, Any] | None = None) -> None:
         cand = self.pending[cid]
@@ -174,8 +181,15 @@ class Search:
             assert outcome is not None
             scores, seconds, error, worker = outcome.scores, outcome.seconds, outcome.error, outcome.worker
         failed = error is not None
-        means = {} if failed else {t: float(np.mean(scores[t])) for t in self.tasks.names}
-        fitness = FAILED_FITNESS if failed else self.tasks.combine(means)
+        cut = outcome is not None and not failed and not outcome.complete
+        if failed:
+            means, fitness = {}, FAILED_FITNESS
+        elif cut:  # racing: told its partial estimate; per-example rows are incomplete
+            means = {t: float(np.nanmean(scores[t])) for t in self.tasks.names}
+            fitness, scores = float(outcome.partial_fitness), None
+        else:
+            means = {t: float(np.mean(scores[t])) for t in self.tasks.names}
+            fitness = self.tasks.combine(means)
         rec = {
             "id": cid,
             "genome": [float(x) for x in cand.genome],
@@ -192,6 +206,8 @@ class Search:
             "worker": worker,
             "time": time.time(),
         }
+        if outcome is not None and outcome.total is not None:
+            rec.update(racing_cut=cut, examples_evaluated=outcome.evaluated, examples_total=outcome.total)
         self.store.append_eval(rec)
         maybe_crash("after_log")
         del self.pending[cid]
@@ -206,7 +222,7 @@ class Search:
             self.on_progress(self)
         # candidates that waited for this plan get the same scores without evaluation
         for other in self.waiting.pop(h, []) if h else []:
-            if failed:
+            if failed or cut:  # same plan, same (failed or partial) outcome; nothing cached
                 self._finish(other, outcome)
             else:
                 self._finish(other, None, cached=rec)
