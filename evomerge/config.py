@@ -123,6 +123,8 @@ class RunConfig(_Strict):
     racing: RacingConfig = Field(default_factory=RacingConfig)
     seed: int = 0
     dtype: str | None = None  # output dtype of merged weights (default: the sources')
+    # refuse (default) a search task whose search split is data a report task holds out
+    allow_tuning_on_report_split: bool = False
 
     @field_validator("models")
     @classmethod
@@ -143,16 +145,21 @@ class RunConfig(_Strict):
             raise ConfigError(
                 f"base_model: {self.base_model!r} is not one of models ({', '.join(self.models)})"
             )
+        if not self.allow_tuning_on_report_split:
+            from .fitness.split_guard import check_report_splits
+
+            check_report_splits(self.tasks, self.report_tasks)
 
     # -- identity ---------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Hash of everything that changes which candidates are made and how they score.
 
-        Excluded: the run name, the budget (a run may be extended) and the executor (where
-        candidates are evaluated does not change their scores).
+        Excluded: the run name, the budget (a run may be extended), the executor (where
+        candidates are evaluated does not change their scores) and the report-split guard's
+        override (it changes no score).
         """
         d = self.model_dump(mode="json")
-        for key in ("name", "budget", "executor"):
+        for key in ("name", "budget", "executor", "allow_tuning_on_report_split"):
             d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -186,6 +186,10 @@ def evaluate_task(
 ) -> np.ndarray:
     """Run one task through a backend's two primitives and score it per example."""
     spec, examples = task.spec, task.examples(split)
+    if spec.scoring == "lm_eval":  # lm-eval-harness scores it, on the same primitives' model
+        from .lmeval import evaluate_lmeval_task
+
+        return evaluate_lmeval_task(task, split, generate, loglikelihood)
     if spec.needs_generation:
         outputs = generate([ex.prompt for ex in examples], spec.max_new_tokens, list(spec.stop))
         outputs = [truncate_at_stop(o, spec.stop) for o in outputs]

@@ -123,9 +123,10 @@ class Task:
         if split not in SPLITS:
             raise TaskError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         if split not in self.splits:
-            raise TaskError(
-                f"task {self.name} has no {split} split ({self.path} sets no heldout_data)"
-            )
+            field = {"search": "data", "heldout": "heldout_data"}[split]
+            if self.spec.scoring == "lm_eval":
+                field = {"search": "split", "heldout": "heldout_split"}[split]
+            raise TaskError(f"task {self.name} has no {split} split ({self.path} sets no {field})")
         return self.splits[split]
 
     def fingerprint(self) -> str:
@@ -277,6 +278,10 @@ def load_task(path: str | Path, weight: float = 1.0) -> Task:
         raise TaskError(f"{where}: invalid YAML") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: expected a mapping of task fields")
+    if raw.get("scoring") == "lm_eval":  # an lm-eval-harness task (optional extra)
+        from .lmeval import load_lmeval_task
+
+        return load_lmeval_task(raw, path, weight=weight)
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
