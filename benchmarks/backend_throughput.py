@@ -17,7 +17,10 @@ overheads rather than model compute):
    (``evaluate_racing``); example evaluations saved, wall time, and whether the best
    candidate is the same. On the ``test`` zoo every candidate scores ~0 and nothing can be
    cut, so a synthetic replay (Bernoulli per-example scores) is reported beside it.
-5. vLLM: its own section (filled in by the vLLM backend work); skipped when not installed.
+5. vLLM (run it with the vLLM venv: ``.venv-vllm/bin/python benchmarks/backend_throughput.py``):
+   the same candidates through the vLLM backend (swapped into one live engine), candidates
+   per minute vs HF and whether every fitness equals HF's; weight swap vs a plain copy of
+   the same bytes vs a new engine per candidate. Skipped when vLLM is not installed.
 
     .venv/bin/python benchmarks/backend_throughput.py                 # full zoo if built
     .venv/bin/python benchmarks/backend_throughput.py --zoo test --candidates 8
@@ -279,23 +282,102 @@ def synthetic_racing(n_candidates: int, confidence: float, fraction: float, seed
 # -- 5. vLLM ------------------------------------------------------------------------------------
 # ==== vLLM section: numbers added by the vLLM backend work (same measurements as the HF rows:
 # ==== bench_backend for candidates/minute, weight swap vs copy vs new engine). ===============
-def bench_vllm(zoo, plans, tasks, tmp: Path) -> dict[str, Any] | None:
+def bench_vllm(zoo, plans, tasks, tmp: Path, hf_fitness: list[float] | None = None,
+               repeats: int = 5) -> dict[str, Any] | None:
+    """The vLLM backend (vLLM's default multiprocessing engine, float32 like the HF rows):
+
+    - candidates/minute: each plan swapped into the live engine (``collective_rpc`` to the
+      worker, which materializes the plan and reloads through vLLM's ``reload_weights``,
+      then ``reset_prefix_cache``) and scored, as ``bench_backend`` does for HF;
+    - swap vs a plain ``copy_`` of the same bytes (the checkpoint's tensors, on the device
+      vLLM runs on) vs a new engine (write the merge to disk + start a fresh ``vllm.LLM`` on
+      it: what a per-candidate restart would cost);
+    - whether the fitness of every candidate equals the HF backend's.
+    """
     try:
         import vllm  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "not available here"
         print("vLLM: not installed, skipped")
         return None
-    from evomerge.errors import ConfigError
+    from evomerge.errors import BackendError, ConfigError
 
+    opts = {"kv_cache_space": 1, "block_size": 32}
+    t0 = time.perf_counter()
     try:
-        backend = make_backend("vllm", model_dir=str(zoo.base.path))
+        backend = make_backend("vllm", model_dir=str(zoo.base.path), batch_size=256, **opts)
     except ConfigError as err:
         print(f"vLLM: installed, but no vllm backend is registered yet ({err}); skipped")
         return None
+    except BackendError as err:  # e.g. the test zoo's 8-wide heads: CPU attention needs >= 32
+        print(f"vLLM: cannot serve this zoo's model here ({err}); skipped")
+        return None
+    start_s = time.perf_counter() - t0
+    mat = Materializer(cache_sources=True)
     try:
-        return bench_backend(backend, plans, tasks, Materializer(cache_sources=True))
+        r = bench_backend(backend, plans, tasks, mat)
+        swaps = []
+        for plan in (plans * repeats)[: max(repeats, len(plans))]:
+            backend.load_plan(plan, mat)
+            swaps.append(dict(backend.last_swap))
     finally:
+        t1 = time.perf_counter()
         backend.close()
+        close_s = time.perf_counter() - t1
+
+    # a plain copy of the same bytes: every checkpoint tensor, preallocated, on vLLM's device
+    reader = open_checkpoint(zoo.base.path)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    srcs = [reader.get(n, device=dev).to(torch.float32) for n in reader.names]
+    dsts = [torch.empty_like(t) for t in srcs]
+    nbytes = sum(t.numel() * t.element_size() for t in srcs)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    copies = []
+    for _ in range(repeats):
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            for d, s in zip(dsts, srcs):
+                d.copy_(s)
+        sync()
+        copies.append(time.perf_counter() - t2)
+    del srcs, dsts
+
+    # a new engine per candidate: write the merge, start vLLM on it, score, stop
+    out = tmp / "vllm-roundtrip"
+    t3 = time.perf_counter()
+    Materializer().materialize_to_disk(plans[0], out, overwrite=True)
+    t4 = time.perf_counter()
+    fresh = make_backend("vllm", model_dir=str(out), batch_size=256, **opts)
+    t5 = time.perf_counter()
+    fresh_fit = combined_fitness(fresh.evaluate(tasks), {t.name: t.weight for t in tasks})
+    t6 = time.perf_counter()
+    fresh.close()
+    t7 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+
+    swap_s = statistics.median(s["seconds"] for s in swaps)
+    copy_s = min(copies)
+    new_engine_s = (t5 - t3) + (t7 - t6)  # write + start + stop (scoring excluded)
+    res = {
+        **r,
+        "engine_start_s": start_s,
+        "engine_close_s": close_s,
+        "bytes": nbytes,
+        "swap_median_s": swap_s,
+        "swap_check_s": statistics.median(s["check_s"] for s in swaps),
+        "swap_worker_s": statistics.median(s["worker_s"] for s in swaps),
+        "copy_s": copy_s,
+        "swap_over_copy": swap_s / copy_s,
+        "write_s": t4 - t3,
+        "new_engine_start_s": t5 - t4,
+        "new_engine_stop_s": t7 - t6,
+        "new_engine_s": new_engine_s,
+        "new_engine_over_swap": new_engine_s / swap_s,
+        "new_engine_fitness_equal": abs(fresh_fit - r["fitness"][0]) < 1e-12,
+    }
+    if hf_fitness is not None:
+        res["fitness_equal_to_hf"] = sum(abs(a - b) < 1e-12 for a, b in zip(r["fitness"], hf_fitness))
+        res["fitness_max_abs_diff_vs_hf"] = max(abs(a - b) for a, b in zip(r["fitness"], hf_fitness))
+    return res
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -384,11 +466,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{'same' if sr['same_best'] else 'DIFFERENT'} as full evaluation")
 
         print("\n[5] vLLM")
-        results["vllm"] = bench_vllm(zoo, plans, tasks, tmp)
+        hf_fit = results["hf"]["fitness"]
+        results["vllm"] = bench_vllm(zoo, plans, tasks, tmp, hf_fit)
         if results["vllm"] is not None:
-            v = results["vllm"]
-            print(f"    vLLM backend: {fmt(v['candidates_per_min'])} candidates/min "
-                  f"(swap {fmt(v['swap_s'] * 1000, ' ms')}, score {fmt(v['score_s'] * 1000, ' ms')})")
+            v, h = results["vllm"], results["hf"]
+            print(f"    vLLM backend: {fmt(v['candidates_per_min'])} candidates/min vs HF "
+                  f"{fmt(h['candidates_per_min'])} ({fmt(v['candidate_s'] * 1000, ' ms')} each: swap "
+                  f"{fmt(v['swap_s'] * 1000, ' ms')}, score {fmt(v['score_s'] * 1000, ' ms')}); engine "
+                  f"start {fmt(v['engine_start_s'], ' s')}, stop {fmt(v['engine_close_s'], ' s')}")
+            print(f"    fitness equal to HF for {v['fitness_equal_to_hf']}/{len(hf_fit)} candidates "
+                  f"(max |diff| {v['fitness_max_abs_diff_vs_hf']:.2g})")
+            print(f"    weight swap ({v['bytes'] / 1e6:.2f} MB): {fmt(v['swap_median_s'] * 1000, ' ms')} "
+                  f"(plan check {fmt(v['swap_check_s'] * 1000, ' ms')}, worker "
+                  f"{fmt(v['swap_worker_s'] * 1000, ' ms')}) vs plain copy "
+                  f"{fmt(v['copy_s'] * 1000, ' ms')} = {v['swap_over_copy']:.1f}x; new engine: write "
+                  f"{fmt(v['write_s'] * 1000, ' ms')} + start {fmt(v['new_engine_start_s'], ' s')} + stop "
+                  f"{fmt(v['new_engine_stop_s'], ' s')} = {v['new_engine_over_swap']:.0f}x the swap "
+                  f"(same fitness: {v['new_engine_fitness_equal']})")
 
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))

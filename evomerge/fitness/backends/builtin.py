@@ -10,4 +10,5 @@ from __future__ import annotations
 from . import (
     api,  # noqa: F401  (registers "api"; stdlib only, cheap to import)
     hf,  # noqa: F401  (registers "hf")
+    vllm_backend,  # noqa: F401  (registers "vllm"; imports vllm only when one is built)
 )
