@@ -143,7 +143,7 @@ def format_table(result: dict[str, Any]) -> Any:
         t.add_column(name, justify="right")
     t.add_column("combined", justify="right", style="bold")
     for name in report:
-        t.add_column(f"{name} (cross)", justify="right")
+        t.add_column(name, justify="right")
     for r in rows:
         if "error" in r:
             t.add_row(r["model"], *(["failed"] * (len(tasks) + 1 + len(report))))

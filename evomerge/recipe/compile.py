@@ -1,0 +1,632 @@
+"""Compile a normalized recipe into a :class:`~evomerge.plan.MergePlan`.
+
+One :class:`~evomerge.plan.TensorStep` per output tensor, with every parameter resolved
+for that tensor (gradient position, filters, model > slice > global precedence as in
+mergekit) and the operator's defaults filled in, so recipes that mean the same merge
+compile to plans with the same hash.
+
+Roles of the models, per operator (mergekit's conventions):
+
+- operators that need a base (task arithmetic, TIES, DARE, breadcrumbs, DELLA, model
+  stock, LiNeS): ``base_model`` is each step's ``base`` reference and every *other* model
+  is an input (a base also listed under ``models`` is dropped from the inputs, as mergekit
+  does). In a slice whose sources do not include the base, the base's layers at the first
+  source's ``layer_range`` are the reference (mergekit refuses such a slice);
+- ``slerp``: two inputs, the base first (``t = 0`` gives the base; mergekit adds an unlisted
+  base the same way); without a base the first listed model is the ``t = 0`` end;
+- every other operator (linear, passthrough): the listed models, in order. Unlike mergekit,
+  an unlisted ``base_model`` is not added as an input of ``linear`` (mergekit then fails for
+  lack of a weight); it only provides the config and the tokenizer.
+
+Layer assembly: a slice with a single source copies its layers (``passthrough``, with the
+``scale`` parameter when the recipe's method is passthrough), renumbered into the output's
+layer stack; the output config's ``num_hidden_layers`` (``n_layer`` for GPT-2) becomes the
+assembled count, and a config ``layer_types`` list follows the assembled layers.
+
+LiNeS: ``merge_method: task_arithmetic`` with ``lines_alpha`` and ``lines_beta`` (or
+``merge_method: lines`` with ``alpha`` and ``beta``) compiles to the ``lines`` operator
+with each tensor's layer position filled in: layer tensors their (output) layer index,
+embeddings layer 0, the final norm and head the last layer.
+
+Search spaces compile one recipe per candidate, so the per-checkpoint work (headers,
+tensor names grouped by layer, the compatibility check) is cached per reader.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..checkpoint.compat import check_compatible
+from ..checkpoint.layout import ModelLayout
+from ..checkpoint.reader import open_checkpoint
+from ..errors import CheckpointError, ConfigError, IncompatibleModelsError, PlanError
+from ..ops import OpSpec, get_op
+from ..plan import MergePlan, TensorRef, TensorStep
+from .params import Setting, TensorCtx, gradient_t, lookup, parse_parameters
+
+# mergekit parameters that do not change the result (memory tricks): accepted, unused.
+IGNORED_PARAMS = frozenset({"int8_mask"})
+# evomerge's LiNeS knobs on task_arithmetic, and the lines operator's names for them.
+LINES_ALIASES = {"lines_alpha": "alpha", "lines_beta": "beta"}
+# parameters the compiler fills in per tensor; users cannot set them.
+COMPILER_PARAMS = {"lines": ("layer", "num_layers")}
+# operators that need whole-model statistics, which a recipe cannot give per tensor.
+NOT_IN_RECIPES = {
+    "m2n2_crossover": "its coefficients and split point come from whole-model statistics; "
+    "the M2N2 optimizer builds these plans itself",
+}
+
+
+# -- per-checkpoint metadata, cached ----------------------------------------------------
+@dataclass
+class ModelInfo:
+    reader: Any
+    layout: ModelLayout
+    layers: dict[int, list[str]]  # layer index -> tensor suffixes, in the reader's order
+    non_layer: list[str]
+    contexts: list[TensorCtx] | None = None  # every tensor at its own layer (models mode)
+
+    def whole_model_contexts(self) -> list[TensorCtx]:
+        if self.contexts is None:
+            n = self.layout.num_layers
+            out = []
+            for name in self.reader.names:
+                layer = self.layout.layer_of(name)
+                out.append(TensorCtx.make(name, gradient_t(layer, n) if layer is not None else 0.0, layer))
+            self.contexts = out
+        return self.contexts
+
+
+_INFO: dict[int, tuple[Any, ModelInfo]] = {}
+_COMPAT: dict[tuple, tuple] = {}
+_LOCK = threading.Lock()
+_MAX_CACHED = 512  # readers are memoized per path; a rebuilt checkpoint gets a new reader
+
+
+def model_info(reader: Any) -> ModelInfo:
+    """Names of ``reader`` grouped by layer (cached per reader object)."""
+    hit = _INFO.get(id(reader))
+    if hit is not None and hit[0] is reader:
+        return hit[1]
+    layout = reader.layout
+    layers: dict[int, list[str]] = {}
+    non_layer: list[str] = []
+    for name in reader.names:
+        i = layout.layer_of(name)
+        if i is None:
+            non_layer.append(name)
+        else:
+            layers.setdefault(i, []).append(layout.suffix_of(name))
+    info = ModelInfo(reader, layout, layers, non_layer)
+    with _LOCK:
+        if len(_INFO) > _MAX_CACHED:
+            _INFO.clear()
+        _INFO[id(reader)] = (reader, info)  # holding the reader keeps its id unique
+    return info
+
+
+def _compatible(readers: dict[str, Any], same_layer_count: bool, where: str) -> None:
+    """check_compatible, once per set of reader objects (tokenizer files are read each time)."""
+    key = (tuple((k, id(r)) for k, r in readers.items()), same_layer_count)
+    hit = _COMPAT.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit, readers.values())):
+        return
+    try:
+        check_compatible(readers, same_layer_count=same_layer_count)
+    except IncompatibleModelsError as e:
+        raise IncompatibleModelsError(f"{where}: {e}") from None
+    with _LOCK:
+        if len(_COMPAT) > _MAX_CACHED:
+            _COMPAT.clear()
+        _COMPAT[key] = tuple(readers.values())
+
+
+def clear_compile_cache() -> None:
+    with _LOCK:
+        _INFO.clear()
+        _COMPAT.clear()
+
+
+# -- parameters -------------------------------------------------------------------------
+class _Params:
+    """One operator's parameters: where each may be set, and resolution per tensor."""
+
+    def __init__(self, spec: OpSpec, label: str, aliases: dict[str, str] | None = None):
+        self.spec = spec
+        self.label = label  # the method name users wrote
+        self.aliases = dict(aliases or {})
+        fixed = COMPILER_PARAMS.get(spec.name, ())
+        self.fixed = set(fixed)
+        self.per_input = tuple(spec.per_input)
+        self.scalars = tuple(k for k in spec.defaults if k not in spec.per_input and k not in fixed)
+        # a single-input operator (passthrough) may take its scalars per model too
+        self.scalars_per_model = spec.max_inputs == 1
+
+    def names(self) -> set[str]:
+        user = {k for k in self.per_input + self.scalars}
+        rev = {v: k for k, v in self.aliases.items()}
+        return {rev.get(k, k) for k in user}
+
+    def settings(self, raw: Any, path: str, per_model: bool) -> dict[str, Setting]:
+        """Parse and check one ``parameters:`` mapping; keys renamed to the operator's names."""
+        parsed = parse_parameters(raw, path)
+        out: dict[str, Setting] = {}
+        for name, setting in parsed.items():
+            if name in IGNORED_PARAMS:
+                continue
+            op_name = self.aliases.get(name, name)
+            if op_name in self.fixed:
+                raise ConfigError(f"{path}.{name}: set by the compiler for each tensor, not in recipes")
+            if op_name not in self.per_input and op_name not in self.scalars:
+                if self.spec.name == "lines" and name == "lambda":
+                    raise ConfigError(
+                        f"{path}.lambda: cannot be combined with lines_alpha/lines_beta: LiNeS "
+                        f"sets the task-vector scale per layer (scale those instead)"
+                    )
+                takes = ", ".join(sorted(self.names())) or "no parameters"
+                raise ConfigError(
+                    f"{path}.{name}: operator {self.label!r} has no parameter {name!r} (it takes {takes})"
+                )
+            if per_model and op_name not in self.per_input and not self.scalars_per_model:
+                raise ConfigError(
+                    f"{path}.{name}: {name!r} is one value for the whole merge in "
+                    f"{self.label!r}, not per model; set it under 'parameters'"
+                )
+            out[op_name] = setting
+        return out
+
+    def _range(self, name: str, value: Any, path: str | None, tensor: str) -> None:
+        rng = self.spec.ranges.get(name)
+        if rng is None or isinstance(value, (str, bool)) or value is None:
+            return
+        lo, hi = rng
+        v = float(value)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            where = path or f"{self.label} default {name}"
+            raise ConfigError(
+                f"{where}: {name}={v:g} is out of range "
+                f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}] "
+                f"for operator {self.label!r} (tensor {tensor!r})"
+            )
+
+    def resolve(self, ctx: TensorCtx, g: _Group) -> dict[str, Any]:
+        """Parameters of one step of group ``g`` (defaults filled, types and ranges checked)."""
+        out: dict[str, Any] = {}
+        defaults = self.spec.defaults
+        for name in self.per_input:
+            vals = []
+            for chain, ipath in zip(g.chains, g.paths):
+                v, path = lookup(chain, name, ctx)
+                if v is None:
+                    v = defaults.get(name)
+                    if v is None:
+                        raise ConfigError(
+                            f"{ipath}.parameters.{name}: missing; operator {self.label!r} needs "
+                            f"{name!r} for every model (tensor {ctx.name!r})"
+                        )
+                    v = float(v)
+                else:
+                    v = _number(v, path, name)
+                if name in self.spec.ranges:
+                    self._range(name, v, path, ctx.name)
+                vals.append(v)
+            out[name] = vals
+        for name in self.scalars:
+            v, path = lookup(g.scalar_chain, name, ctx)
+            default = defaults.get(name)
+            if v is None:
+                if default is None:
+                    continue
+                v = default
+            elif isinstance(default, bool):
+                if not isinstance(v, bool):
+                    if v in (0, 1) and not isinstance(v, str):
+                        v = bool(v)
+                    else:
+                        raise ConfigError(f"{path}: {name} must be true or false, got {v!r}")
+            else:
+                v = _number(v, path, name)
+            if name in self.spec.ranges:
+                self._range(name, v, path, ctx.name)
+            out[name] = v
+        return out
+
+
+def _check_layer_lists(levels: list[dict[str, Setting]], n: int, where: str) -> None:
+    for level in levels:
+        for setting in level.values():
+            for lpath, length in setting.layer_lists():
+                if length != n:
+                    raise ConfigError(
+                        f"{lpath}: {length} values for {n} layers{where} "
+                        f"(a 'layers' list needs one value per layer)"
+                    )
+
+
+def _number(v: Any, path: str | None, name: str) -> float:
+    if not isinstance(v, bool):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"{path}: {name} must be a number, got {v!r}")
+
+
+@dataclass
+class _Group:
+    """How a set of sources combines for a run of tensors (one slice, or whole models)."""
+
+    params: _Params
+    inputs: list[str]
+    base: str | None
+    starts: dict[str, int]  # first source layer of each key (0 for whole models)
+    chains: list[list[dict[str, Setting]]]  # per input: model > slice > global settings
+    scalar_chain: list[dict[str, Setting]]
+    paths: list[str]  # recipe field of each input, for error messages
+    where: str
+    validated: bool = False
+
+    @property
+    def op(self) -> str:
+        return self.params.spec.name
+
+
+def _validate(g: _Group, step: TensorStep) -> None:
+    """The operator's own checks: all of them on a group's first step (input count, base,
+    parameter names), then only its cross-parameter rule, since :meth:`_Params.resolve`
+    already checked types and ranges and the rest is the same for every step of a group."""
+    spec = g.params.spec
+    try:
+        if not g.validated:
+            spec.validate(step)
+            g.validated = True
+        elif spec.check is not None:
+            problem = spec.check(step.params, len(step.inputs))
+            if problem:
+                raise PlanError(f"operator {spec.name!r} for tensor {step.output!r}: {problem}")
+    except PlanError as e:
+        raise ConfigError(f"{g.where}: {e}") from None
+
+
+# -- the compiler -----------------------------------------------------------------------
+class _Compiler:
+    def __init__(self, norm: dict[str, Any]):
+        self.norm = norm
+        self.method = norm["merge_method"]
+        if self.method in NOT_IN_RECIPES:
+            raise ConfigError(f"merge_method: {self.method!r} cannot be used in a recipe: {NOT_IN_RECIPES[self.method]}")
+        self.spec = get_op(self.method)
+        self.params = _Params(
+            self.spec, self.method, aliases=LINES_ALIASES if self.method == "lines" else None
+        )
+        self.base: str | None = norm.get("base_model")
+        self.tok: str | None = norm.get("tokenizer_source")
+        self.steps: list[TensorStep] = []
+        self.glob = self.params_settings(norm.get("parameters"), "parameters", per_model=False)
+
+    def params_settings(self, raw: Any, path: str, per_model: bool) -> dict[str, Setting]:
+        # LiNeS on task arithmetic: switch to the lines operator on first sight of its knobs
+        if (
+            self.method == "task_arithmetic"
+            and self.spec.name != "lines"
+            and isinstance(raw, dict)
+            and any(k in raw for k in LINES_ALIASES)
+        ):
+            if path != "parameters":
+                raise ConfigError(f"{path}: lines_alpha/lines_beta are set once, under 'parameters'")
+            self.spec = get_op("lines")
+            self.params = _Params(self.spec, self.method, aliases=LINES_ALIASES)
+            missing = [k for k in LINES_ALIASES if k not in raw]
+            if missing:
+                raise ConfigError(f"parameters.{missing[0]}: missing; LiNeS needs both lines_alpha and lines_beta")
+        return self.params.settings(raw, path, per_model)
+
+    def plan(self) -> MergePlan:
+        if "models" in self.norm:
+            used, cfg_key, overrides = self._models()
+        else:
+            used, cfg_key, overrides = self._slices()
+        tok = self.tok or self.base or cfg_key
+        for k in (cfg_key, tok):
+            if k not in used:
+                used.append(k)
+        sources = {k: self.norm["sources"][k] for k in used}
+        return MergePlan(
+            sources=sources,
+            steps=self.steps,
+            base=self.base if self.base in sources else None,
+            config_source=cfg_key,
+            tokenizer_source=tok,
+            config_overrides=overrides,
+            dtype=self.norm.get("dtype"),
+            seed=int(self.norm.get("seed", 0)),
+            meta={"recipe": self.norm, "method": self.method},
+        )
+
+    def _open(self, keys: list[str], fields: dict[str, str]) -> dict[str, ModelInfo]:
+        out = {}
+        for k in keys:
+            try:
+                out[k] = model_info(open_checkpoint(self.norm["sources"][k]))
+            except CheckpointError as e:
+                raise CheckpointError(f"{fields.get(k, 'sources.' + k)}: {e}") from None
+        return out
+
+    def _roles(self, keys: list[str], base: str | None, where: str) -> tuple[list[str], str | None]:
+        """(input keys, base key) of one group, by the operator's convention."""
+        spec = self.params.spec
+        if spec.needs_base:
+            if base is None:
+                raise ConfigError(f"base_model: operator {self.method!r} needs a base model")
+            inputs = [k for k in keys if k != base]
+            if not inputs:
+                raise ConfigError(
+                    f"{where}: operator {self.method!r} needs at least one model besides the base {base!r}"
+                )
+            return inputs, base
+        if spec.name == "slerp" and base is not None:
+            return [base] + [k for k in keys if k != base], None
+        return list(keys), None
+
+    def _lines_fill(self, p: dict[str, Any], layer: int | None, kind: str, n_layers: int) -> None:
+        if self.params.spec.name != "lines":
+            return
+        if layer is None:
+            layer = 0 if kind == "embed" else max(n_layers - 1, 0)
+        p["layer"] = int(layer)
+        p["num_layers"] = int(max(n_layers, 1))
+
+    def _step(self, g: _Group, ctx: TensorCtx, out: str, names: dict[str, str],
+              lines_layer: int | None, n_layers: int) -> None:
+        p = g.params.resolve(ctx, g)
+        if g.params is self.params:
+            self._lines_fill(p, lines_layer, ctx.kind, n_layers)
+        step = TensorStep(
+            output=out,
+            op=g.op,
+            inputs=[TensorRef(k, names[k]) for k in g.inputs],
+            base=TensorRef(g.base, names[g.base]) if g.base else None,
+            params=p,
+        )
+        _validate(g, step)
+        self.steps.append(step)
+
+    # -- whole models --------------------------------------------------------------------
+    def _models(self) -> tuple[list[str], str, dict[str, Any]]:
+        models = self.norm["models"]
+        keys = [m["model"] for m in models]
+        paths = {m["model"]: f"models[{i}]" for i, m in enumerate(models)}
+        settings = {
+            m["model"]: self.params_settings(m.get("parameters"), f"{paths[m['model']]}.parameters", per_model=True)
+            for m in models
+        }
+        if self.params.spec.name == "passthrough" and len(keys) != 1:
+            raise ConfigError(
+                f"models: passthrough copies one model, got {len(keys)}; use slices to assemble layers"
+            )
+        inputs, base = self._roles(keys, self.base, "models")
+        used = list(dict.fromkeys(inputs + [k for k in (base, self.base, self.tok) if k]))
+        fields = {k: f"{p}.model" for k, p in paths.items()}
+        if self.base:
+            fields.setdefault(self.base, "base_model")
+        if self.tok:
+            fields.setdefault(self.tok, "tokenizer_source")
+        infos = self._open(used, fields)
+        _compatible({k: infos[k].reader for k in used}, True, "models")
+        ref = infos[self.base or keys[0]]
+        n = ref.layout.num_layers
+        _check_layer_lists([*settings.values(), self.glob], n, "")
+        g = _Group(
+            params=self.params,
+            inputs=inputs,
+            base=base,
+            starts={},
+            chains=[[settings.get(k, {}), self.glob] for k in inputs],
+            scalar_chain=([settings[inputs[0]]] if self.params.scalars_per_model else []) + [self.glob],
+            paths=[paths.get(k, "base_model") for k in inputs],
+            where="models",
+        )
+        for ctx in ref.whole_model_contexts():
+            self._step(g, ctx, ctx.name, _Same(ctx.name), ctx.layer, n)
+        return used, self.base or keys[0], {}
+
+    # -- slices --------------------------------------------------------------------------
+    def _slices(self) -> tuple[list[str], str, dict[str, Any]]:
+        slices = self.norm["slices"]
+        fields: dict[str, str] = {}
+        if self.base:
+            fields[self.base] = "base_model"
+        for i, s in enumerate(slices):
+            for j, src in enumerate(s["sources"]):
+                fields.setdefault(src["model"], f"slices[{i}].sources[{j}].model")
+            if s.get("base_model"):
+                fields.setdefault(s["base_model"], f"slices[{i}].base_model")
+        nl = self.norm.get("non_layer") or {}
+        if nl.get("model"):
+            fields.setdefault(nl["model"], "non_layer.model")
+        if self.tok:
+            fields.setdefault(self.tok, "tokenizer_source")
+        cfg_key = self.base or slices[0]["sources"][0]["model"]
+        infos = self._open(list(fields), fields)
+        total = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in slices)
+        out_layout = infos[cfg_key].layout
+        if out_layout.layer_prefix is None:
+            raise ConfigError(f"slices: model {cfg_key!r} has no layer stack to slice")
+
+        groups: list[_Group] = []
+        slice_sources: list[tuple[list[str], dict[str, int], int]] = []
+        for i, s in enumerate(slices):
+            g, keys, starts, n = self._slice_group(i, s, infos)
+            groups.append(g)
+            slice_sources.append((keys, starts, n))
+        used = [k for k in fields if any(k in g.inputs or k == g.base for g in groups)
+                or k in (nl.get("model"), cfg_key, self.tok)]
+        _compatible({k: infos[k].reader for k in used}, False, "slices")
+
+        out_index = 0
+        layer_types: list[Any] = []
+        for g, (keys, starts, n) in zip(groups, slice_sources):
+            ref = infos[keys[0]]
+            types = ref.reader.config.get("layer_types")
+            for idx in range(n):
+                src_layer = starts[keys[0]] + idx
+                if isinstance(types, list) and src_layer < len(types):
+                    layer_types.append(types[src_layer])
+                t = gradient_t(idx, n)
+                for suffix in ref.layers.get(src_layer, []):
+                    out_name = out_layout.layer_tensor(out_index, suffix)
+                    names = {k: infos[k].layout.layer_tensor(g.starts[k] + idx, suffix)
+                             for k in g.inputs + ([g.base] if g.base else [])}
+                    self._step(g, TensorCtx.make(out_name, t, idx), out_name, names, out_index, total)
+                out_index += 1
+
+        self._non_layer(nl, slices, groups, infos, cfg_key, total)
+
+        cfg = infos[cfg_key].reader.config
+        count_key = "n_layer" if "n_layer" in cfg and "num_hidden_layers" not in cfg else "num_hidden_layers"
+        overrides: dict[str, Any] = {count_key: out_index}
+        types = cfg.get("layer_types")
+        if isinstance(types, list) and len(layer_types) == out_index and layer_types != types:
+            overrides["layer_types"] = layer_types
+        return used, cfg_key, overrides
+
+    def _slice_group(self, i: int, s: dict[str, Any], infos: dict[str, ModelInfo]):
+        p = f"slices[{i}]"
+        srcs = s["sources"]
+        sl = self.params_settings(s.get("parameters"), f"{p}.parameters", per_model=False)
+        per_src: dict[str, dict[str, Setting]] = {}
+        lengths = []
+        for j, src in enumerate(srcs):
+            q = f"{p}.sources[{j}]"
+            per_src[src["model"]] = self.params_settings(src.get("parameters"), f"{q}.parameters", per_model=True)
+            a, b = src["layer_range"]
+            have = infos[src["model"]].layout.num_layers
+            if b > have:
+                raise ConfigError(
+                    f"{q}.layer_range: [{a}, {b}] is out of range for model {src['model']!r}, "
+                    f"which has {have} layers (0..{have - 1})"
+                )
+            lengths.append(b - a)
+        if len(set(lengths)) != 1:
+            raise ConfigError(f"{p}.sources: every source of a slice needs the same number of layers, got {lengths}")
+        n = lengths[0]
+        _check_layer_lists([*per_src.values(), sl, self.glob], n, f" of {p}")
+        keys = [src["model"] for src in srcs]
+        starts = {src["model"]: src["layer_range"][0] for src in srcs}
+        index = {k: j for j, k in enumerate(keys)}
+        if self.params.spec.name == "passthrough" and len(keys) != 1:
+            raise ConfigError(f"{p}.sources: passthrough takes one source per slice, got {len(keys)}")
+        if len(keys) == 1:  # one source: a copy of its layers
+            k = keys[0]
+            params = self.params if self.params.spec.name == "passthrough" else _Params(get_op("passthrough"), "passthrough")
+            own = params is self.params
+            g = _Group(
+                params=params, inputs=[k], base=None, starts=starts,
+                chains=[[per_src[k], sl, self.glob] if own else []],
+                scalar_chain=[per_src[k], sl, self.glob] if own else [],
+                paths=[f"{p}.sources[0]"], where=p,
+            )
+            return g, keys, starts, n
+        base = s.get("base_model") or self.base
+        inputs, b = self._roles(keys, base, f"{p}.sources")
+        for k in inputs + ([b] if b else []):
+            if k in starts:
+                continue
+            # the base, when not among the sources: its layers at the first source's range
+            starts = {**starts, k: starts[keys[0]]}
+            have = infos[k].layout.num_layers
+            if starts[k] + n > have:
+                raise ConfigError(
+                    f"{p}: the base model {k!r} has {have} layers, fewer than the slice's "
+                    f"layer_range [{starts[k]}, {starts[k] + n}] (list the base among the sources)"
+                )
+        g = _Group(
+            params=self.params, inputs=inputs, base=b, starts=starts,
+            chains=[[per_src.get(k, {}), sl, self.glob] for k in inputs],
+            scalar_chain=[sl, self.glob],
+            paths=[f"{p}.sources[{index[k]}]" if k in index else "base_model" for k in inputs],
+            where=p,
+        )
+        return g, keys, starts, n
+
+    def _non_layer(self, nl: dict[str, Any], slices: list[dict[str, Any]], groups: list[_Group],
+                   infos: dict[str, ModelInfo], cfg_key: str, total: int) -> None:
+        names = infos[cfg_key].non_layer
+        if nl.get("model"):
+            k = nl["model"]
+            g = _Group(params=_Params(get_op("passthrough"), "passthrough"), inputs=[k], base=None,
+                       starts={}, chains=[[]], scalar_chain=[], paths=["non_layer"], where="non_layer")
+            for name in names:
+                self._step(g, TensorCtx.make(name, 0.0), name, _Same(name), None, total)
+            return
+        if nl.get("merge"):
+            g = self._merge_group(nl, slices)
+            for name in names:
+                self._step(g, TensorCtx.make(name, 0.0), name, _Same(name), None, total)
+            return
+        # mergekit: embeddings from the first slice's sources, the rest from the last slice's,
+        # with the slice's own parameters at the start of its gradient (t = 0)
+        for name in names:
+            g = groups[0] if ModelLayout.kind_of(name) == "embed" else groups[-1]
+            self._step(g, TensorCtx.make(name, 0.0), name, _Same(name), None, total)
+
+    def _merge_group(self, nl: dict[str, Any], slices: list[dict[str, Any]]) -> _Group:
+        """``non_layer: {merge: true}``: every slice model merged (passthrough -> average)."""
+        method = nl.get("merge_method") or self.method
+        if method == "passthrough":
+            method = "linear"
+        if method in NOT_IN_RECIPES:
+            raise ConfigError(f"non_layer.merge_method: {method!r} cannot be used in a recipe")
+        same = method == self.method
+        params = self.params if same else _Params(get_op(method), method)
+        own = params.settings(nl.get("parameters"), "non_layer.parameters", per_model=False)
+        glob = [own, self.glob] if same else [own]
+        keys: list[str] = []
+        per_model: dict[str, dict[str, Setting]] = {}
+        paths: dict[str, str] = {}
+        for i, s in enumerate(slices):
+            for j, src in enumerate(s["sources"]):
+                k = src["model"]
+                if k in per_model:
+                    continue
+                keys.append(k)
+                paths[k] = f"slices[{i}].sources[{j}]"
+                per_model[k] = (
+                    params.settings(src.get("parameters"), f"{paths[k]}.parameters", per_model=True)
+                    if same else {}
+                )
+        spec = params.spec
+        if spec.needs_base:
+            if self.base is None:
+                raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
+            inputs, b = [k for k in keys if k != self.base], self.base
+            if not inputs:
+                raise ConfigError(f"non_layer: {method!r} needs a model besides the base")
+        elif spec.name == "slerp" and self.base is not None:
+            inputs, b = [self.base] + [k for k in keys if k != self.base], None
+        else:
+            inputs, b = keys, None
+        return _Group(
+            params=params, inputs=inputs, base=b, starts={},
+            chains=[[per_model.get(k, {}), *glob] for k in inputs],
+            scalar_chain=glob, paths=[paths.get(k, "base_model") for k in inputs],
+            where="non_layer",
+        )
+
+
+class _Same(dict):
+    """``names[key]`` for tensors read under the same name from every model."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def __missing__(self, key: str) -> str:
+        return self.name
+
+
+def compile_normalized(norm: dict[str, Any]) -> MergePlan:
+    """MergePlan of a recipe already normalized by :func:`normalize_recipe`."""
+    return _Compiler(norm).plan()
