@@ -3,6 +3,7 @@
 from .demo import COMMANDS as _DEMO
 from .merge import COMMANDS as _MERGE
 from .run import COMMANDS as _RUN
+from .serve import COMMANDS as _SERVE
 from .zoo import COMMANDS as _ZOO
 
-COMMANDS: list = [*_DEMO, *_MERGE, *_RUN, *_ZOO]
+COMMANDS: list = [*_DEMO, *_MERGE, *_RUN, *_SERVE, *_ZOO]

@@ -1,0 +1,129 @@
+"""Train zoo experts in parallel worker processes.
+
+Each worker is a fresh interpreter started with ``python -m evomerge.zoo.worker``: unlike
+``multiprocessing`` (spawn re-imports the caller's ``__main__``, fork inherits torch's
+thread pools), this works from any caller: a script without a ``__main__`` guard, pytest,
+a notebook. A worker reads the zoo spec from JSON, trains one expert from the saved base
+with the spec's thread count, prints ``step N`` lines for the progress bar and writes its
+metrics to a JSON file. The bytes it writes are those of an in-process build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPORT_EVERY = 10
+
+
+def run_expert_workers(
+    spec,
+    base_dir: str,
+    dirs: dict[str, str],
+    scratch: Path,
+    workers: int,
+    advance: Callable[[str, int], None],
+) -> dict[str, Any]:
+    """Train every expert of ``spec`` in up to ``workers`` processes at once.
+
+    ``advance(name, steps)`` is called from this thread as workers report steps. Any
+    failure (or an exception raised by ``advance``) kills the running workers first.
+    """
+    from .build import ZooError
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    spec_file = scratch / "spec.json"
+    spec_file.write_text(json.dumps(spec.to_dict()), encoding="utf-8")
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(spec.threads)
+    env["MKL_NUM_THREADS"] = str(spec.threads)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+
+    todo = list(spec.experts)
+    running: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+    events: queue.Queue = queue.Queue()
+    reported = {e.name: 0 for e in spec.experts}
+    results: dict[str, Any] = {}
+
+    def reader(name: str, stream) -> None:
+        for line in stream:
+            if line.startswith("step "):
+                events.put((name, int(line.split()[1])))
+        stream.close()
+
+    def start(expert) -> None:
+        result = scratch / f"{expert.name}.json"
+        log = scratch / f"{expert.name}.log"
+        cmd = [sys.executable, "-m", "evomerge.zoo.worker", str(spec_file), expert.name, base_dir, dirs[expert.name], str(result)]
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        threading.Thread(target=reader, args=(expert.name, proc.stdout), daemon=True).start()
+        running[expert.name] = (proc, result, log)
+
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                start(todo.pop(0))
+            time.sleep(0.1)
+            while True:
+                try:
+                    name, step = events.get_nowait()
+                except queue.Empty:
+                    break
+                if step > reported[name]:
+                    advance(name, step - reported[name])
+                    reported[name] = step
+            for name, (proc, result, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                if code != 0 or not result.is_file():
+                    tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
+                    raise ZooError(f"zoo worker for {name} failed (exit {code}): {tail[0]}")
+                data = json.loads(result.read_text(encoding="utf-8"))
+                results[name] = (data["metrics"], data["train"])
+                steps = next(e.train.steps for e in spec.experts if e.name == name)
+                if steps > reported[name]:
+                    advance(name, steps - reported[name])
+                    reported[name] = steps
+    finally:
+        for proc, _, _ in running.values():  # only on failure: stop the others now
+            proc.kill()
+        for proc, _, _ in running.values():
+            proc.wait()
+    return results
+
+
+def main(argv: list[str]) -> int:
+    spec_file, name, base_dir, out_dir, result_file = argv
+    import torch
+
+    from .build import ZooSpec, _quiet_transformers, _train_one_expert
+
+    spec = ZooSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
+    torch.set_num_threads(spec.threads)
+    _quiet_transformers()
+
+    def report(_: str, step: int) -> None:
+        if step % REPORT_EVERY == 0:
+            print(f"step {step}", flush=True)
+
+    metrics, train = _train_one_expert(spec, name, base_dir, out_dir, report=report)
+    tmp = Path(result_file + ".tmp")
+    tmp.write_text(json.dumps({"metrics": metrics, "train": train}), encoding="utf-8")
+    os.replace(tmp, result_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
