@@ -35,7 +35,7 @@ def config_for(optimizer: str, seed: int, budget: int, preset: Path):
     space = cfg.space
     if optimizer == "m2n2":
         space = space.model_copy(update={"type": "m2n2"})
-    elif optimizer != "cma":
+    if optimizer != "cma":
         opt["popsize"] = None
     return cfg.model_copy(update={
         "name": f"sq-{optimizer.replace(':', '_')}-s{seed}",
