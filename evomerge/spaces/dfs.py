@@ -209,6 +209,13 @@ class DFSSpace(SearchSpace):
                           dtype=self.dtype, seed=self.seed)
 
     # -- what the engine asks ----------------------------------------------------------------
+    def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
+        # ``subspace`` without ``dims``: CMA-ES (or any inner optimizer) on the scaling genes
+        # alone, the path held at ``fixed`` (e.g. the best genome of a discrete-path run)
+        if optimizer == "subspace":
+            return {"dims": list(range(len(self.slots), self.dim))}
+        return {}
+
     def backend_options(self, backend: str) -> dict[str, Any]:
         if backend != "hf":
             raise ConfigError(f"space dfs: candidates change the layer count, which only the hf "

@@ -429,7 +429,7 @@ class LayerSlots:
 
     def __init__(self, model: Any):
         self.model = model
-        self.parent, self.attr, self.all = None, None, None
+        self.parent, self.attr, self.all, self.path = None, None, None, ""
         for p in self.PATHS:
             parent_path, _, attr = p.rpartition(".")
             try:
@@ -437,7 +437,7 @@ class LayerSlots:
             except AttributeError:
                 continue
             if isinstance(getattr(parent, attr, None), torch.nn.ModuleList):
-                self.parent, self.attr = parent, attr
+                self.parent, self.attr, self.path = parent, attr, p
                 self.all = list(getattr(parent, attr))
                 break
         self.types = getattr(model.config, "layer_types", None)
@@ -449,10 +449,15 @@ class LayerSlots:
         return len(self.all) if self.all is not None else None
 
     def layers_of(self, plan: Any) -> int | None:
-        """Layers a plan produces: its layer-count override, else the full stack."""
+        """Layers a plan produces: its layer-count override, else its highest layer + 1."""
         over = getattr(plan, "config_overrides", None) or {}
         n = over.get("num_hidden_layers", over.get("n_layer"))
-        return int(n) if isinstance(n, int) else self.capacity
+        if isinstance(n, int):
+            return int(n)
+        prefix = f"{self.path}."
+        idx = [int(head) for name in plan.output_names if name.startswith(prefix)
+               and (head := name[len(prefix):].partition(".")[0]).isdigit()]
+        return max(idx) + 1 if idx else self.capacity
 
     def activate(self, n: int | None) -> None:
         if n is None or self.all is None or n == self.active:
