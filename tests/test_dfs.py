@@ -80,9 +80,10 @@ def test_genome_layout_path_cap_and_never_empty(sources):
     assert plan.step_for("model.layers.3.mlp.up_proj.weight").params["scale"] == 1.0
     assert plan.step_for("model.layers.0.self_attn.o_proj.weight").params["scale"] == 1.0
     assert len(sp.initial_population()) == 3
-    sp = _space(sources, length_penalty=0.5)
+    sp = _space(sources, max_path_length=4, length_penalty=0.5)
     assert sp.fitness_penalty(sp.decode(sp.initial())) == pytest.approx(0.5)  # 2 of L=2 layers
     assert sp.backend_options("hf") == {"max_layers": 4}
+    assert sp.optimizer_extras("subspace") == {"dims": list(range(12, 21))}  # the scales
 
 
 def _direct_logits(models, ids):
@@ -228,3 +229,39 @@ def test_search_and_export(test_zoo, tmp_path, optimizer):
     (path,) = export_top(tmp_path / "run", 1, tmp_path / "out")
     model = _load(path)
     assert model.config.num_hidden_layers == len(best["recipe"]["slices"])
+
+
+@pytest.mark.slow
+def test_ps_then_dfs_chain(test_zoo, tmp_path):
+    """A PS run's exported best is just another source of a DFS run, whose start point (the
+    PS model's own path, embeddings and head) is the PS model exactly."""
+    from evomerge.engine.export import export_top
+    from evomerge.engine.runner import run_search
+    from evomerge.engine.store import RunStore
+
+    experts = {m.name: str(m.path) for m in test_zoo.experts}
+    tasks = [{"path": str(ROOT / "fitness/zoo/cipher_a.yaml")},
+             {"path": str(ROOT / "fitness/zoo/cipher_b.yaml")}]
+    common = {"tasks": tasks, "backend": {"batch_size": 256},
+              "executor": {"name": "local", "num_threads": 1}}
+    ps_cfg = parse_config({
+        "name": "ps", "models": {"base": str(test_zoo.base.path), **experts},
+        "base_model": "base", "space": {"type": "parameter", "method": "task_arithmetic"},
+        "optimizer": {"name": "cma", "popsize": 4}, "budget": 4, **common})
+    run_search(ps_cfg, tmp_path / "ps", progress=False)
+    (ps_dir,) = export_top(tmp_path / "ps", 1, tmp_path / "ps-export")
+    cfg = parse_config({
+        "name": "ps-dfs", "models": {"ps": str(ps_dir), **experts},
+        "space": {"type": "dfs", "options": {"repeats": 1, "max_path_length": 3,
+                                             "init_model": "ps", "non_layer": "ps"}},
+        "optimizer": {"name": "cma", "popsize": 4}, "budget": 4, **common})
+    run_search(cfg, tmp_path / "ps-dfs", progress=False)
+    recs = RunStore(tmp_path / "ps-dfs").read_evals()
+    assert len(recs) == 4 and not any(r["failed"] for r in recs)
+    assert {s["sources"][0]["model"] for r in recs for s in r["recipe"]["slices"]} - {"ps"}
+    # the DFS start point is the PS model itself, weight for weight
+    space = make_space(cfg.space, dict(cfg.models), None)
+    start = dict(Materializer("cpu").iter_tensors(space.plan(space.initial())))
+    ps = _load(ps_dir).state_dict()
+    assert set(start) <= set(ps)
+    assert all(torch.equal(start[n], ps[n]) for n in start)
