@@ -265,3 +265,26 @@ def test_ps_then_dfs_chain(test_zoo, tmp_path):
     ps = _load(ps_dir).state_dict()
     assert set(start) <= set(ps)
     assert all(torch.equal(start[n], ps[n]) for n in start)
+
+
+def test_cli_refuses_bad_dfs_runs_in_one_line_and_leaves_nothing(sources, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    (tmp_path / "t.jsonl").write_text('{"input": "abc", "target": "1"}\n')
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(
+        {"name": "t", "data": "t.jsonl", "prompt": "{input}>", "scoring": "exact_match"}))
+    base = {"name": "bad", "models": sources, "tasks": [{"path": str(tmp_path / "t.yaml")}],
+            "space": {"type": "dfs"}}
+    cases = [({"space": {"type": "dfs", "options": {"repeats": 0}}}, "repeats"),
+             ({"backend": {"name": "vllm"}}, "hf backend")]
+    for over, pattern in cases:
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump({**base, **over}))
+        res = CliRunner().invoke(main, ["run", str(tmp_path / "run.yaml"), "--runs-dir",
+                                        str(tmp_path / "runs"), "--no-progress"])
+        assert res.exit_code != 0
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], lines
+        assert not (tmp_path / "runs" / "bad").exists()

@@ -50,6 +50,7 @@ class Search:
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
         # fail fast on a space/recipe that cannot compile at all
         self.space.plan(self.space.initial()).validate()
+        self.backend_spec = _backend_spec(cfg, self.space)  # the space may refuse the backend
         self.executor = executor or make_executor(cfg.executor)
         self.on_progress = on_progress
         self.pending: dict[int, Candidate] = {}
@@ -115,7 +116,7 @@ class Search:
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
             tasks=[t.model_dump() for t in self.cfg.tasks],
-            backend=_backend_spec(self.cfg, self.space),
+            backend=self.backend_spec,
             num_threads=self.cfg.executor.num_threads,
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
