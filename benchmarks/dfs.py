@@ -99,11 +99,7 @@ def eval_modes(cfg, n: int = 6) -> dict:
         res["slots"].append(time.perf_counter() - t0)
         scores["slots"].append({k: float(np.mean(v)) for k, v in s.items()})
         # zeroed: pad to P layers with copies of the last layer whose output projections are 0
-        rec = dfs_recipe(models, path, scales, space.non_layer, space.projections)
-        m, j = path[-1]
-        off = {"model": m, "layer_range": [j, j + 1], "parameters": {"scale": [
-            {"filter": p, "value": 0.0} for p in space.projections] + [{"value": 1.0}]}}
-        rec["slices"] += [{"sources": [dict(off)]} for _ in range(P - len(path))]
+        rec = dfs_recipe(models, path, scales, space.non_layer, space.projections, pad_to=P)
         t0 = time.perf_counter()
         be.load_plan(compile_recipe(rec), mat)
         s = be.evaluate(tasks)

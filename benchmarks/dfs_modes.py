@@ -39,14 +39,14 @@ from evomerge.materialize import Materializer  # noqa: E402
 from evomerge.recipe import compile_recipe  # noqa: E402
 from evomerge.spaces.dfs import dfs_recipe  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny_models import char_tokenizer, scale_layer_inputs  # noqa: E402
+
 PROJ = ("self_attn.o_proj.", "mlp.down_proj.")
 
 
 def make_sources(root: Path, hidden: int, layers: int, eps: float, device: str) -> dict[str, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import char_tokenizer
 
     tok = char_tokenizer(8192)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8,
@@ -93,27 +93,16 @@ def modes(models, paths, P, ids, device, dtype):
     t = {"slots": [], "zeroed": [], "rebuild": []}
     logits = {"slots": [], "zeroed": [], "rebuild": []}
     for i, (path, scales) in enumerate([paths[0]] + paths):  # the first is a warm-up
-        rec = dfs_recipe(models, path, scales, "a", PROJ)
-        sync(device)
-        t0 = time.perf_counter()
-        be.load_plan(compile_recipe(rec), mat)
-        out = forward(be.model, ids)
-        sync(device)
-        if i:
-            t["slots"].append(time.perf_counter() - t0)
-            logits["slots"].append(out.float().cpu())
-        m, j = path[-1]
-        off = {"model": m, "layer_range": [j, j + 1], "parameters": {"scale": [
-            {"filter": p, "value": 0.0} for p in PROJ] + [{"value": 1.0}]}}
-        rec["slices"] += [{"sources": [dict(off)]} for _ in range(P - len(path))]
-        sync(device)
-        t0 = time.perf_counter()
-        be.load_plan(compile_recipe(rec), mat)
-        out = forward(be.model, ids)
-        sync(device)
-        if i:
-            t["zeroed"].append(time.perf_counter() - t0)
-            logits["zeroed"].append(out.float().cpu())
+        for mode, pad in (("slots", None), ("zeroed", P)):
+            rec = dfs_recipe(models, path, scales, "a", PROJ, pad_to=pad)
+            sync(device)
+            t0 = time.perf_counter()
+            be.load_plan(compile_recipe(rec), mat)
+            out = forward(be.model, ids)
+            sync(device)
+            if i:
+                t[mode].append(time.perf_counter() - t0)
+                logits[mode].append(out.float().cpu())
     be.close()
     with tempfile.TemporaryDirectory() as tmp:
         for i, (path, scales) in enumerate(paths):
@@ -144,16 +133,7 @@ def folding_error(models, path, scales, ids, device):
         folded = AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).to(device).eval()
         direct = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
         plain = forward(direct, ids).float()
-
-        def hook(s):
-            def pre(module, args, kwargs):
-                if args:
-                    return (args[0] * s, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
-            return pre
-
-        for layer, s in zip(direct.model.layers, scales):
-            layer.register_forward_pre_hook(hook(s), with_kwargs=True)
+        scale_layer_inputs(direct, scales)
         a, b = forward(folded, ids).float(), forward(direct, ids).float()
         spread = float(b.std())
         return {"max_abs_diff": float((a - b).abs().max()), "logit_std": spread,

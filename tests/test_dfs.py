@@ -18,7 +18,12 @@ from evomerge.spaces import make_space
 from evomerge.spaces.dfs import dfs_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_expert, make_tiny_gpt2, make_tiny_llama  # noqa: E402
+from tiny_models import (  # noqa: E402
+    make_tiny_expert,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    scale_layer_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJ = ("self_attn.o_proj.", "mlp.down_proj.")
@@ -91,16 +96,7 @@ def _direct_logits(models, ids):
     model = _load(Materializer("cpu").materialize_to_disk(
         compile_recipe(dfs_recipe(models, PATH, [1.0] * len(PATH), "a", PROJ)),
         Path(models["a"]).parent / "direct", overwrite=True))
-
-    def hook(scale):
-        def pre(module, args, kwargs):
-            if args:
-                return (args[0] * scale, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
-        return pre
-
-    for layer, s in zip(model.model.layers, SCALES):
-        layer.register_forward_pre_hook(hook(s), with_kwargs=True)
+    scale_layer_inputs(model, SCALES)
     with torch.no_grad():
         return model(input_ids=ids).logits
 
@@ -164,6 +160,11 @@ def test_export_matches_resident_evaluation_on_a_long_path(sources, tmp_path):
         cut = full.index(2) if 2 in full else len(full)
         assert cached[:cut] == full[:cut]
         assert out == tok.decode(full[:cut], skip_special_tokens=True)
+    # switched-off slots (o_proj/down_proj scaled by 0) are an exact identity
+    padded = compile_recipe(dfs_recipe(sources, PATH, SCALES, "a", sp.projections, pad_to=6))
+    be.load_plan(padded, mat)
+    assert be.layer_slots.active == 6
+    assert torch.equal(be.model(input_ids=ids).logits, got)
     with pytest.raises(EvomergeError, match="resident model holds 6"):
         be.layer_slots.activate(7)
     be.close()

@@ -62,13 +62,15 @@ DECIMALS = 6
 
 def dfs_recipe(models: dict[str, str], path: list[tuple[str, int]], scales: list[float],
                non_layer: str, projections: tuple[str, ...], dtype: str | None = None,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, pad_to: int | None = None) -> dict[str, Any]:
     """The passthrough ``slices`` recipe of a data-flow path.
 
     ``path[k] = (model, layer)``; ``scales[k]`` multiplies the residual stream *before* path
     layer k (``scales[0]`` included; 1.0 = unscaled). Layer k's output projections are
     divided by the cumulative product. A plain mergekit-style recipe: ``evomerge merge``
-    rebuilds the exported checkpoint from it."""
+    rebuilds the exported checkpoint from it. ``pad_to``: append switched-off layers (copies
+    of the last one with output projections scaled by 0, an exact identity in a pre-norm
+    block) up to that depth; the search does not need them (it cuts the resident stack)."""
     if not path:
         raise PlanError("dfs: the data-flow path is empty (no layer on it)")
     if len(scales) != len(path):
@@ -85,6 +87,11 @@ def dfs_recipe(models: dict[str, str], path: list[tuple[str, int]], scales: list
             src["parameters"] = {"scale": [{"filter": p, "value": inv} for p in projections]
                                  + [{"value": 1.0}]}
         slices.append({"sources": [src]})
+    m, j = path[-1]
+    off = [{"filter": p, "value": 0.0} for p in projections] + [{"value": 1.0}]
+    slices += [{"sources": [{"model": m, "layer_range": [int(j), int(j) + 1],
+                             "parameters": {"scale": list(off)}}]}
+               for _ in range(max(0, (pad_to or 0) - len(path)))]
     recipe: dict[str, Any] = {"merge_method": "passthrough", "sources": dict(models),
                               "slices": slices, "non_layer": {"model": non_layer},
                               "tokenizer_source": non_layer, "seed": int(seed)}
