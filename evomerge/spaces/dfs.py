@@ -25,6 +25,15 @@ construction with one line (see ``checkpoint.layout.residual_output_projections`
 search evaluates the folded weights themselves, so what is searched is exactly what is
 exported.
 
+Evaluation during a search (``backend_options``): the HF backend's resident model keeps
+``max_path_length`` layer slots; a candidate writes its path's layers in place and the active
+stack is cut to the path (references, no copies; each layer keeps its ``layer_idx``, so the
+KV cache is right for paths longer than any source). The alternatives, measured in
+``benchmarks/dfs.py`` and ``benchmarks/dfs_modes.py``: keeping every slot active with the
+unused ones switched off (output projections scaled by 0, ``dfs_recipe(pad_to=...)``: exact
+but every candidate pays the full depth) and writing each candidate to disk and loading it
+(a disk round trip per candidate). Slots were never slower; scores are identical in all three.
+
 Genome (unit box): ``T`` indicator genes (on when > 0.5: a relaxation threshold, so CMA-ES,
 nevergrad's discrete optimizers (``ng:DiscreteOnePlusOne``, ``ng:PortfolioDiscreteOnePlusOne``)
 and M2N2's flat crossover all drive it) then ``M * M`` scaling genes, log-uniform over
