@@ -41,6 +41,11 @@ class OpSpec:
     name: str
     fn: Callable[..., Any]
     needs_base: bool = False
+    # the base, when a recipe names one, is the step's reference (nuslerp, multislerp: merge
+    # the task vectors) but the operator also works without one
+    optional_base: bool = False
+    # mergekit adds an unlisted base model as one more input (karcher; ``models:`` recipes)
+    base_is_input: bool = False
     # names of parameters given once per input (lists aligned with inputs)
     per_input: tuple[str, ...] = ()
     # defaults for every parameter (per-input defaults are scalars broadcast to all inputs)

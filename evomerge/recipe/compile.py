@@ -34,6 +34,7 @@ tensor names grouped by layer, the compatibility check) is cached per reader.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,33 @@ NOT_IN_RECIPES = {
     "m2n2_crossover": "its coefficients and split point come from whole-model statistics; "
     "the M2N2 optimizer builds these plans itself",
 }
+
+
+log = logging.getLogger("evomerge.recipe")
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _known_param_names() -> frozenset[str]:
+    """Every parameter name some registered operator takes (plus mergekit's no-op knobs)."""
+    from ..ops import list_ops
+
+    names = set(IGNORED_PARAMS) | set(LINES_ALIASES)
+    for op in list_ops():
+        spec = get_op(op)
+        names |= set(spec.defaults) | set(spec.per_input)
+    return frozenset(names)
+
+
+def warn_unused_param(method: str, name: str, path: str) -> None:
+    """One warning line per (method, parameter) and process: the parameter is ignored."""
+    with _LOCK:
+        if (method, name) in _WARNED:
+            return
+        _WARNED.add((method, name))
+    log.warning(
+        "warning: %s: merge method %r does not use %r; ignored (as mergekit does)",
+        path, method, name,
+    )
 
 
 # -- per-checkpoint metadata, cached ----------------------------------------------------
@@ -165,6 +193,11 @@ class _Params:
                         f"{path}.lambda: cannot be combined with lines_alpha/lines_beta: LiNeS "
                         f"sets the task-vector scale per layer (scale those instead)"
                     )
+                if name in _known_param_names():
+                    # another method's knob (density on task_arithmetic...): mergekit
+                    # ignores it, so do we, saying so once
+                    warn_unused_param(self.label, name, path)
+                    continue
                 takes = ", ".join(sorted(self.names())) or "no parameters"
                 raise ConfigError(
                     f"{path}.{name}: operator {self.label!r} has no parameter {name!r} (it takes {takes})"
@@ -354,18 +387,21 @@ class _Compiler:
                 raise CheckpointError(f"{fields.get(k, 'sources.' + k)}: {e}") from None
         return out
 
-    def _roles(self, keys: list[str], base: str | None, where: str) -> tuple[list[str], str | None]:
+    def _roles(self, keys: list[str], base: str | None, where: str, spec: OpSpec | None = None,
+               add_base_input: bool = True) -> tuple[list[str], str | None]:
         """(input keys, base key) of one group, by the operator's convention."""
-        spec = self.params.spec
-        if spec.needs_base:
+        spec = spec or self.params.spec
+        if spec.needs_base or (spec.optional_base and base is not None):
             if base is None:
-                raise ConfigError(f"base_model: operator {self.method!r} needs a base model")
+                raise ConfigError(f"base_model: operator {spec.name!r} needs a base model")
             inputs = [k for k in keys if k != base]
             if not inputs:
                 raise ConfigError(
-                    f"{where}: operator {self.method!r} needs at least one model besides the base {base!r}"
+                    f"{where}: operator {spec.name!r} needs at least one model besides the base {base!r}"
                 )
             return inputs, base
+        if spec.base_is_input and base is not None and add_base_input and base not in keys:
+            return list(keys) + [base], None  # mergekit appends an unlisted base (models:)
         if spec.name == "slerp" and base is not None:
             return [base] + [k for k in keys if k != base], None
         return list(keys), None
@@ -530,7 +566,7 @@ class _Compiler:
             )
             return g, keys, starts, n
         base = s.get("base_model") or self.base
-        inputs, b = self._roles(keys, base, f"{p}.sources")
+        inputs, b = self._roles(keys, base, f"{p}.sources", add_base_input=False)
         for k in inputs + ([b] if b else []):
             if k in starts:
                 continue
@@ -598,16 +634,9 @@ class _Compiler:
                     if same else {}
                 )
         spec = params.spec
-        if spec.needs_base:
-            if self.base is None:
-                raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
-            inputs, b = [k for k in keys if k != self.base], self.base
-            if not inputs:
-                raise ConfigError(f"non_layer: {method!r} needs a model besides the base")
-        elif spec.name == "slerp" and self.base is not None:
-            inputs, b = [self.base] + [k for k in keys if k != self.base], None
-        else:
-            inputs, b = keys, None
+        if spec.needs_base and self.base is None:
+            raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
+        inputs, b = self._roles(keys, self.base, "non_layer", spec=spec, add_base_input=False)
         return _Group(
             params=params, inputs=inputs, base=b, starts={},
             chains=[[per_model.get(k, {}), *glob] for k in inputs],
