@@ -17,8 +17,8 @@ from tiny_models import make_tiny_expert, make_tiny_llama
 
 from evomerge.config import SpaceConfig
 from evomerge.errors import ConfigError
-from evomerge.recipe import compile_recipe, recipe_to_mergekit, recipe_to_mergekit_yaml
 from evomerge.recipe import compile as rc
+from evomerge.recipe import compile_recipe, recipe_to_mergekit, recipe_to_mergekit_yaml
 from evomerge.spaces import make_space
 
 torch.set_num_threads(1)
