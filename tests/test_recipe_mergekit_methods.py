@@ -17,8 +17,8 @@ from tiny_models import make_tiny_expert, make_tiny_llama
 
 from evomerge.config import SpaceConfig
 from evomerge.errors import ConfigError
-from evomerge.recipe import compile as rc
 from evomerge.recipe import compile_recipe, recipe_to_mergekit, recipe_to_mergekit_yaml
+from evomerge.recipe import params as rp
 from evomerge.spaces import make_space
 
 torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def test_role_errors_are_one_line(zoo):
 
 
 def test_unused_parameters_warn_once_and_change_nothing(zoo, caplog):
-    rc._WARNED.clear()
+    rp._WARNED.clear()
     models = [{"model": "math", "parameters": {"weight": 0.7, "density": 0.5}},
               {"model": "lang", "parameters": {"weight": 0.3, "density": 0.5}}]
     plain = compile_recipe(_recipe("task_arithmetic", [{"model": "math", "parameters": {"weight": 0.7}},

@@ -8,15 +8,23 @@ compile to plans with the same hash.
 Roles of the models, per operator (mergekit's conventions):
 
 - operators that need a base (task arithmetic, TIES, DARE, breadcrumbs, DELLA, model
-  stock, LiNeS): ``base_model`` is each step's ``base`` reference and every *other* model
+  stock, LiNeS, sce, ram, ramplus_tl, nearswap, arcee_fusion): ``base_model`` is each step's ``base`` reference and every *other* model
   is an input (a base also listed under ``models`` is dropped from the inputs, as mergekit
   does). In a slice whose sources do not include the base, the base's layers at the first
   source's ``layer_range`` are the reference (mergekit refuses such a slice);
+- ``nuslerp``, ``multislerp``: with a ``base_model`` the base is the reference (they
+  interpolate task vectors) and every other model an input; without one, the listed models;
+- ``karcher``: the listed models, and in a ``models:`` recipe an unlisted ``base_model``
+  appended as one more input (mergekit adds it; in ``slices`` it does not);
 - ``slerp``: two inputs, the base first (``t = 0`` gives the base; mergekit adds an unlisted
   base the same way); without a base the first listed model is the ``t = 0`` end;
 - every other operator (linear, passthrough): the listed models, in order. Unlike mergekit,
   an unlisted ``base_model`` is not added as an input of ``linear`` (mergekit then fails for
   lack of a weight); it only provides the config and the tokenizer.
+
+A parameter the method does not take but another registered method does (``density``
+on task_arithmetic, common in public configs) is ignored with one warning line per method
+and parameter, as mergekit ignores it; a name no method takes is refused (a typo).
 
 Layer assembly: a slice with a single source copies its layers (``passthrough``, with the
 ``scale`` parameter when the recipe's method is passthrough), renumbered into the output's
@@ -34,7 +42,6 @@ tensor names grouped by layer, the compatibility check) is cached per reader.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +52,15 @@ from ..checkpoint.reader import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError, PlanError
 from ..ops import OpSpec, get_op
 from ..plan import MergePlan, TensorRef, TensorStep
-from .params import Setting, TensorCtx, gradient_t, lookup, parse_parameters
+from .params import (
+    Setting,
+    TensorCtx,
+    gradient_t,
+    known_param_names,
+    lookup,
+    parse_parameters,
+    warn_unused_param,
+)
 
 # mergekit parameters that do not change the result (memory tricks): accepted, unused.
 IGNORED_PARAMS = frozenset({"int8_mask"})
@@ -58,33 +73,6 @@ NOT_IN_RECIPES = {
     "m2n2_crossover": "its coefficients and split point come from whole-model statistics; "
     "the M2N2 optimizer builds these plans itself",
 }
-
-
-log = logging.getLogger("evomerge.recipe")
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _known_param_names() -> frozenset[str]:
-    """Every parameter name some registered operator takes (plus mergekit's no-op knobs)."""
-    from ..ops import list_ops
-
-    names = set(IGNORED_PARAMS) | set(LINES_ALIASES)
-    for op in list_ops():
-        spec = get_op(op)
-        names |= set(spec.defaults) | set(spec.per_input)
-    return frozenset(names)
-
-
-def warn_unused_param(method: str, name: str, path: str) -> None:
-    """One warning line per (method, parameter) and process: the parameter is ignored."""
-    with _LOCK:
-        if (method, name) in _WARNED:
-            return
-        _WARNED.add((method, name))
-    log.warning(
-        "warning: %s: merge method %r does not use %r; ignored (as mergekit does)",
-        path, method, name,
-    )
 
 
 # -- per-checkpoint metadata, cached ----------------------------------------------------
@@ -193,7 +181,7 @@ class _Params:
                         f"{path}.lambda: cannot be combined with lines_alpha/lines_beta: LiNeS "
                         f"sets the task-vector scale per layer (scale those instead)"
                     )
-                if name in _known_param_names():
+                if name in known_param_names(IGNORED_PARAMS | set(LINES_ALIASES)):
                     # another method's knob (density on task_arithmetic...): mergekit
                     # ignores it, so do we, saying so once
                     warn_unused_param(self.label, name, path)
