@@ -135,7 +135,8 @@ def run_tree(tree: Path, cfg_file: Path, out: Path) -> str:
     code = "import sys; from evomerge.cli import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code, "merge", str(cfg_file), "--out", str(out),
                         "--device", "cpu", "--overwrite"],
-                       capture_output=True, text=True, env=env, timeout=1200)
+                       capture_output=True, text=True, env=env, timeout=1200,
+                       cwd=cfg_file.parent)  # not the caller's cwd: '' on sys.path shadows the tree
     if p.returncode == 0:
         warn = [ln for ln in p.stderr.splitlines() if ln.startswith("warning:")]
         return "ok" + (f" ({warn[0]})" if warn else "")

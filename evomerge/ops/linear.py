@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PlanError
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 
 
 def _linear_check(params: dict, n: int) -> str | None:
@@ -30,12 +29,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
     instead of producing inf/NaN weights."""
     weights = params["weight"]
     ref = tensors[0]
-    for t in tensors[1:]:
-        if t.shape != ref.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(ref.shape)}); merge operators need equal shapes"
-            )
+    check_shapes(tensors, None, ctx)
     factor = 1.0
     if params["normalize"]:
         factor = 1.0 / sum(weights)

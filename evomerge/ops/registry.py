@@ -153,6 +153,20 @@ class OpSpec:
         self.resolve_params(step)
 
 
+def check_shapes(tensors: list[Any], base: Any, ctx: OpContext, need_base: bool = False) -> None:
+    """PlanError (one line) unless the inputs and the base (if any) share one shape;
+    with ``need_base``, also when there is no base."""
+    if need_base and base is None:
+        raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
+    ref = base if base is not None else tensors[0]
+    for t in tensors:
+        if t.shape != ref.shape:
+            raise PlanError(
+                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
+                f"{tuple(ref.shape)}); merge operators need equal shapes"
+            )
+
+
 _OPS: dict[str, OpSpec] = {}
 
 

@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PlanError
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 from .sparsify import topk_mask
 
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None,
                   ctx: OpContext) -> torch.Tensor:
-    if base is None:
-        raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
-    for t in tensors:
-        if t.shape != base.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(base.shape)}); merge operators need equal shapes"
-            )
+    check_shapes(tensors, base, ctx, need_base=True)
     return torch.stack([t - base for t in tensors], dim=0)
 
 

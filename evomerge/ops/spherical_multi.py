@@ -11,17 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PlanError
-from .registry import OpContext, register_op
-
-
-def _check_shapes(tensors: list[torch.Tensor], base: torch.Tensor | None, ctx: OpContext) -> None:
-    ref = tensors[0]
-    for t in tensors[1:] + ([base] if base is not None else []):
-        if t.shape != ref.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(ref.shape)}); merge operators need equal shapes"
-            )
+from .registry import OpContext, check_shapes, register_op
 
 
 # --------------------------------------------------------------------------------------
@@ -73,7 +63,7 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
 
     Deviation: a base also listed among the models is dropped from the inputs (mergekit
     0.1.5 refuses such a config)."""
-    _check_shapes(tensors, base, ctx)
+    check_shapes(tensors, base, ctx)
     w0, w1 = (float(w) for w in params["weight"])
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     row_wise, flatten = bool(params["nuslerp_row_wise"]), bool(params["nuslerp_flatten"])
@@ -117,7 +107,7 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: d
     ``w_0 x_0 + w_1 x_1`` as in mergekit; more inputs are refused with one line (mergekit
     raises the same condition). Deviation: weights summing to 0 with
     ``normalize_weights`` are refused at validation (mergekit divides by zero)."""
-    _check_shapes(tensors, base, ctx)
+    check_shapes(tensors, base, ctx)
     if len(tensors) == 1:
         return tensors[0].clone()
     eps = float(params["eps"])
@@ -216,6 +206,6 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
     (see :func:`karcher_mean`). As in mergekit, the models have no weights, and a
     ``base_model`` of a ``models:`` recipe is one more input (added last when not listed).
     For two inputs of equal norm it is ``slerp(x_0, x_1, t=0.5)``."""
-    _check_shapes(tensors, base, ctx)
+    check_shapes(tensors, base, ctx)
     n = len(tensors)
     return karcher_mean(tensors, [1.0 / n] * n, int(params["max_iter"]), float(params["tol"]))

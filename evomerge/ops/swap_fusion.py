@@ -10,22 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import PlanError
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 from .sparsify import kth_smallest
 
 
 def _pair(tensors: list[torch.Tensor], base: torch.Tensor | None,
           ctx: OpContext) -> tuple[torch.Tensor, torch.Tensor]:
-    if base is None:
-        raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
-    (b,) = tensors
-    if b.shape != base.shape:
-        raise PlanError(
-            f"tensor {ctx.name!r}: input shapes differ ({tuple(b.shape)} vs "
-            f"{tuple(base.shape)}); merge operators need equal shapes"
-        )
-    return base, b
+    check_shapes(tensors, base, ctx, need_base=True)
+    return base, tensors[0]
 
 
 def _nearswap_check(params: dict, n: int) -> str | None:
