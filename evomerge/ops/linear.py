@@ -7,20 +7,26 @@ import torch
 from .registry import OpContext, check_shapes, register_op
 
 
-def _linear_check(params: dict, n: int) -> str | None:
-    if params["normalize"] and abs(sum(params["weight"])) < 1e-8:
-        return (
-            f"weights {params['weight']} sum to 0, so 'normalize' would divide by zero "
-            f"(set normalize: false or change the weights)"
-        )
-    return None
+def zero_weight_sum(flag: str):
+    """A cross-parameter check refusing weights that sum to 0 while ``flag`` (a boolean
+    parameter) says to divide by their sum."""
+
+    def check(params: dict, n: int) -> str | None:
+        if params[flag] and abs(sum(params["weight"])) < 1e-8:
+            return (
+                f"weights {params['weight']} sum to 0, so '{flag}' would divide by zero "
+                f"(set {flag}: false or change the weights)"
+            )
+        return None
+
+    return check
 
 
 @register_op(
     "linear",
     per_input=("weight",),
     defaults={"weight": 1.0, "normalize": True},
-    check=_linear_check,
+    check=zero_weight_sum("normalize"),
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
            ctx: OpContext) -> torch.Tensor:

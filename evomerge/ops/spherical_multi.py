@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PlanError
+from .linear import zero_weight_sum
 from .registry import OpContext, check_shapes, register_op
 
 
@@ -76,22 +77,13 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
 # --------------------------------------------------------------------------------------
 # multislerp
 # --------------------------------------------------------------------------------------
-def _multislerp_check(params: dict, n: int) -> str | None:
-    if params["normalize_weights"] and abs(sum(params["weight"])) < 1e-8:
-        return (
-            f"weights {params['weight']} sum to 0, so 'normalize_weights' would divide by "
-            f"zero (change the weights or set normalize_weights: false)"
-        )
-    return None
-
-
 @register_op(
     "multislerp",
     optional_base=True,
     per_input=("weight",),
     defaults={"weight": None, "normalize_weights": True, "eps": 1e-8},
     ranges={"eps": (0.0, None)},
-    check=_multislerp_check,
+    check=zero_weight_sum("normalize_weights"),
 )
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
                ctx: OpContext) -> torch.Tensor:
