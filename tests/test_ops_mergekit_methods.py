@@ -215,3 +215,36 @@ def test_arcee_fusion_importance_is_per_row_kl():
     q = torch.softmax(a[0], -1) + 1e-8
     kl0 = float((p * (p / q).log()).sum())
     close(imp, [[kl0 * 1.0, 0.0], [0.0, 0.0]])
+
+
+# -- devices ------------------------------------------------------------------------------
+CASES = [
+    ("nuslerp", 2, False, {"weight": [0.3, 0.7]}),
+    ("nuslerp", 2, True, {"weight": [0.3, 0.7], "nuslerp_flatten": False}),
+    ("multislerp", 3, True, {"weight": [0.2, 0.5, 0.3]}),
+    ("karcher", 3, False, {}),
+    ("sce", 3, True, {"select_topk": 0.3}),
+    ("ram", 2, True, {"epsilon": 0.01}),
+    ("ramplus_tl", 3, True, {"epsilon": 0.01, "r": 0.5}),
+    ("nearswap", 1, True, {"t": 0.01}),
+    ("arcee_fusion", 1, True, {}),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("op,n,with_base,params", CASES)
+def test_cuda_matches_cpu(op, n, with_base, params):
+    from test_ops import step
+
+    from evomerge.ops import OpContext, get_op
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g)
+    xs = [base + 0.02 * torch.randn(64, 48, generator=g) for _ in range(n)]
+    spec = get_op(op)
+    p = spec.resolve_params(step(op, n, with_base, **params))
+    outs = []
+    for dev in ("cpu", "cuda"):
+        b = base.to(dev) if with_base else None
+        outs.append(spec.fn([x.to(dev) for x in xs], b, p, OpContext("w", None, dev)).cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
