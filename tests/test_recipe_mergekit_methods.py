@@ -89,7 +89,8 @@ def test_unused_parameters_warn_once_and_change_nothing(zoo, caplog):
     assert a.hash() == plain.hash() == b.hash()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines  # density once (not once per model or per compile), epsilon once
-    assert any("merge method 'task_arithmetic' does not use 'density'; ignored" in x for x in lines)
+    assert ("warning: models[0].parameters.density: merge method 'task_arithmetic' does not "
+            "use 'density'; ignored (as mergekit does)") in lines
     assert all("\n" not in x for x in lines)
     # a name no method knows is still a typo, refused in one line
     with pytest.raises(ConfigError, match=r"has no parameter 'dencity'"):

@@ -184,7 +184,7 @@ class _Params:
                 if name in known_param_names(IGNORED_PARAMS | set(LINES_ALIASES)):
                     # another method's knob (density on task_arithmetic...): mergekit
                     # ignores it, so do we, saying so once
-                    warn_unused_param(self.label, name, path)
+                    warn_unused_param(self.label, name, f"{path}.{name}")
                     continue
                 takes = ", ".join(sorted(self.names())) or "no parameters"
                 raise ConfigError(
