@@ -9,6 +9,9 @@ from . import (  # noqa: F401
     mixture_control,  # noqa: F401,E402  (output_mixture: control step of API-only mixtures)
     model_stock,
     passthrough,
+    selective,  # sce, ram, ramplus_tl
     spherical,
+    spherical_multi,  # nuslerp, multislerp, karcher
+    swap_fusion,  # nearswap, arcee_fusion
     task_vectors,
 )

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PlanError
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 
 
-def _linear_check(params: dict, n: int) -> str | None:
-    if params["normalize"] and abs(sum(params["weight"])) < 1e-8:
-        return (
-            f"weights {params['weight']} sum to 0, so 'normalize' would divide by zero "
-            f"(set normalize: false or change the weights)"
-        )
-    return None
+def zero_weight_sum(flag: str):
+    """A cross-parameter check refusing weights that sum to 0 while ``flag`` (a boolean
+    parameter) says to divide by their sum."""
+
+    def check(params: dict, n: int) -> str | None:
+        if params[flag] and abs(sum(params["weight"])) < 1e-8:
+            return (
+                f"weights {params['weight']} sum to 0, so '{flag}' would divide by zero "
+                f"(set {flag}: false or change the weights)"
+            )
+        return None
+
+    return check
 
 
 @register_op(
     "linear",
     per_input=("weight",),
     defaults={"weight": 1.0, "normalize": True},
-    check=_linear_check,
+    check=zero_weight_sum("normalize"),
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
            ctx: OpContext) -> torch.Tensor:
@@ -30,12 +35,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
     instead of producing inf/NaN weights."""
     weights = params["weight"]
     ref = tensors[0]
-    for t in tensors[1:]:
-        if t.shape != ref.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(ref.shape)}); merge operators need equal shapes"
-            )
+    check_shapes(tensors, None, ctx)
     factor = 1.0
     if params["normalize"]:
         factor = 1.0 / sum(weights)

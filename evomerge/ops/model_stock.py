@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PlanError
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 from .sparsify import chunk_bounds, chunk_size
 
 
@@ -30,12 +30,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: 
     """
     if base is None:
         raise PlanError(f"tensor {ctx.name!r}: model_stock needs a base model")
-    for t in tensors:
-        if t.shape != base.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(base.shape)}); merge operators need equal shapes"
-            )
+    check_shapes(tensors, base, ctx)
     n_models = len(tensors)
     size = chunk_size(base.device)
     out = torch.empty_like(base)

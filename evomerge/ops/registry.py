@@ -41,6 +41,11 @@ class OpSpec:
     name: str
     fn: Callable[..., Any]
     needs_base: bool = False
+    # the base, when a recipe names one, is the step's reference (nuslerp, multislerp: merge
+    # the task vectors) but the operator also works without one
+    optional_base: bool = False
+    # mergekit adds an unlisted base model as one more input (karcher; ``models:`` recipes)
+    base_is_input: bool = False
     # names of parameters given once per input (lists aligned with inputs)
     per_input: tuple[str, ...] = ()
     # defaults for every parameter (per-input defaults are scalars broadcast to all inputs)
@@ -146,6 +151,20 @@ class OpSpec:
                 f"operator {self.name!r} for tensor {step.output!r} needs a base model"
             )
         self.resolve_params(step)
+
+
+def check_shapes(tensors: list[Any], base: Any, ctx: OpContext, need_base: bool = False) -> None:
+    """PlanError (one line) unless the inputs and the base (if any) share one shape;
+    with ``need_base``, also when there is no base."""
+    if need_base and base is None:
+        raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
+    ref = base if base is not None else tensors[0]
+    for t in tensors:
+        if t.shape != ref.shape:
+            raise PlanError(
+                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
+                f"{tuple(ref.shape)}); merge operators need equal shapes"
+            )
 
 
 _OPS: dict[str, OpSpec] = {}

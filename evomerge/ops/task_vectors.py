@@ -44,7 +44,7 @@ import torch
 
 from ..errors import PlanError
 from ..plan import step_seed
-from .registry import OpContext, register_op
+from .registry import OpContext, check_shapes, register_op
 from .sparsify import (
     RankCut,
     UniformField,
@@ -73,16 +73,6 @@ class _Input:
     draws: UniformField | None = None  # random draws (DARE, DELLA)
     scale: float = 1.0  # multiplies the sparsified delta (DARE 1/p, L1 rescale)
     dead: bool = False  # contributes nothing (zero weight or nothing kept)
-
-
-def _check_shapes(tensors: list[torch.Tensor], base: torch.Tensor | None, ctx: OpContext) -> None:
-    ref = base if base is not None else tensors[0]
-    for t in tensors:
-        if t.shape != ref.shape:
-            raise PlanError(
-                f"tensor {ctx.name!r}: input shapes differ ({tuple(t.shape)} vs "
-                f"{tuple(ref.shape)}); merge operators need equal shapes"
-            )
 
 
 def _input_seeds(n: int, ctx: OpContext, device: torch.device) -> list[int]:
@@ -167,7 +157,7 @@ def generalized_task_arithmetic(
     "magnitude", "outliers", "random", "della"; ``extra_scale`` multiplies lambda (LiNeS)."""
     if base is None:
         raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
-    _check_shapes(tensors, base, ctx)
+    check_shapes(tensors, base, ctx)
     if base.dtype not in (torch.float32, torch.float64) or any(
         t.dtype != base.dtype for t in tensors
     ):  # the contract is float32; anything else is computed in float32

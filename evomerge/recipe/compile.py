@@ -8,15 +8,23 @@ compile to plans with the same hash.
 Roles of the models, per operator (mergekit's conventions):
 
 - operators that need a base (task arithmetic, TIES, DARE, breadcrumbs, DELLA, model
-  stock, LiNeS): ``base_model`` is each step's ``base`` reference and every *other* model
+  stock, LiNeS, sce, ram, ramplus_tl, nearswap, arcee_fusion): ``base_model`` is each step's ``base`` reference and every *other* model
   is an input (a base also listed under ``models`` is dropped from the inputs, as mergekit
   does). In a slice whose sources do not include the base, the base's layers at the first
   source's ``layer_range`` are the reference (mergekit refuses such a slice);
+- ``nuslerp``, ``multislerp``: with a ``base_model`` the base is the reference (they
+  interpolate task vectors) and every other model an input; without one, the listed models;
+- ``karcher``: the listed models, and in a ``models:`` recipe an unlisted ``base_model``
+  appended as one more input (mergekit adds it; in ``slices`` it does not);
 - ``slerp``: two inputs, the base first (``t = 0`` gives the base; mergekit adds an unlisted
   base the same way); without a base the first listed model is the ``t = 0`` end;
 - every other operator (linear, passthrough): the listed models, in order. Unlike mergekit,
   an unlisted ``base_model`` is not added as an input of ``linear`` (mergekit then fails for
   lack of a weight); it only provides the config and the tokenizer.
+
+A parameter the method does not take but another registered method does (``density``
+on task_arithmetic, common in public configs) is ignored with one warning line per method
+and parameter, as mergekit ignores it; a name no method takes is refused (a typo).
 
 Layer assembly: a slice with a single source copies its layers (``passthrough``, with the
 ``scale`` parameter when the recipe's method is passthrough), renumbered into the output's
@@ -44,7 +52,15 @@ from ..checkpoint.reader import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError, PlanError
 from ..ops import OpSpec, get_op
 from ..plan import MergePlan, TensorRef, TensorStep
-from .params import Setting, TensorCtx, gradient_t, lookup, parse_parameters
+from .params import (
+    Setting,
+    TensorCtx,
+    gradient_t,
+    known_param_names,
+    lookup,
+    parse_parameters,
+    warn_unused_param,
+)
 
 # mergekit parameters that do not change the result (memory tricks): accepted, unused.
 IGNORED_PARAMS = frozenset({"int8_mask"})
@@ -165,6 +181,11 @@ class _Params:
                         f"{path}.lambda: cannot be combined with lines_alpha/lines_beta: LiNeS "
                         f"sets the task-vector scale per layer (scale those instead)"
                     )
+                if name in known_param_names(IGNORED_PARAMS | set(LINES_ALIASES)):
+                    # another method's knob (density on task_arithmetic...): mergekit
+                    # ignores it, so do we, saying so once
+                    warn_unused_param(self.label, name, f"{path}.{name}")
+                    continue
                 takes = ", ".join(sorted(self.names())) or "no parameters"
                 raise ConfigError(
                     f"{path}.{name}: operator {self.label!r} has no parameter {name!r} (it takes {takes})"
@@ -354,18 +375,21 @@ class _Compiler:
                 raise CheckpointError(f"{fields.get(k, 'sources.' + k)}: {e}") from None
         return out
 
-    def _roles(self, keys: list[str], base: str | None, where: str) -> tuple[list[str], str | None]:
+    def _roles(self, keys: list[str], base: str | None, where: str, spec: OpSpec | None = None,
+               add_base_input: bool = True) -> tuple[list[str], str | None]:
         """(input keys, base key) of one group, by the operator's convention."""
-        spec = self.params.spec
-        if spec.needs_base:
+        spec = spec or self.params.spec
+        if spec.needs_base or (spec.optional_base and base is not None):
             if base is None:
-                raise ConfigError(f"base_model: operator {self.method!r} needs a base model")
+                raise ConfigError(f"base_model: operator {spec.name!r} needs a base model")
             inputs = [k for k in keys if k != base]
             if not inputs:
                 raise ConfigError(
-                    f"{where}: operator {self.method!r} needs at least one model besides the base {base!r}"
+                    f"{where}: operator {spec.name!r} needs at least one model besides the base {base!r}"
                 )
             return inputs, base
+        if spec.base_is_input and base is not None and add_base_input and base not in keys:
+            return list(keys) + [base], None  # mergekit appends an unlisted base (models:)
         if spec.name == "slerp" and base is not None:
             return [base] + [k for k in keys if k != base], None
         return list(keys), None
@@ -530,7 +554,7 @@ class _Compiler:
             )
             return g, keys, starts, n
         base = s.get("base_model") or self.base
-        inputs, b = self._roles(keys, base, f"{p}.sources")
+        inputs, b = self._roles(keys, base, f"{p}.sources", add_base_input=False)
         for k in inputs + ([b] if b else []):
             if k in starts:
                 continue
@@ -598,16 +622,9 @@ class _Compiler:
                     if same else {}
                 )
         spec = params.spec
-        if spec.needs_base:
-            if self.base is None:
-                raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
-            inputs, b = [k for k in keys if k != self.base], self.base
-            if not inputs:
-                raise ConfigError(f"non_layer: {method!r} needs a model besides the base")
-        elif spec.name == "slerp" and self.base is not None:
-            inputs, b = [self.base] + [k for k in keys if k != self.base], None
-        else:
-            inputs, b = keys, None
+        if spec.needs_base and self.base is None:
+            raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
+        inputs, b = self._roles(keys, self.base, "non_layer", spec=spec, add_base_input=False)
         return _Group(
             params=params, inputs=inputs, base=b, starts={},
             chains=[[per_model.get(k, {}), *glob] for k in inputs],

@@ -43,6 +43,7 @@ from .params import KIND_ALIASES, filters_of, to_gradient
 MERGEKIT_METHODS = frozenset({
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+    "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
 })
 _LINES = ("lines_alpha", "lines_beta")
 
@@ -125,7 +126,8 @@ def _export(norm: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     tok = norm.get("tokenizer_source")
     if "models" in norm:
         keys = [m["model"] for m in norm["models"]]
-        drop_base = base is not None and base not in keys and not spec.needs_base and method != "slerp"
+        drop_base = (base is not None and base not in keys and method != "slerp"
+                     and not (spec.needs_base or spec.optional_base or spec.base_is_input))
         if base is not None and not drop_base:
             out["base_model"] = src[base]
         elif drop_base and tok is None:
@@ -158,7 +160,7 @@ def _export(norm: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
             srcs = s["sources"]
             sbase = s.get("base_model") or base
             if len(srcs) == 1 and method != "passthrough":
-                if spec.needs_base or method == "slerp":
+                if spec.needs_base or spec.optional_base or method == "slerp":
                     return None, (
                         f"slices[{i}] has a single source: evomerge copies it, mergekit's "
                         f"{method!r} would need the base among the slice's sources"
@@ -176,7 +178,8 @@ def _export(norm: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
                 if p:
                     e["parameters"] = p
                 entries.append(e)
-            if spec.needs_base and len(srcs) > 1 and sbase not in [sc["model"] for sc in srcs]:
+            uses_base = spec.needs_base or (spec.optional_base and sbase is not None)
+            if uses_base and len(srcs) > 1 and sbase not in [sc["model"] for sc in srcs]:
                 entries.append({"model": src[sbase], "layer_range": list(srcs[0]["layer_range"])})
             so: dict[str, Any] = {"sources": entries}
             if s.get("base_model"):

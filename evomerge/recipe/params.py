@@ -26,7 +26,9 @@ that evaluating them per tensor (hundreds of tensors per candidate) is cheap.
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,3 +268,31 @@ def filters_of(raw: Any) -> list[str]:
     if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
         return [e["filter"] for e in raw if isinstance(e, dict) and e.get("filter") is not None]
     return []
+
+
+log = logging.getLogger("evomerge.recipe")
+_WARNED: set[tuple[str, str]] = set()
+_WARN_LOCK = threading.Lock()
+
+
+def known_param_names(extra: Any = ()) -> frozenset[str]:
+    """Every parameter name some registered operator takes, plus ``extra``."""
+    from ..ops import get_op, list_ops
+
+    names = set(extra)
+    for op in list_ops():
+        spec = get_op(op)
+        names |= set(spec.defaults) | set(spec.per_input)
+    return frozenset(names)
+
+
+def warn_unused_param(method: str, name: str, path: str) -> None:
+    """One warning line per (method, parameter) and process: the parameter is ignored."""
+    with _WARN_LOCK:
+        if (method, name) in _WARNED:
+            return
+        _WARNED.add((method, name))
+    log.warning(
+        "warning: %s: merge method %r does not use %r; ignored (as mergekit does)",
+        path, method, name,
+    )
