@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,12 @@ class Materializer:
             raise CheckpointError(
                 f"tokenizer_source {tok_key!r} ({plan.sources[tok_key]}) has no tokenizer files"
             )
+        if tok_dir is None:  # the config source has none: take the first source that has one
+            tok_key = next((k for k in plan.sources if readers[k].tokenizer_dir is not None), None)
+            tok_dir = readers[tok_key].tokenizer_dir if tok_key is not None else None
+            if tok_key is not None:
+                warnings.warn(f"model {cs_key!r} has no tokenizer files: the merged model takes "
+                              f"the tokenizer of {tok_key!r}", stacklevel=2)
         cs_reader = readers[cs_key]
         cs_dir = getattr(cs_reader, "base", cs_reader).path
         extra = [cs_dir / GENERATION_CONFIG] if (cs_dir / GENERATION_CONFIG).is_file() else []

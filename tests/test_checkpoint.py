@@ -445,9 +445,13 @@ def test_tokenizer_checks(tmp_path, zoo):
         check_compatible({"a": a, "o": other})
     check_compatible({"a": a, "o": other}, require_same_tokenizer=False)
     bare = open_checkpoint(make_tiny_llama(tmp_path / "bare", tokenizer=False))
-    with pytest.raises(IncompatibleModelsError, match="model 'bare' .* has no tokenizer files"):
+    # a source without tokenizer files merges (as in mergekit) with a warning naming it
+    with pytest.warns(UserWarning, match=r"model\(s\) 'bare' have no tokenizer files: merged assuming their token ids match 'a'"):
         check_compatible({"a": a, "bare": bare})
     check_compatible({"a": a, "bare": bare}, require_same_tokenizer=False)
+    bare2 = open_checkpoint(make_tiny_llama(tmp_path / "bare2", seed=1, tokenizer=False))
+    with pytest.raises(IncompatibleModelsError, match="no source model has tokenizer files .*add tokenizer files to one source"):
+        check_compatible({"bare": bare, "bare2": bare2})
     # LoRA readers use their base's tokenizer
     lora = open_checkpoint(make_tiny_lora(zoo["llama"], tmp_path / "lora"))
     assert check_compatible({"a": a, "l": lora}).common_names == a.names

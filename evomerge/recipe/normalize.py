@@ -1,8 +1,8 @@
 """Read a user recipe (evomerge or mergekit YAML) into one normalized, checked form.
 
 Normalizing does not open any checkpoint: it checks the structure and the field types,
-resolves every model reference (a key of ``sources`` or a directory path, relative paths
-against the recipe's directory) to a short *key*, and returns a plain dict that compiles
+resolves every model reference (a key of ``sources``, a directory path, ``zoo:x`` or a Hub id
+``org/name[@rev]``; relative paths against the recipe's directory) to a short *key*, and returns a plain dict that compiles
 to the same plan as the input. That dict is what ``plan.meta["recipe"]`` stores, what a
 merged model's directory gets as ``recipe.yaml``, and what a search space's decoded
 genome looks like.
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PlanError
+from ..checkpoint.resolve import parse_hub_id
 from .params import parse_parameters
 
 TOP_KEYS = {
@@ -96,20 +97,22 @@ class _Refs:
                     f"sources.{key}: a key may only use letters, digits, '_', '-' and '.'"
                 )
             if not isinstance(path, (str, os.PathLike)):
-                raise ConfigError(f"sources.{key}: expected a directory path, got {path!r}")
-            full = self._resolve(path, f"sources.{key}")
+                raise ConfigError(f"sources.{key}: expected a directory path, zoo:NAME or a Hub "
+                                  f"id, got {path!r}")
+            full, _ = self._resolve(path, f"sources.{key}")
             self.sources[key] = full
             self._by_path.setdefault(full, key)
 
-    def _resolve(self, path: Any, field: str) -> str:
-        p = Path(os.path.expanduser(str(path)))
-        if not p.is_absolute():
-            p = self.base_dir / p
-        p = Path(os.path.normpath(p))
-        if not p.is_dir():
-            what = "is a file, not a model directory" if p.exists() else "not found"
-            raise ConfigError(f"{field}: model directory {str(p)!r} {what}")
-        return str(p)
+    def _resolve(self, path: Any, field: str) -> tuple[str, str]:
+        """(local directory, key hint): a directory, ``zoo:x`` or a Hub id ``org/name[@rev]``."""
+        from ..checkpoint.resolve import resolve_ref
+        from ..errors import CheckpointError
+
+        try:
+            r = resolve_ref(str(path), self.base_dir)
+        except CheckpointError as e:
+            raise ConfigError(f"{field}: {e}") from None
+        return os.path.normpath(r.path), r.key_hint
 
     def key(self, raw: Any, field: str) -> str:
         if isinstance(raw, dict) and "model" in raw and len(raw) == 1:
@@ -125,21 +128,18 @@ class _Refs:
                 "adapter directory itself (its adapter_config.json names the base model)"
             )
         try:
-            full = self._resolve(raw, field)
+            full, hint = self._resolve(raw, field)
         except ConfigError:
             looked = os.path.normpath(self.base_dir / os.path.expanduser(raw))
-            if os.path.exists(looked):
+            if os.path.exists(looked) or raw.startswith("zoo:") or parse_hub_id(raw):
                 raise
-            hint = ""
-            if raw.count("/") == 1 and not raw.startswith((".", "/", "~")):
-                hint = " (evomerge reads local directories only, never a hub download)"
             known = f"a key of sources ({', '.join(self.sources)}) nor " if self.sources else ""
             raise ConfigError(
-                f"{field}: {raw!r} is neither {known}a model directory ({looked!r} not found){hint}"
+                f"{field}: {raw!r} is neither {known}a model directory ({looked!r} not found)"
             ) from None
         if full in self._by_path:
             return self._by_path[full]
-        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(full).name) or "model"
+        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", hint) or "model"
         key, n = stem, 2
         while key in self.sources:
             key, n = f"{stem}_{n}", n + 1
