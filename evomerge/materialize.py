@@ -35,6 +35,7 @@ import torch
 
 from .checkpoint.layout import detect_layout
 from .checkpoint.reader import open_checkpoint
+from .checkpoint.resolve import portable_recipe
 from .checkpoint.writer import parse_dtype, write_checkpoint
 from .errors import CheckpointError, PlanError
 from .ops import OpContext, get_op
@@ -341,6 +342,7 @@ class Materializer:
         recipe: Mapping[str, Any] | None = None,
         card: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        mergekit: bool = True,
     ) -> Path:
         """Write the merged model as an HF directory (atomic; see ``write_checkpoint``).
 
@@ -348,7 +350,9 @@ class Materializer:
         ``plan.config_overrides`` applied; tokenizer (and ``generation_config.json``) from
         ``plan.tokenizer_source`` (else the config source). ``recipe`` defaults to
         ``plan.meta['recipe']``, else the plan itself; the model card lists sources,
-        method, recipe and ``plan.meta['scores']`` when present.
+        method, recipe and ``plan.meta['scores']`` when present. With ``mergekit`` and a
+        recipe mergekit can express, ``mergekit_config.yml`` is written too. Sources from
+        the Hub are written as ``org/name@commit`` in both recipe files.
         """
         readers = self.check(plan)
         cs_key = config_source_key(plan)
@@ -370,6 +374,12 @@ class Materializer:
         extra = [cs_dir / GENERATION_CONFIG] if (cs_dir / GENERATION_CONFIG).is_file() else []
         if recipe is None:
             recipe = plan.meta.get("recipe") or {"merge_plan": plan.to_dict()}
+        mk_text = None
+        if mergekit and "merge_plan" not in recipe:
+            from .recipe.mergekit import portable_mergekit_yaml
+
+            mk_text = portable_mergekit_yaml(dict(recipe))
+        recipe = portable_recipe(recipe)
         full_card: dict[str, Any] = {
             "name": Path(out_dir).name,
             "method": plan.meta.get("method"),
@@ -390,6 +400,7 @@ class Materializer:
             dtype=plan.dtype,
             overwrite=overwrite,
             extra_files=extra,
+            mergekit_config=mk_text,
         )
 
 

@@ -490,7 +490,7 @@ def test_write_sharded_checkpoint_loads_in_transformers(tmp_path, zoo):
         assert torch.equal(back.get(name), src.get(name))
     assert yaml.safe_load((out / "evomerge_recipe.yaml").read_text()) == {"merge_method": "linear", "weights": [0.5, 0.5]}
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "# tiny-merge" in card and "| math | 0.75 |" in card
+    assert card.startswith("---\n") and "# tiny-merge" in card and "| math | search | 0.75 |" in card
     assert "`linear`" in card and "x/b" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     sd = model.state_dict()

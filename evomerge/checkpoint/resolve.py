@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError
 
@@ -120,6 +122,15 @@ def portable_ref(path: str | os.PathLike) -> str:
     """A reference another machine can resolve: ``org/name@commit`` for Hub snapshots,
     else the path itself."""
     return hub_ref_of_path(path) or str(path)
+
+
+def portable_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """``recipe`` with its ``sources`` that are Hub snapshots written ``org/name@commit``."""
+    out = dict(recipe)
+    if isinstance(out.get("sources"), Mapping):
+        out["sources"] = {k: portable_ref(v) if isinstance(v, str) else v
+                          for k, v in out["sources"].items()}
+    return out
 
 
 def resolve_ref(ref: str, base_dir: str | os.PathLike | None = None, *,

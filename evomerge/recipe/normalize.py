@@ -30,8 +30,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, PlanError
 from ..checkpoint.resolve import parse_hub_id
+from ..errors import ConfigError, PlanError
 from .params import parse_parameters
 
 TOP_KEYS = {
