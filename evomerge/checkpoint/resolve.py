@@ -4,8 +4,9 @@ Hugging Face Hub id ``org/name`` (optionally ``org/name@revision``).
 Everything downstream sees a local directory. Hub ids go through ``huggingface_hub``'s
 ``snapshot_download`` with only safetensors, JSON (config, index, tokenizer), tokenizer and
 chat-template files allowed — never pickled weights (``*.bin``, ``*.pt``) nor code. The local
-HF cache is used as it is: ``HF_HUB_CACHE`` / ``HF_HOME`` pick it and ``HF_HUB_OFFLINE=1``
-forbids any network access (both read when a reference is resolved, not at import). The token
+HF cache is used as it is: ``HF_HUB_CACHE`` / ``HF_HOME`` pick it, ``HF_HUB_OFFLINE=1``
+forbids any network access and ``HF_ENDPOINT`` picks the Hub (all read when a reference is
+resolved, not at import). The token
 is ``huggingface_hub``'s own (``HF_TOKEN`` or a login); evomerge never reads or writes it.
 
 A resolved Hub model lives in ``<cache>/models--org--name/snapshots/<commit>``, so its
@@ -197,7 +198,7 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> str:
     try:
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=str(cache), local_files_only=offline,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=HUB_ALLOW_PATTERNS, endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
     except GatedRepoError:
         raise CheckpointError(
