@@ -152,8 +152,9 @@ def resolve_ref(ref: str, base_dir: str | os.PathLike | None = None, *,
         return ResolvedModel(ref, os.path.normpath(local.absolute()))
     hub = parse_hub_id(ref)
     if hub is None:
-        what = "is a file, not a model directory" if local.exists() else "not found"
-        raise CheckpointError(f"model directory {os.path.normpath(local)!r} {what}")
+        if local.exists():
+            raise CheckpointError(f"model directory {os.path.normpath(local)!r} is a file, not a model directory")
+        raise CheckpointError(f"model directory not found: {os.path.normpath(local)}")
     repo_id, rev = hub
     path = download_hub_model(repo_id, rev or pinned)
     return ResolvedModel(ref, path, repo_id, Path(path).name, rev)

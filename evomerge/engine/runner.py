@@ -33,7 +33,7 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     search.store = store
     store.write_json(MODELS_FILE, pins_of(search.resolved))
     feed = RunLogFeed(store.dir, trackers, cfg.name, cfg.model_dump(mode="json"))
-    feed.sync()  # a resumed run: replay what is already in the log
+    feed.sync(emit=False)  # a resumed run: its old records were logged when they were made
     try:
         if not progress:
             search.on_progress = lambda s: feed.sync()

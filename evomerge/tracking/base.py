@@ -101,10 +101,12 @@ class RunLogFeed:
         for lg in loggers:
             lg.open(run_name, self.run_dir, config)
 
-    def sync(self) -> int:
-        """Log every record appended since the last call; returns how many."""
+    def sync(self, emit: bool = True) -> int:
+        """Log every record appended since the last call; returns how many. ``emit=False``
+        only catches up (best so far, step count) without logging: a resumed run does not
+        log its old records a second time."""
         path = self.run_dir / "evals.jsonl"
-        if not self.loggers or not path.is_file():
+        if not path.is_file():
             return 0
         with open(path, "rb") as f:
             f.seek(self.offset)
@@ -114,7 +116,7 @@ class RunLogFeed:
         n = 0
         for line in data[:end].splitlines():
             if line.strip():
-                self._emit(json.loads(line))
+                self._emit(json.loads(line), emit)
                 n += 1
         return n
 
@@ -143,12 +145,15 @@ class RunLogFeed:
         if t is not None:
             self.first_time = t if self.first_time is None else self.first_time
             if t > self.first_time:
-                out["run/evaluations_per_second"] = (self.step) / (t - self.first_time)
+                out["run/evaluations_per_second"] = (self.step - 1) / (t - self.first_time)
         return out
 
-    def _emit(self, rec: dict[str, Any]) -> None:
+    def _emit(self, rec: dict[str, Any], emit: bool = True) -> None:
         self.step += 1
         scalars = self.scalars_of(rec)
+        if not emit:
+            self.first_time = None  # the rate counts what this session logs
+            return
         for lg in self.loggers:
             lg.log_scalars(self.step, scalars, rec.get("time"))
 
