@@ -379,6 +379,13 @@ class Materializer:
             from .recipe.mergekit import portable_mergekit_yaml
 
             mk_text = portable_mergekit_yaml(dict(recipe))
+        template = None
+        if recipe.get("chat_template") is not None:
+            from .checkpoint.chat_template import resolve_chat_template
+
+            srcs = recipe.get("sources") or plan.sources
+            template = resolve_chat_template(recipe["chat_template"], srcs,
+                                             [k for k in plan.sources if k in srcs])
         recipe = portable_recipe(recipe)
         full_card: dict[str, Any] = {
             "name": Path(out_dir).name,
@@ -401,6 +408,7 @@ class Materializer:
             overwrite=overwrite,
             extra_files=extra,
             mergekit_config=mk_text,
+            chat_template=template,
         )
 
 

@@ -256,3 +256,72 @@ def test_run_with_hub_ids_records_commits(offline, tmp_path):
     again = resolve_models_full(cfg.models, read_pins(run))
     assert again["a"].revision == c["a"] and again["a"].path == resolved["a"].path
     add_to_hub_cache(offline["cache"], "acme/tiny-a", offline["root"] / "a", branch="main")
+
+
+def _with_template(src, dst, template):
+    import shutil
+
+    shutil.copytree(src, dst)
+    for f in ("chat_template.jinja", "chat_template.json"):
+        (dst / f).unlink(missing_ok=True)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    if template is not None:
+        cfg["chat_template"] = template
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+T1 = "{% for m in messages %}A:{{ m['content'] }}{% endfor %}"
+T2 = "{% for m in messages %}B:{{ m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("auto", T1),  # two of the three sources share T1
+    ("c", T2),  # a named source (by key)
+    ("chatml", "chatml"),
+    ("{{ 'X' }}{% for m in messages %}{{ m['content'] }}{% endfor %}", None),
+])
+def test_chat_template(models, tmp_path, spec, expected):
+    from transformers import AutoTokenizer
+
+    from evomerge.checkpoint.chat_template import CHATML
+
+    root = models["root"]
+    srcs = {"a": _with_template(root / "a", tmp_path / "a", T1),
+            "b": _with_template(root / "b", tmp_path / "b", T1),
+            "c": _with_template(root / "b", tmp_path / "c", T2)}
+    recipe = _recipe(tmp_path, {
+        "merge_method": "linear", "sources": {k: str(v) for k, v in srcs.items()},
+        "models": [{"model": "c", "parameters": {"weight": 0.3}},
+                   {"model": "a", "parameters": {"weight": 0.3}},
+                   {"model": "b", "parameters": {"weight": 0.4}}],
+        "tokenizer_source": "c", "chat_template": spec,
+    })
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    want = {"chatml": CHATML}.get(expected, expected) or spec
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == want
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    msgs = [{"role": "user", "content": "hi"}]
+    if want != CHATML:
+        assert tok.apply_chat_template(msgs, tokenize=False).endswith("hi")
+    # the mergekit config carries it the way mergekit reads it
+    mk = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert mk["chat_template"] == (spec if spec in ("auto", "chatml") else want)
+
+
+def test_chat_template_and_union_errors(models, tmp_path):
+    root = models["root"]
+    with pytest.raises(ConfigError, match=r"^chat_template: 'nope' is neither a key of sources"):
+        compile_recipe({"merge_method": "linear", "sources": {"a": str(root / "a")},
+                        "models": ["a"], "chat_template": "nope"})
+    with pytest.raises(ConfigError, match=r"^tokenizer_source: 'union' is not supported: a union vocabulary needs new embedding"):
+        compile_recipe({"merge_method": "linear", "models": [str(root / "a")], "tokenizer_source": "union"})
+    bare = _with_template(root / "a", tmp_path / "bare", None)
+    recipe = _recipe(tmp_path, {"merge_method": "linear", "models": [str(bare), str(root / "b")],
+                                "chat_template": {"source": str(bare)}})
+    res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "chat_template: model 'bare'" in res.output and "has no chat template" in res.output

@@ -196,12 +196,14 @@ def write_checkpoint(
     overwrite: bool = False,
     extra_files: Iterable[str | os.PathLike] = (),
     mergekit_config: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Stream ``tensors`` into an HF checkpoint directory at ``out_dir``; returns its path.
 
     ``dtype`` casts floating tensors (and sets the config's dtype). ``extra_files`` are
     copied as they are (e.g. ``generation_config.json``). ``mergekit_config``: YAML text
-    written as ``mergekit_config.yml`` (the card then carries the ``mergekit`` tag). Peak memory: one shard plus one
+    written as ``mergekit_config.yml`` (the card then carries the ``mergekit`` tag).
+    ``chat_template``: template text that replaces the copied tokenizer's. Peak memory: one shard plus one
     tensor. The directory appears only when complete (see :func:`atomic_output_dir`).
     """
     limit = parse_size(shard_size)
@@ -233,6 +235,10 @@ def write_checkpoint(
             shutil.copy2(f, tmp / f.name)
         for f in extras:
             shutil.copy2(f, tmp / f.name)
+        if chat_template is not None:
+            from .chat_template import apply_chat_template
+
+            apply_chat_template(tmp, chat_template)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(
                 yaml.safe_dump(_plain(recipe), sort_keys=False), encoding="utf-8"

@@ -194,6 +194,11 @@ def _export(norm: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         out["out_dtype"] = norm["dtype"]
     if tok is not None:
         out["tokenizer_source"] = "base" if tok == base and "base_model" in out else src[tok]
+    ct = norm.get("chat_template")
+    if ct is not None:  # mergekit reads auto, its built-in names, or a Jinja string
+        from ..checkpoint.chat_template import resolve_chat_template
+
+        out["chat_template"] = ct if isinstance(ct, str) else resolve_chat_template(ct, src)
     return out, None
 
 

@@ -20,6 +20,7 @@ Normalized form::
     tokenizer_source: key | null
     seed: 0
     non_layer: {model: key} | {merge: true, merge_method: m, parameters: {...}}   # slices only
+    chat_template: auto | chatml | {template: TEXT} | {source: key}     # only when given
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from .params import parse_parameters
 TOP_KEYS = {
     "merge_method", "method", "base_model", "models", "slices", "parameters", "dtype",
     "out_dtype", "tokenizer_source", "random_seed", "seed", "sources", "non_layer",
+    "chat_template",
 }
 # mergekit fields evomerge does not implement: a clear error beats a silent difference.
 UNSUPPORTED_MERGEKIT_KEYS = {
     "modules": "per-module merges ('modules') are not supported; use 'models' or 'slices'",
     "tokenizer": "the 'tokenizer' block (token surgery) is not supported; sources must share "
     "a tokenizer, pick it with 'tokenizer_source'",
-    "chat_template": "'chat_template' is not supported; the tokenizer source's template is copied",
 }
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -146,6 +147,25 @@ class _Refs:
         self.sources[key] = full
         self._by_path[full] = key
         return key
+
+
+def _chat_template(raw: Any, refs: _Refs) -> Any:
+    """``auto``, a built-in name, ``{template: TEXT}`` or ``{source: KEY}`` (see
+    :mod:`evomerge.checkpoint.chat_template`)."""
+    from ..checkpoint.chat_template import BUILTIN, is_template_text
+
+    if isinstance(raw, dict) and set(raw) in ({"template"}, {"source"}):
+        if "template" in raw:
+            return {"template": str(raw["template"])}
+        return {"source": refs.key(raw["source"], "chat_template.source")}
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"chat_template: expected auto, {', '.join(BUILTIN)}, a Jinja template "
+                          f"or a source model, got {raw!r}")
+    if raw == "auto" or raw in BUILTIN:
+        return raw
+    if is_template_text(raw):
+        return {"template": raw}
+    return {"source": refs.key(raw, "chat_template")}
 
 
 def _mapping(raw: Any, path: str) -> dict[str, Any]:
@@ -294,11 +314,17 @@ def normalize_recipe(raw: Any, base_dir: str | Path | None = None) -> dict[str, 
         out["tokenizer_source"] = out["base_model"]
     elif tok == "union":
         raise ConfigError(
-            "tokenizer_source: 'union' is not supported: evomerge merges sources that share "
-            "a tokenizer; name the model whose tokenizer to copy"
+            "tokenizer_source: 'union' is not supported: a union vocabulary needs new embedding "
+            "and lm_head rows for tokens some sources lack (mergekit resizes and fills them), and "
+            "evomerge merges sources that share one tokenizer; name the model whose tokenizer "
+            "to copy (e.g. tokenizer_source: base)"
         )
     else:
         out["tokenizer_source"] = refs.key(tok, "tokenizer_source")
+
+    ct = raw.get("chat_template")
+    if ct is not None:
+        out["chat_template"] = _chat_template(ct, refs)
 
     seed_field = "random_seed" if raw.get("random_seed") is not None else "seed"
     seed = raw.get(seed_field, 0)
