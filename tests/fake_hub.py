@@ -8,8 +8,11 @@ Routes (as ``huggingface_hub`` calls them):
 - ``POST /api/models/{org}/{name}/commit/{rev}``: the ndjson commit; files are stored;
 - ``POST /api/validate-yaml``: the model card check ``upload_folder`` asks for; answered
   with ``huggingface_hub``'s own strict card parsing (the real Hub validates server-side);
-- ``GET /api/models/{org}/{name}/revision/{rev}``: repo info for downloads; repos listed in
-  ``gated`` answer 403 ``GatedRepo``, unknown ones 404 ``RepoNotFound``.
+- downloads of the models in ``models`` (``add_model``): ``GET
+  /api/models/{org}/{name}/revision/{rev}`` (repo info; repos in ``gated`` answer 403
+  ``GatedRepo``, unknown ones 404 ``RepoNotFound``), ``GET .../tree/{rev}`` (the file list),
+  ``HEAD``/``GET /{org}/{name}/resolve/{rev}/{path}`` (metadata and bytes; every served
+  path is recorded in ``downloaded``).
 
 Write routes require ``Authorization: Bearer <token>``; every request is recorded (method,
 path, headers) so tests can check what was sent.
@@ -31,6 +34,8 @@ class FakeHub:
         self.repos: dict[str, dict[str, Any]] = {}
         self.gated: set[str] = set()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.models: dict[str, dict[str, Any]] = {}  # repo -> {sha, files: {path: bytes}}
+        self.downloaded: list[str] = []
         self.validated_cards = 0
         self.invalid_cards: list[str] = []
         hub = self
@@ -60,6 +65,55 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_model(self, repo: str, folder, extra: dict[str, bytes] | None = None) -> str:
+        """Serve the files of ``folder`` (plus ``extra``) as ``repo``; returns its commit."""
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        files.update(extra or {})
+        sha = hashlib.sha1(repo.encode() + b"".join(files.values())).hexdigest()
+        self.models[repo] = {"sha": sha, "files": files}
+        return sha
+
+    def _serve_model(self, h: BaseHTTPRequestHandler, method: str, parts: list[str]) -> bool:
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+            repo = f"{parts[2]}/{parts[3]}"
+            if repo in self.gated:
+                self._send(h, 403, {"error": f"Access to model {repo} is restricted."},
+                           {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"})
+                return True
+            m = self.models.get(repo) or self.repos.get(repo)
+            if m is None:
+                self._send(h, 404, {"error": "Repository not found"},
+                           {"X-Error-Code": "RepoNotFound", "X-Error-Message": "not found"})
+                return True
+            files = m.get("files", {})
+            if parts[4] == "revision":
+                self._send(h, 200, {"id": repo, "sha": m["sha"],
+                                    "siblings": [{"rfilename": f} for f in files]})
+            else:
+                self._send(h, 200, [{"type": "file", "path": f, "size": len(b),
+                                     "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()])
+            return True
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo = f"{parts[0]}/{parts[1]}"
+            m = self.models.get(repo)
+            name = "/".join(parts[4:])
+            if m is None or name not in m["files"]:
+                self._send(h, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                return True
+            data = m["files"][name]
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.send_header("X-Repo-Commit", m["sha"])
+            h.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+            h.end_headers()
+            if method == "GET":
+                self.downloaded.append(name)
+                h.wfile.write(data)
+            return True
+        return False
+
     # -- routing ------------------------------------------------------------------------
     def _send(self, h: BaseHTTPRequestHandler, status: int, body: Any, headers: dict | None = None):
         data = json.dumps(body).encode()
@@ -78,15 +132,8 @@ class FakeHub:
         n = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(n) if n else b""
         parts = path.strip("/").split("/")
-        if method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] == "revision":
-            repo = f"{parts[2]}/{parts[3]}"
-            if repo in self.gated:
-                return self._send(h, 403, {"error": f"Access to model {repo} is restricted."},
-                                  {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"})
-            if repo not in self.repos:
-                return self._send(h, 404, {"error": "Repository not found"},
-                                  {"X-Error-Code": "RepoNotFound", "X-Error-Message": "not found"})
-            return self._send(h, 200, {"id": repo, "sha": self.repos[repo]["sha"], "siblings": []})
+        if method in ("GET", "HEAD") and self._serve_model(h, method, parts):
+            return None
         if method != "POST":
             return self._send(h, 404, {"error": f"no route {method} {path}"})
         if h.headers.get("Authorization") != f"Bearer {self.token}":

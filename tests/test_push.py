@@ -106,3 +106,23 @@ def test_gated_and_missing_hub_models_are_one_line(hub, tmp_path, monkeypatch):
         resolve_ref("acme/gated")
     with pytest.raises(CheckpointError, match=r"^Hub model acme/missing not found \(check the spelling; a private repository needs HF_TOKEN\)"):
         resolve_ref("acme/missing")
+
+
+def test_hub_download_fetches_only_safetensors_config_and_tokenizer(hub, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    model = make_tiny_llama(tmp_path / "m", seed=3)
+    sha = hub.add_model("acme/tiny", model, extra={"pytorch_model.bin": b"pickle!",
+                                                    "training_args.pt": b"pickle!",
+                                                    "modeling_custom.py": b"import os"})
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    r = resolve_ref("acme/tiny")
+    assert r.revision == sha and r.path.endswith(f"models--acme--tiny/snapshots/{sha}")
+    assert sorted(hub.downloaded) == sorted(p.name for p in model.iterdir())
+    assert not any(n.endswith((".bin", ".pt", ".py")) for n in hub.downloaded)
+    assert load_file(f"{r.path}/model.safetensors").keys() == load_file(str(model / "model.safetensors")).keys()
+    # afterwards it resolves offline from the cache, at the same commit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.downloaded.clear()
+    assert resolve_ref("acme/tiny").path == r.path and hub.downloaded == []
