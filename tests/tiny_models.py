@@ -10,6 +10,8 @@ tests exercise the same files users have without downloading anything.
 - :func:`make_tiny_lora`: a PEFT LoRA adapter over a base, with non-zero B so the delta
   is not trivially zero.
 - :func:`char_tokenizer`: the tokenizer alone (char-level WordLevel, as NOTES.md describes).
+- :func:`scale_layer_inputs`: Sakana's data-flow scaling done directly (forward pre-hooks),
+  the reference the folded DFS export is checked against.
 """
 
 from __future__ import annotations
@@ -203,3 +205,18 @@ def make_tiny_lora(
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out)
     return out
+
+
+def scale_layer_inputs(model, scales) -> None:
+    """Multiply the residual stream entering decoder layer k by ``scales[k]`` (hooks)."""
+
+    def hook(scale):
+        def pre(module, args, kwargs):
+            if args:
+                return (args[0] * scale, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
+
+        return pre
+
+    for layer, s in zip(model.model.layers, scales):
+        layer.register_forward_pre_hook(hook(s), with_kwargs=True)

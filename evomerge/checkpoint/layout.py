@@ -116,3 +116,40 @@ def detect_layout(names: Iterable[str], config: dict | None = None) -> ModelLayo
         not any(n.startswith("lm_head") for n in names) and any("embed" in n or "wte" in n for n in names)
     )
     return ModelLayout(layer_prefix=prefix, num_layers=num_layers, tied_embeddings=tied)
+
+
+# -- residual-stream scale invariance (data-flow merging) -----------------------------------
+# Families whose decoder layers are pre-norm residual blocks, ``x + f(norm(x))`` twice, with
+# scale-invariant norms (RMSNorm / LayerNorm, up to epsilon) and nothing else reading the
+# residual stream before the final norm. In these, scaling a layer's residual input by ``s``
+# equals dividing the layer's output projections (listed per family, weights and biases) by
+# ``s``: a data-flow path with scaled transitions folds into plain weights.
+RESIDUAL_OUTPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "llama": ("self_attn.o_proj.", "mlp.down_proj."),
+    "mistral": ("self_attn.o_proj.", "mlp.down_proj."),
+    "qwen2": ("self_attn.o_proj.", "mlp.down_proj."),
+    "qwen3": ("self_attn.o_proj.", "mlp.down_proj."),
+    "gemma": ("self_attn.o_proj.", "mlp.down_proj."),
+    "phi3": ("self_attn.o_proj.", "mlp.down_proj."),
+}
+# Why the others are refused (model_type -> reason), for the error message.
+NOT_SCALE_INVARIANT = {
+    "gemma2": "post-norms on the attention and MLP outputs (rescaling o_proj/down_proj is undone)",
+    "gemma3": "post-norms on the attention and MLP outputs (rescaling o_proj/down_proj is undone)",
+    "gemma3_text": "post-norms on the attention and MLP outputs (rescaling o_proj/down_proj is undone)",
+    "olmo2": "post-norm layers (the update is normalized after the sublayer)",
+    "gpt2": "Conv1D output projections (c_proj) not covered by the folding rule",
+    "mixtral": "mixture-of-experts MLPs (a router reads the residual stream)",
+}
+
+
+def residual_output_projections(config: dict) -> tuple[str, ...]:
+    """Layer-tensor suffix prefixes to rescale for residual-stream scaling, or ValueError.
+
+    The ValueError message is one line naming the model type and why it is refused."""
+    mt = str(config.get("model_type") or "")
+    if mt in RESIDUAL_OUTPUT_PROJECTIONS:
+        return RESIDUAL_OUTPUT_PROJECTIONS[mt]
+    why = NOT_SCALE_INVARIANT.get(mt, "not a known pre-norm residual family")
+    known = ", ".join(sorted(RESIDUAL_OUTPUT_PROJECTIONS))
+    raise ValueError(f"model_type {mt or '?'!r}: {why}; data-flow merging supports {known}")

@@ -47,15 +47,20 @@ def heldout_table(cfg: RunConfig, recipes: dict[str, dict[str, Any]]) -> list[di
     models = resolve_models(cfg.models)
     info = TaskInfo.load(cfg.tasks)
     report = [t.model_dump() for t in cfg.report_tasks]
+    plans = {label: compile_recipe(recipe) for label, recipe in recipes.items()}
+    backend = cfg.backend.model_dump()
+    depth = max((p.config_overrides.get("num_hidden_layers", 0) for p in plans.values()), default=0)
+    if depth:  # layer paths (DFS) may be deeper than the resident model: give it the slots
+        backend["options"] = {"max_layers": depth, **(backend.get("options") or {})}
     ev = Evaluator(EvalSpec(
         model_dir=models[cfg.base_model or next(iter(models))],
         tasks=[t.model_dump() for t in cfg.tasks] + report,
-        backend=cfg.backend.model_dump(), split="heldout", num_threads=cfg.executor.num_threads,
+        backend=backend, split="heldout", num_threads=cfg.executor.num_threads,
     ))
     rows = []
     try:
-        for label, recipe in recipes.items():
-            out = ev.evaluate(compile_recipe(recipe))
+        for label, plan in plans.items():
+            out = ev.evaluate(plan)
             if out.failed:
                 rows.append({"model": label, "error": out.error})
                 continue
@@ -66,10 +71,27 @@ def heldout_table(cfg: RunConfig, recipes: dict[str, dict[str, Any]]) -> list[di
                 "combined": info.combine(means),
                 "report": {t: means[t] for t in means if t not in info.names},
                 "examples": sum(len(out.scores[t]) for t in info.names),
+                "se": {t: _se(v) for t, v in out.scores.items()},
+                "combined_se": _combined_se(info, out.scores),
             })
     finally:
         ev.close()
     return rows
+
+
+def _se(values: list[float]) -> float:
+    """Standard error of a mean of per-example scores."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = sum(values) / n
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def _combined_se(info: Any, scores: dict[str, list[float]]) -> float:
+    """Standard error of the weighted mean of task means (tasks independent)."""
+    total = sum(info.weights.values())
+    return sum((info.weights[t] / total * _se(scores[t])) ** 2 for t in info.names) ** 0.5
 
 
 def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool = False,

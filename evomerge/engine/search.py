@@ -52,6 +52,7 @@ class Search:
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
         # fail fast on a space/recipe that cannot compile at all
         self.space.plan(self.space.initial()).validate()
+        self.backend_spec = _backend_spec(cfg, self.space)  # the space may refuse the backend
         self.executor = executor or make_executor(cfg.executor)
         self.on_progress = on_progress
         self.pending: dict[int, Candidate] = {}
@@ -117,7 +118,7 @@ class Search:
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
             tasks=[t.model_dump() for t in self.cfg.tasks],
-            backend=self.cfg.backend.model_dump(),
+            backend=self.backend_spec,
             num_threads=self.cfg.executor.num_threads,
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
@@ -192,7 +193,7 @@ class Search:
             fitness, scores = float(outcome.partial_fitness), None
         else:
             means = {t: float(np.mean(scores[t])) for t in self.tasks.names}
-            fitness = self.tasks.combine(means)
+            fitness = self.tasks.combine(means) - self.space.fitness_penalty(recipe)
         rec = {
             "id": cid,
             "genome": [float(x) for x in cand.genome],
@@ -229,6 +230,13 @@ class Search:
                 self._finish(other, outcome)
             else:
                 self._finish(other, None, cached=rec)
+
+
+def _backend_spec(cfg: RunConfig, space: Any) -> dict[str, Any]:
+    """The backend config with the options the space needs (DFS: room for its longest path)."""
+    b = cfg.backend.model_dump()
+    b["options"] = {**space.backend_options(b.get("name", "hf")), **(b.get("options") or {})}
+    return b
 
 
 def build_optimizer(cfg: RunConfig, space: Any):

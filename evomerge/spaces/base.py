@@ -68,6 +68,14 @@ class SearchSpace(ABC):
         """Extra constructor arguments a space gives a particular optimizer (M2N2's crossover)."""
         return {}
 
+    def backend_options(self, backend: str) -> dict[str, Any]:
+        """Options the space needs from the fitness backend (DFS: room for its longest path)."""
+        return {}
+
+    def fitness_penalty(self, recipe: dict[str, Any]) -> float:
+        """Subtracted from a candidate's fitness (DFS: a price on path length); 0 by default."""
+        return 0.0
+
     # -- genome -> recipe -> plan ----------------------------------------------------------
     @abstractmethod
     def decode(self, genome: np.ndarray) -> dict[str, Any]:

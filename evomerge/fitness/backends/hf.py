@@ -112,10 +112,19 @@ class HFBackend(Backend):
         if opts.get("attn_implementation"):
             load_kwargs["attn_implementation"] = opts["attn_implementation"]
 
+        max_layers = opts.get("max_layers")
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
+            if max_layers is not None:
+                load_kwargs["config"] = _deeper_config(path, int(max_layers), trust)
+            verbosity = hf_logging.get_verbosity()
+            if max_layers is not None:  # the extra slots are "newly initialized": expected
+                hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
+            finally:
+                hf_logging.set_verbosity(verbosity)
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
         except (OSError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -148,6 +157,7 @@ class HFBackend(Backend):
         self._encode_cache: dict[str, list[int]] = {}
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_length = int(limit) if isinstance(limit, int) and limit > 0 else None
+        self.layer_slots = LayerSlots(model)
 
     # -- the resident weights -------------------------------------------------------------
 
@@ -160,6 +170,12 @@ class HFBackend(Backend):
         from the config and are not weights.
         """
         return dict(self.model.state_dict(keep_vars=True))
+
+    def load_plan(self, plan: Any, materializer: Any) -> None:
+        """Write the plan's weights in place; a plan with fewer layers than the resident model
+        holds (``max_layers``: data-flow paths) first shortens the active layer stack."""
+        self.layer_slots.activate(self.layer_slots.layers_of(plan))
+        materializer.materialize_into(plan, self.target_tensors())
 
     # -- tokenization ---------------------------------------------------------------------
 
@@ -377,3 +393,81 @@ class HFBackend(Backend):
         self._encode_cache.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _deeper_config(path: Path, layers: int, trust: bool) -> Any:
+    """The checkpoint's config with ``layers`` decoder layers (room for longer layer paths)."""
+    from transformers import AutoConfig
+
+    if layers < 1:
+        raise BackendError(f"backend.options.max_layers: must be >= 1, got {layers}")
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise BackendError(f"backend.options.max_layers: {path} has no num_hidden_layers")
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) != layers:
+        if len(set(map(str, types))) > 1:
+            raise BackendError(f"backend.options.max_layers: {path} mixes layer types "
+                               f"{sorted(set(map(str, types)))}; cannot add uniform slots")
+        config.layer_types = [types[0]] * layers
+    config.num_hidden_layers = layers
+    return config
+
+
+class LayerSlots:
+    """The resident decoder stack as slots: the first ``n`` are active for the current plan.
+
+    Shortening swaps in a ``ModuleList`` of references to the first ``n`` layer modules (no
+    copies; each keeps its ``layer_idx``, so KV-cache indexing stays right) and sets
+    ``config.num_hidden_layers`` (and ``layer_types``), which the cache and the masks read.
+    ``state_dict`` then lists exactly the active layers, so the materializer's completeness
+    check covers every weight the forward uses.
+    """
+
+    PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.parent, self.attr, self.all, self.path = None, None, None, ""
+        for p in self.PATHS:
+            parent_path, _, attr = p.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_path)
+            except AttributeError:
+                continue
+            if isinstance(getattr(parent, attr, None), torch.nn.ModuleList):
+                self.parent, self.attr, self.path = parent, attr, p
+                self.all = list(getattr(parent, attr))
+                break
+        self.types = getattr(model.config, "layer_types", None)
+        self.count_key = "n_layer" if hasattr(model.config, "n_layer") else "num_hidden_layers"
+        self.active = len(self.all) if self.all is not None else None
+
+    @property
+    def capacity(self) -> int | None:
+        return len(self.all) if self.all is not None else None
+
+    def layers_of(self, plan: Any) -> int | None:
+        """Layers a plan produces: its layer-count override, else its highest layer + 1."""
+        over = getattr(plan, "config_overrides", None) or {}
+        n = over.get("num_hidden_layers", over.get("n_layer"))
+        if isinstance(n, int):
+            return int(n)
+        prefix = f"{self.path}."
+        idx = [int(head) for name in plan.output_names if name.startswith(prefix)
+               and (head := name[len(prefix):].partition(".")[0]).isdigit()]
+        return max(idx) + 1 if idx else self.capacity
+
+    def activate(self, n: int | None) -> None:
+        if n is None or self.all is None or n == self.active:
+            return
+        if not 1 <= n <= len(self.all):
+            raise BackendError(
+                f"the plan has {n} layers but the resident model holds {len(self.all)} "
+                f"(raise backend.options.max_layers)")
+        setattr(self.parent, self.attr, torch.nn.ModuleList(self.all[:n]))
+        setattr(self.model.config, self.count_key, n)
+        if isinstance(self.types, list):
+            self.model.config.layer_types = list(self.types[:n])
+        self.active = n
