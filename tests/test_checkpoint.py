@@ -329,7 +329,7 @@ def test_lora_reader_gpt2_conv1d(tmp_path, zoo, fifo):
     assert r.lora_transposed("transformer.h.0.attn.c_proj.weight")  # square: from the config
 
 
-def test_lora_base_resolution(tmp_path, zoo):
+def test_lora_base_resolution(tmp_path, zoo, monkeypatch):
     import shutil
 
     base = _copy_model(zoo["llama"], tmp_path / "base")
@@ -343,8 +343,11 @@ def test_lora_base_resolution(tmp_path, zoo):
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3-8B"
     cfg_path.write_text(json.dumps(cfg))
     clear_reader_cache()
-    with pytest.raises(CheckpointError, match="'meta-llama/Llama-3-8B' is not a local directory .*downloads nothing"):
-        open_checkpoint(adapter)
+    with monkeypatch.context() as m:  # a Hub id: looked up in the (empty, offline) HF cache
+        m.setenv("HF_HUB_OFFLINE", "1")
+        m.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+        with pytest.raises(CheckpointError, match=r"base model: Hub model meta-llama/Llama-3-8B is not in the local HF cache"):
+            open_checkpoint(adapter)
     r2 = open_checkpoint(adapter, base=base)  # explicit base wins
     assert r2.base.path == base.resolve()
     moved = shutil.copytree(base, tmp_path / "moved")

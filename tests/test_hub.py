@@ -325,3 +325,22 @@ def test_chat_template_and_union_errors(models, tmp_path):
                                 "chat_template": {"source": str(bare)}})
     res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "chat_template: model 'bare'" in res.output and "has no chat template" in res.output
+
+
+def test_lora_adapter_from_the_hub_with_a_hub_base(offline, tmp_path):
+    """PEFT writes the base as a Hub id: adapter and base both resolve through the cache."""
+    from tiny_models import make_tiny_lora
+
+    from evomerge.checkpoint import open_checkpoint
+
+    c = offline["commits"]
+    adapter = make_tiny_lora(offline["root"] / "base", tmp_path / "ad")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "acme/tiny-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    add_to_hub_cache(offline["cache"], "acme/tiny-lora", adapter)
+    reader = open_checkpoint(resolve_model_dir("acme/tiny-lora"))
+    assert reader.is_lora and reader.base.path.name == c["base"]
+    dense = open_checkpoint(offline["root"] / "base")
+    name = next(n for n in dense.names if "q_proj" in n)
+    assert not torch.equal(reader.get(name), dense.get(name))  # the adapter's delta is applied
