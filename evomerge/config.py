@@ -4,8 +4,9 @@ A run config names the source models, the search space, the optimizer, the fitne
 backend, the executor and the budget. Unknown fields are errors (``extra="forbid"``), and every
 validation error becomes one :class:`ConfigError` line naming the file and the field path.
 
-Model paths may be local HF directories, or ``zoo:<member>`` / ``zoo:<variant>/<member>``
-references into the locally built model zoo (resolved by :mod:`evomerge.engine.models`).
+Model paths may be local HF directories, ``zoo:<member>`` / ``zoo:<variant>/<member>``
+references into the locally built model zoo, or Hub ids ``org/name[@revision]`` (resolved by
+:mod:`evomerge.engine.models` through the local HF cache).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     presets in ``search_spaces/`` can name ``fitness/...`` from the repository root).
     """
 
-    def fix(p: str) -> str:
+    def fix(p: str, model: bool = False) -> str:
         if p.startswith("zoo:") or is_remote_ref(p):
             return p
         q = Path(p).expanduser()
@@ -230,10 +231,14 @@ def resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         for root in (base_dir, Path.cwd()):
             if (root / q).exists():
                 return str((root / q).resolve())
+        from .checkpoint.resolve import parse_hub_id
+
+        if model and parse_hub_id(p) is not None:  # org/name[@revision]: a Hub id, kept
+            return p
         return str((base_dir / q).resolve())
 
     data = cfg.model_dump()
-    data["models"] = {k: fix(v) for k, v in cfg.models.items()}
+    data["models"] = {k: fix(v, model=True) for k, v in cfg.models.items()}
     for key in ("tasks", "report_tasks"):
         data[key] = [dict(t, path=fix(t["path"])) for t in data[key]]
     return RunConfig.model_validate(data)

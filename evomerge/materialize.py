@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 
 from .checkpoint.layout import detect_layout
 from .checkpoint.reader import open_checkpoint
+from .checkpoint.resolve import portable_recipe
 from .checkpoint.writer import parse_dtype, write_checkpoint
 from .errors import CheckpointError, PlanError
 from .ops import OpContext, get_op
@@ -340,6 +342,7 @@ class Materializer:
         recipe: Mapping[str, Any] | None = None,
         card: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        mergekit: bool = True,
     ) -> Path:
         """Write the merged model as an HF directory (atomic; see ``write_checkpoint``).
 
@@ -347,7 +350,9 @@ class Materializer:
         ``plan.config_overrides`` applied; tokenizer (and ``generation_config.json``) from
         ``plan.tokenizer_source`` (else the config source). ``recipe`` defaults to
         ``plan.meta['recipe']``, else the plan itself; the model card lists sources,
-        method, recipe and ``plan.meta['scores']`` when present.
+        method, recipe and ``plan.meta['scores']`` when present. With ``mergekit`` and a
+        recipe mergekit can express, ``mergekit_config.yml`` is written too. Sources from
+        the Hub are written as ``org/name@commit`` in both recipe files.
         """
         readers = self.check(plan)
         cs_key = config_source_key(plan)
@@ -358,11 +363,30 @@ class Materializer:
             raise CheckpointError(
                 f"tokenizer_source {tok_key!r} ({plan.sources[tok_key]}) has no tokenizer files"
             )
+        if tok_dir is None:  # the config source has none: take the first source that has one
+            tok_key = next((k for k in plan.sources if readers[k].tokenizer_dir is not None), None)
+            tok_dir = readers[tok_key].tokenizer_dir if tok_key is not None else None
+            if tok_key is not None:
+                warnings.warn(f"model {cs_key!r} has no tokenizer files: the merged model takes "
+                              f"the tokenizer of {tok_key!r}", stacklevel=2)
         cs_reader = readers[cs_key]
         cs_dir = getattr(cs_reader, "base", cs_reader).path
         extra = [cs_dir / GENERATION_CONFIG] if (cs_dir / GENERATION_CONFIG).is_file() else []
         if recipe is None:
             recipe = plan.meta.get("recipe") or {"merge_plan": plan.to_dict()}
+        mk_text = None
+        if mergekit and "merge_plan" not in recipe:
+            from .recipe.mergekit import portable_mergekit_yaml
+
+            mk_text = portable_mergekit_yaml(dict(recipe))
+        template = None
+        if recipe.get("chat_template") is not None:
+            from .checkpoint.chat_template import resolve_chat_template
+
+            srcs = recipe.get("sources") or plan.sources
+            template = resolve_chat_template(recipe["chat_template"], srcs,
+                                             [k for k in plan.sources if k in srcs])
+        recipe = portable_recipe(recipe)
         full_card: dict[str, Any] = {
             "name": Path(out_dir).name,
             "method": plan.meta.get("method"),
@@ -383,6 +407,8 @@ class Materializer:
             dtype=plan.dtype,
             overwrite=overwrite,
             extra_files=extra,
+            mergekit_config=mk_text,
+            chat_template=template,
         )
 
 

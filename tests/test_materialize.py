@@ -309,7 +309,7 @@ def test_materialize_to_disk_loads_and_generates(tmp_path, zoo):
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert (out / "generation_config.json").is_file()
     card = (out / "README.md").read_text()
-    assert "`linear`" in card and "| math | 0.5 |" in card and plan.hash() in card
+    assert "`linear`" in card and "| math | search | 0.5 |" in card and plan.hash() in card
     recipe = (out / "evomerge_recipe.yaml").read_text()
     assert MergePlan.from_dict(__import__("yaml").safe_load(recipe)["merge_plan"]).hash() == plan.hash()
     model = load_model(out)

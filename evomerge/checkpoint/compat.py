@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,15 +188,8 @@ def check_compatible(
                     f"shape mismatch for tensor {other!r}: model {key!r} has {list(sb)}, model "
                     f"{ref_key!r} has {list(sa)}{hint}"
                 )
-        if require_same_tokenizer:
-            if not r.tokenizer_files:
-                raise IncompatibleModelsError(f"model {key!r} ({r.path}) has no tokenizer files to compare")
-            if not ref.tokenizer_files:
-                raise IncompatibleModelsError(f"model {ref_key!r} ({ref.path}) has no tokenizer files to compare")
-            _compare_tokenizers(ref_key, ref, key, r)
-
-    if require_same_tokenizer and len(keys) == 1 and not ref.tokenizer_files:
-        raise IncompatibleModelsError(f"model {ref_key!r} ({ref.path}) has no tokenizer files")
+    if require_same_tokenizer:
+        _check_tokenizers(readers)
     common = [n for n in ref.names if all(readers[k].has(n) for k in keys)]
     return CompatReport(
         reference=ref_key,
@@ -205,6 +199,34 @@ def check_compatible(
         tokenizer_hash=tokenizer_fingerprint(ref.tokenizer_files) if ref.tokenizer_files else None,
         models=keys,
     )
+
+
+def _check_tokenizers(readers: Mapping[str, Any]) -> None:
+    """Same token -> id mapping for every source that has tokenizer files.
+
+    A source without tokenizer files is accepted with a warning, as mergekit does: its
+    vocabulary size and embedding shapes already match the others (checked above), so its
+    ids are taken to mean the same tokens, and the merged model gets the tokenizer of
+    ``tokenizer_source`` or of another source. With no tokenizer anywhere: refused.
+    """
+    with_tok = [k for k, r in readers.items() if r.tokenizer_files]
+    without = [k for k in readers if k not in with_tok]
+    if not with_tok:
+        names = ", ".join(f"{k!r} ({readers[k].path})" for k in readers)
+        raise IncompatibleModelsError(
+            f"no source model has tokenizer files ({names}); the merged model would have no "
+            f"tokenizer: add tokenizer files to one source"
+        )
+    ref_key = with_tok[0]
+    for key in with_tok[1:]:
+        _compare_tokenizers(ref_key, readers[ref_key], key, readers[key])
+    if without:
+        warnings.warn(
+            f"model(s) {', '.join(map(repr, without))} have no tokenizer files: merged assuming "
+            f"their token ids match {ref_key!r}'s (same vocabulary size); the output takes its "
+            f"tokenizer from tokenizer_source or a source that has one",
+            stacklevel=3,
+        )
 
 
 def _depth_free_diff(la: ModelLayout, names_a: set[str], lb: ModelLayout, names_b: set[str]):

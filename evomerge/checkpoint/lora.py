@@ -100,7 +100,8 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 def resolve_base_path(adapter_dir: Path, value: str | None) -> Path:
-    """``base_model_name_or_path`` as a local directory (relative: to the adapter dir)."""
+    """``base_model_name_or_path`` as a local directory (relative: to the adapter dir), or a
+    Hub id resolved through the local HF cache (:mod:`evomerge.checkpoint.resolve`)."""
     if not value:
         raise CheckpointError(
             f"LoRA adapter {adapter_dir} names no base model (base_model_name_or_path is empty): pass base="
@@ -110,9 +111,17 @@ def resolve_base_path(adapter_dir: Path, value: str | None) -> Path:
     for c in candidates:
         if c.is_dir():
             return c.resolve()
+    from .resolve import download_hub_model, parse_hub_id
+
+    hub = parse_hub_id(value)
+    if hub is not None:  # a Hub id, as PEFT writes it: through the HF cache (HF_HUB_OFFLINE...)
+        try:
+            return Path(download_hub_model(*hub)).resolve()
+        except CheckpointError as e:
+            raise CheckpointError(f"LoRA adapter {adapter_dir}: base model: {e}") from None
     raise CheckpointError(
-        f"LoRA adapter {adapter_dir}: base model {value!r} is not a local directory "
-        f"(evomerge downloads nothing); pass the base checkpoint's local path as base="
+        f"LoRA adapter {adapter_dir}: base model {value!r} is neither a local directory nor a "
+        f"Hub id; pass the base checkpoint's local path as base="
     )
 
 

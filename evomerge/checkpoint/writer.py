@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError
 from .reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, tokenizer_files_in
 
 RECIPE_FILE = "evomerge_recipe.yaml"
+MERGEKIT_FILE = "mergekit_config.yml"
 CARD_FILE = "README.md"
 
 _UNITS = {
@@ -194,11 +195,15 @@ def write_checkpoint(
     *,
     overwrite: bool = False,
     extra_files: Iterable[str | os.PathLike] = (),
+    mergekit_config: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Stream ``tensors`` into an HF checkpoint directory at ``out_dir``; returns its path.
 
     ``dtype`` casts floating tensors (and sets the config's dtype). ``extra_files`` are
-    copied as they are (e.g. ``generation_config.json``). Peak memory: one shard plus one
+    copied as they are (e.g. ``generation_config.json``). ``mergekit_config``: YAML text
+    written as ``mergekit_config.yml`` (the card then carries the ``mergekit`` tag).
+    ``chat_template``: template text that replaces the copied tokenizer's. Peak memory: one shard plus one
     tensor. The directory appears only when complete (see :func:`atomic_output_dir`).
     """
     limit = parse_size(shard_size)
@@ -230,71 +235,28 @@ def write_checkpoint(
             shutil.copy2(f, tmp / f.name)
         for f in extras:
             shutil.copy2(f, tmp / f.name)
+        if chat_template is not None:
+            from .chat_template import apply_chat_template
+
+            apply_chat_template(tmp, chat_template)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(
                 yaml.safe_dump(_plain(recipe), sort_keys=False), encoding="utf-8"
             )
+        if mergekit_config is not None:
+            (tmp / MERGEKIT_FILE).write_text(mergekit_config, encoding="utf-8")
         if card is not None:
-            (tmp / CARD_FILE).write_text(render_model_card(card, recipe, cfg), encoding="utf-8")
+            text = render_model_card(card, recipe, cfg, mergekit=mergekit_config is not None)
+            (tmp / CARD_FILE).write_text(text, encoding="utf-8")
     return out
 
 
-def render_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None, config: Mapping[str, Any]) -> str:
-    """A Hugging Face model card: front matter, sources, method, scores, recipe.
+def render_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
+                      config: Mapping[str, Any], *, mergekit: bool = False) -> str:
+    """A Hugging Face model card (see :func:`evomerge.checkpoint.card.build_model_card`)."""
+    from .card import build_model_card
 
-    Known ``card`` keys: ``name``, ``description``, ``method``, ``base_model``, ``sources``
-    (mapping key -> path, or list), ``scores`` (mapping task -> number). Any other key is
-    listed under "Details".
-    """
-    card = dict(card)
-    sources = card.pop("sources", None) or {}
-    if not isinstance(sources, Mapping):
-        sources = {str(i): s for i, s in enumerate(sources)}
-    name = card.pop("name", None) or "Merged model"
-    description = card.pop("description", None)
-    method = card.pop("method", None) or (recipe or {}).get("merge_method") or (recipe or {}).get("method")
-    base_model = card.pop("base_model", None)
-    scores = card.pop("scores", None) or {}
-    front = {
-        "library_name": "transformers",
-        "tags": ["merge", "evomerge"],
-    }
-    if sources:
-        front["base_model"] = [str(v) for v in sources.values()]
-    lines = ["---", yaml.safe_dump(_plain(front), sort_keys=False).strip(), "---", "", f"# {name}", ""]
-    lines.append(description or "This model is a merge of pre-trained language models made with evomerge.")
-    lines.append("")
-    lines += ["## Merge method", ""]
-    lines.append(f"- method: `{method}`" if method else "- method: see the recipe below")
-    if base_model:
-        lines.append(f"- base model: `{base_model}`")
-    arch = config.get("architectures")
-    if arch:
-        lines.append(f"- architecture: {', '.join(map(str, arch))}")
-    for key in ("num_hidden_layers", "n_layer"):
-        if key in config:
-            lines.append(f"- layers: {config[key]}")
-            break
-    lines.append("")
-    if sources:
-        lines += ["## Source models", ""]
-        lines += [f"- `{k}`: `{v}`" for k, v in sources.items()]
-        lines.append("")
-    if scores:
-        lines += ["## Scores", "", "| task | score |", "|---|---|"]
-        for task, value in scores.items():
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            lines.append(f"| {task} | {shown} |")
-        lines.append("")
-    if card:
-        lines += ["## Details", ""]
-        lines += [f"- {k}: {json.dumps(_plain(v))}" for k, v in card.items()]
-        lines.append("")
-    if recipe is not None:
-        lines += ["## Recipe", "", f"Also saved as `{RECIPE_FILE}`.", "", "```yaml"]
-        lines.append(yaml.safe_dump(_plain(recipe), sort_keys=False).rstrip())
-        lines += ["```", ""]
-    return "\n".join(lines)
+    return build_model_card(card, recipe, config, mergekit=mergekit)
 
 
 def _plain(value: Any) -> Any:

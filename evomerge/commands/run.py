@@ -11,6 +11,9 @@ from rich.table import Table
 
 from ..config import load_config
 
+_LOG_HELP = ("Experiment logger: tensorboard (default when installed), wandb, mlflow, or none; "
+             "repeat for several.")
+
 
 def _executor_overrides(executor, workers, address):
     out = {}
@@ -34,7 +37,8 @@ def _executor_overrides(executor, workers, address):
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://host:port).")
 @click.option("--force", is_flag=True, help="Continue a run whose config changed.")
 @click.option("--no-progress", is_flag=True)
-def run(config, runs_dir, name, budget, executor, workers, address, force, no_progress):
+@click.option("--log", "log", multiple=True, metavar="NAME", help=_LOG_HELP)
+def run(config, runs_dir, name, budget, executor, workers, address, force, no_progress, log):
     """Start (or continue) a search from a run CONFIG.yaml."""
     from ..engine.runner import run_search
 
@@ -50,7 +54,7 @@ def run(config, runs_dir, name, budget, executor, workers, address, force, no_pr
     if changes:
         cfg = cfg.model_copy(update=changes)
     run_dir = Path(runs_dir) / cfg.name
-    best = run_search(cfg, run_dir, force=force, progress=not no_progress)
+    best = run_search(cfg, run_dir, force=force, progress=not no_progress, loggers=list(log) or None)
     _print_best(best, run_dir)
 
 
@@ -62,12 +66,14 @@ def run(config, runs_dir, name, budget, executor, workers, address, force, no_pr
 @click.option("--workers", type=int, default=None)
 @click.option("--address", default=None)
 @click.option("--no-progress", is_flag=True)
-def resume(run_dir, force, budget, executor, workers, address, no_progress):
+@click.option("--log", "log", multiple=True, metavar="NAME", help=_LOG_HELP)
+def resume(run_dir, force, budget, executor, workers, address, no_progress, log):
     """Continue RUN_DIR exactly where it stopped (after any crash)."""
     from ..engine.runner import resume_search
 
     best = resume_search(run_dir, force=force, budget=budget, progress=not no_progress,
-                         executor=_executor_overrides(executor, workers, address))
+                         executor=_executor_overrides(executor, workers, address),
+                         loggers=list(log) or None)
     _print_best(best, Path(run_dir))
 
 

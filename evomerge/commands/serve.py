@@ -35,7 +35,7 @@ from ..errors import ConfigError
 @click.option("--quiet", is_flag=True, help="No access log.")
 def serve(model_dir, ensemble, host, port, api_key_env, model_name, device, dtype, batch_size, threads,
           max_logprobs, logprobs_eos, quiet):
-    """Serve MODEL_DIR (an HF checkpoint) with /v1/completions, /v1/chat/completions, /v1/models.
+    """Serve MODEL_DIR (an HF checkpoint, zoo:NAME or a Hub id org/name[@rev]) with /v1/completions, /v1/chat/completions, /v1/models.
 
     With --ensemble ENSEMBLE.yaml, serve the greedy answers of a mixture of OpenAI-compatible
     endpoints instead (keys of the endpoints are read from the variables the file names)."""
@@ -60,6 +60,9 @@ def serve(model_dir, ensemble, host, port, api_key_env, model_name, device, dtyp
 
         server = make_ensemble_server(ensemble, host, port, api_key_env=api_key_env, model_name=model_name)
     else:
+        from ..checkpoint.resolve import resolve_model_dir
+
+        model_dir = resolve_model_dir(model_dir)  # a directory, zoo:NAME or a Hub id org/name[@rev]
         server = make_server(model_dir, host, port, api_key_env=api_key_env, model_name=model_name,
                              device=device, dtype=dtype, batch_size=batch_size, max_logprobs=max_logprobs,
                              logprobs_eos=logprobs_eos)

@@ -1,8 +1,10 @@
 """Export the best individuals of a run as Hugging Face checkpoints.
 
 Each exported folder holds sharded safetensors, config, tokenizer, the decoded recipe
-(`evomerge_recipe.yaml`, which `evomerge merge` rebuilds bit for bit) and a model card with
-the run's scores.
+(`evomerge_recipe.yaml`, which `evomerge merge` rebuilds bit for bit; Hub sources written
+``org/name@commit``), `mergekit_config.yml` when mergekit can express the recipe, and a
+Hub-ready model card (``huggingface_hub`` ModelCard) with the run's scores, each with its
+split and standard error. `evomerge push DIR REPO_ID` uploads such a folder.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ def top_records(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | None = None,
                shard_size: str = "2GB") -> list[Path]:
+    from ..checkpoint.card import score_rows_of_record
     from ..materialize import Materializer
     from ..recipe import compile_recipe
     from ..spaces import make_space
-    from .models import resolve_models
+    from .models import read_pins, resolve_models
 
     store = RunStore.open(run_dir)
     records = store.read_evals()
@@ -43,7 +46,8 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
     cfg = store.config()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    space = make_space(cfg.space, resolve_models(cfg.models), cfg.base_model, seed=cfg.seed,
+    models = resolve_models(cfg.models, read_pins(store.dir))  # the commits the run used
+    space = make_space(cfg.space, models, cfg.base_model, seed=cfg.seed,
                        dtype=cfg.dtype)
     mat = Materializer(device=device)
     paths = []
@@ -53,7 +57,7 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
             "run": cfg.name,
             "candidate_id": rec["id"],
             "fitness": rec["fitness"],
-            "scores": rec["scores"],
+            "evaluations": score_rows_of_record(rec),
             "plan_hash": rec["plan_hash"],
             "optimizer": cfg.optimizer.name,
             "space": cfg.space.type,

@@ -2,40 +2,65 @@
 
 ``zoo:<member>`` names a member of the locally built full zoo (``zoo:base``,
 ``zoo:expert_a``, ``zoo:lora_b`` ...; `evomerge zoo build` lists them);
-``zoo:<variant>/<member>`` picks the variant (``full`` or ``test``). Everything else must be
-an existing local directory: nothing is ever downloaded.
+``zoo:<variant>/<member>`` picks the variant (``full`` or ``test``). ``org/name`` or
+``org/name@revision`` is a Hugging Face Hub id, resolved through the local HF cache (see
+:mod:`evomerge.checkpoint.resolve`); an existing local directory of the same spelling wins.
 
 ``pool:<adapter>`` (an adapter of an ``evomerge serve-pool`` provider) and
 ``api:<base_url>`` (an OpenAI-compatible endpoint) are remote: the black-box spaces use them
 as they are, and there are no local weights to resolve.
+
+A run records what each reference resolved to in ``models.json`` (Hub models with their
+commit hash); resuming or exporting the run resolves Hub ids written without a revision at
+that recorded commit, so the run keeps merging the same weights.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+from ..checkpoint.resolve import ResolvedModel, resolve_ref
 from ..config import is_remote_ref
-from ..errors import CheckpointError
 
-ZOO_VARIANTS = ("full", "test")
+MODELS_FILE = "models.json"
 
 
-def resolve_model(ref: str) -> str:
+def resolve_model(ref: str, pinned: str | None = None) -> str:
     if is_remote_ref(ref):
         return ref
-    if ref.startswith("zoo:"):
-        from ..zoo.build import load_zoo
-
-        rest = ref[4:]
-        variant, _, member = rest.partition("/")
-        if variant not in ZOO_VARIANTS or not member:
-            variant, member = "full", rest
-        return str(load_zoo(variant).member(member).path)
-    path = Path(ref).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"model directory not found: {ref}")
-    return str(path.resolve())
+    return resolve_ref(ref, pinned=pinned).path
 
 
-def resolve_models(models: dict[str, str]) -> dict[str, str]:
-    return {key: resolve_model(ref) for key, ref in models.items()}
+def resolve_models_full(models: dict[str, str],
+                        pins: dict[str, Any] | None = None) -> dict[str, ResolvedModel]:
+    """key -> ResolvedModel (remote refs kept as they are); ``pins``: a run's models.json."""
+    out = {}
+    for key, ref in models.items():
+        if is_remote_ref(ref):
+            out[key] = ResolvedModel(ref, ref)
+            continue
+        pin = (pins or {}).get(key) or {}
+        pinned = pin.get("revision") if pin.get("ref") == ref else None
+        out[key] = resolve_ref(ref, pinned=pinned)
+    return out
+
+
+def resolve_models(models: dict[str, str], pins: dict[str, Any] | None = None) -> dict[str, str]:
+    return {k: r.path for k, r in resolve_models_full(models, pins).items()}
+
+
+def read_pins(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's recorded resolutions (``models.json``), or None for a run without one."""
+    p = Path(run_dir) / MODELS_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def pins_of(resolved: dict[str, ResolvedModel]) -> dict[str, Any]:
+    return {k: r.to_dict() for k, r in resolved.items()}

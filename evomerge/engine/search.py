@@ -32,17 +32,19 @@ from ..spaces import make_space
 from .evaluator import EvalSpec, Outcome
 from .executor import Executor, make_executor
 from .faults import maybe_crash
-from .models import resolve_models
+from .models import resolve_models_full
 from .store import RunStore
 from .tasks_info import TaskInfo
 
 
 class Search:
     def __init__(self, cfg: RunConfig, store: RunStore | None, executor: Executor | None = None,
-                 on_progress: Callable[[Search], None] | None = None):
+                 on_progress: Callable[[Search], None] | None = None,
+                 pins: dict[str, Any] | None = None):
         self.cfg = cfg
         self.store = store
-        self.models = resolve_models(cfg.models)
+        self.resolved = resolve_models_full(cfg.models, pins)  # Hub ids at a commit
+        self.models = {k: r.path for k, r in self.resolved.items()}
         self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
         self.tasks = TaskInfo.load(cfg.tasks)
         self.optimizer = build_optimizer(cfg, self.space)

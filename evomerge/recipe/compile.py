@@ -43,6 +43,7 @@ tensor names grouped by layer, the compatibility check) is cached per reader.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,12 +345,27 @@ class _Compiler:
                 raise ConfigError(f"parameters.{missing[0]}: missing; LiNeS needs both lines_alpha and lines_beta")
         return self.params.settings(raw, path, per_model)
 
+    def _tokenizer_fallback(self, tok: str, used: list[str]) -> str:
+        """``tok`` when it has tokenizer files, else the first source that has (warned): a
+        source without a tokenizer merges as in mergekit, and the output still gets one."""
+        src = self.norm["sources"]
+        if open_checkpoint(src[tok]).tokenizer_dir is not None:
+            return tok
+        for k in [*used, *src]:
+            if open_checkpoint(src[k]).tokenizer_dir is not None:
+                warnings.warn(f"model {tok!r} has no tokenizer files: the merged model takes the "
+                              f"tokenizer of {k!r} (set tokenizer_source to choose)", stacklevel=4)
+                return k
+        return tok
+
     def plan(self) -> MergePlan:
         if "models" in self.norm:
             used, cfg_key, overrides = self._models()
         else:
             used, cfg_key, overrides = self._slices()
         tok = self.tok or self.base or cfg_key
+        if self.tok is None:
+            tok = self._tokenizer_fallback(tok, used)
         for k in (cfg_key, tok):
             if k not in used:
                 used.append(k)

@@ -197,6 +197,11 @@ def _export(norm: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         out["out_dtype"] = norm["dtype"]
     if tok is not None:
         out["tokenizer_source"] = "base" if tok == base and "base_model" in out else src[tok]
+    ct = norm.get("chat_template")
+    if ct is not None:  # mergekit reads auto, its built-in names, or a Jinja string
+        from ..checkpoint.chat_template import resolve_chat_template
+
+        out["chat_template"] = ct if isinstance(ct, str) else resolve_chat_template(ct, src)
     return out, None
 
 
@@ -214,7 +219,37 @@ def recipe_to_mergekit_yaml(recipe: Any, base_dir: Any = None) -> str:
     config, why = _export(norm)
     if config is None:
         raise ConfigError(f"mergekit export: {why}")
-    header = "# mergekit config written by evomerge\n"
+    return _with_header(config, norm, "# mergekit config written by evomerge\n")
+
+
+def _with_header(config: dict[str, Any], norm: dict[str, Any], header: str) -> str:
     if get_op(config["merge_method"]).random:
         header += f"# random masks: run mergekit-yaml with --random-seed {norm.get('seed', 0)}\n"
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def portable_mergekit_yaml(recipe: Any) -> str | None:
+    """The mergekit config of ``recipe`` with Hub snapshots named ``org/name@commit`` (the
+    revision mergekit should fetch), or None when mergekit cannot express the recipe."""
+    from ..checkpoint.resolve import hub_ref_of_path
+
+    try:
+        norm = _as_normalized(recipe, None)
+    except ConfigError:
+        return None
+    if norm is None:
+        return None
+    config, _ = _export(norm)
+    if config is None:
+        return None
+    refs = {p: hub_ref_of_path(p) for p in norm["sources"].values()}
+
+    def swap(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: swap(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [swap(x) for x in v]
+        return (refs.get(v) or v) if isinstance(v, str) else v
+
+    return _with_header(swap(config), norm,
+                        "# mergekit config written by evomerge (mergekit-yaml mergekit_config.yml OUT)\n")

@@ -1,8 +1,8 @@
 """Read a user recipe (evomerge or mergekit YAML) into one normalized, checked form.
 
 Normalizing does not open any checkpoint: it checks the structure and the field types,
-resolves every model reference (a key of ``sources`` or a directory path, relative paths
-against the recipe's directory) to a short *key*, and returns a plain dict that compiles
+resolves every model reference (a key of ``sources``, a directory path, ``zoo:x`` or a Hub id
+``org/name[@rev]``; relative paths against the recipe's directory) to a short *key*, and returns a plain dict that compiles
 to the same plan as the input. That dict is what ``plan.meta["recipe"]`` stores, what a
 merged model's directory gets as ``recipe.yaml``, and what a search space's decoded
 genome looks like.
@@ -20,6 +20,7 @@ Normalized form::
     tokenizer_source: key | null
     seed: 0
     non_layer: {model: key} | {merge: true, merge_method: m, parameters: {...}}   # slices only
+    chat_template: auto | chatml | {template: TEXT} | {source: key}     # only when given
 """
 
 from __future__ import annotations
@@ -30,19 +31,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.resolve import parse_hub_id
 from ..errors import ConfigError, PlanError
 from .params import parse_parameters
 
 TOP_KEYS = {
     "merge_method", "method", "base_model", "models", "slices", "parameters", "dtype",
     "out_dtype", "tokenizer_source", "random_seed", "seed", "sources", "non_layer",
+    "chat_template",
 }
 # mergekit fields evomerge does not implement: a clear error beats a silent difference.
 UNSUPPORTED_MERGEKIT_KEYS = {
     "modules": "per-module merges ('modules') are not supported; use 'models' or 'slices'",
     "tokenizer": "the 'tokenizer' block (token surgery) is not supported; sources must share "
     "a tokenizer, pick it with 'tokenizer_source'",
-    "chat_template": "'chat_template' is not supported; the tokenizer source's template is copied",
 }
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -96,20 +98,22 @@ class _Refs:
                     f"sources.{key}: a key may only use letters, digits, '_', '-' and '.'"
                 )
             if not isinstance(path, (str, os.PathLike)):
-                raise ConfigError(f"sources.{key}: expected a directory path, got {path!r}")
-            full = self._resolve(path, f"sources.{key}")
+                raise ConfigError(f"sources.{key}: expected a directory path, zoo:NAME or a Hub "
+                                  f"id, got {path!r}")
+            full, _ = self._resolve(path, f"sources.{key}")
             self.sources[key] = full
             self._by_path.setdefault(full, key)
 
-    def _resolve(self, path: Any, field: str) -> str:
-        p = Path(os.path.expanduser(str(path)))
-        if not p.is_absolute():
-            p = self.base_dir / p
-        p = Path(os.path.normpath(p))
-        if not p.is_dir():
-            what = "is a file, not a model directory" if p.exists() else "not found"
-            raise ConfigError(f"{field}: model directory {str(p)!r} {what}")
-        return str(p)
+    def _resolve(self, path: Any, field: str) -> tuple[str, str]:
+        """(local directory, key hint): a directory, ``zoo:x`` or a Hub id ``org/name[@rev]``."""
+        from ..checkpoint.resolve import resolve_ref
+        from ..errors import CheckpointError
+
+        try:
+            r = resolve_ref(str(path), self.base_dir)
+        except CheckpointError as e:
+            raise ConfigError(f"{field}: {e}") from None
+        return os.path.normpath(r.path), r.key_hint
 
     def key(self, raw: Any, field: str) -> str:
         if isinstance(raw, dict) and "model" in raw and len(raw) == 1:
@@ -125,27 +129,43 @@ class _Refs:
                 "adapter directory itself (its adapter_config.json names the base model)"
             )
         try:
-            full = self._resolve(raw, field)
+            full, hint = self._resolve(raw, field)
         except ConfigError:
             looked = os.path.normpath(self.base_dir / os.path.expanduser(raw))
-            if os.path.exists(looked):
+            if os.path.exists(looked) or raw.startswith("zoo:") or parse_hub_id(raw):
                 raise
-            hint = ""
-            if raw.count("/") == 1 and not raw.startswith((".", "/", "~")):
-                hint = " (evomerge reads local directories only, never a hub download)"
             known = f"a key of sources ({', '.join(self.sources)}) nor " if self.sources else ""
             raise ConfigError(
-                f"{field}: {raw!r} is neither {known}a model directory ({looked!r} not found){hint}"
+                f"{field}: {raw!r} is neither {known}a model directory ({looked!r} not found)"
             ) from None
         if full in self._by_path:
             return self._by_path[full]
-        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(full).name) or "model"
+        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", hint) or "model"
         key, n = stem, 2
         while key in self.sources:
             key, n = f"{stem}_{n}", n + 1
         self.sources[key] = full
         self._by_path[full] = key
         return key
+
+
+def _chat_template(raw: Any, refs: _Refs) -> Any:
+    """``auto``, a built-in name, ``{template: TEXT}`` or ``{source: KEY}`` (see
+    :mod:`evomerge.checkpoint.chat_template`)."""
+    from ..checkpoint.chat_template import BUILTIN, is_template_text
+
+    if isinstance(raw, dict) and set(raw) in ({"template"}, {"source"}):
+        if "template" in raw:
+            return {"template": str(raw["template"])}
+        return {"source": refs.key(raw["source"], "chat_template.source")}
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"chat_template: expected auto, {', '.join(BUILTIN)}, a Jinja template "
+                          f"or a source model, got {raw!r}")
+    if raw == "auto" or raw in BUILTIN:
+        return raw
+    if is_template_text(raw):
+        return {"template": raw}
+    return {"source": refs.key(raw, "chat_template")}
 
 
 def _mapping(raw: Any, path: str) -> dict[str, Any]:
@@ -294,11 +314,17 @@ def normalize_recipe(raw: Any, base_dir: str | Path | None = None) -> dict[str, 
         out["tokenizer_source"] = out["base_model"]
     elif tok == "union":
         raise ConfigError(
-            "tokenizer_source: 'union' is not supported: evomerge merges sources that share "
-            "a tokenizer; name the model whose tokenizer to copy"
+            "tokenizer_source: 'union' is not supported: a union vocabulary needs new embedding "
+            "and lm_head rows for tokens some sources lack (mergekit resizes and fills them), and "
+            "evomerge merges sources that share one tokenizer; name the model whose tokenizer "
+            "to copy (e.g. tokenizer_source: base)"
         )
     else:
         out["tokenizer_source"] = refs.key(tok, "tokenizer_source")
+
+    ct = raw.get("chat_template")
+    if ct is not None:
+        out["chat_template"] = _chat_template(ct, refs)
 
     seed_field = "random_seed" if raw.get("random_seed") is not None else "seed"
     seed = raw.get(seed_field, 0)
