@@ -41,6 +41,23 @@ def _select(run_dir: Path, progress: bool) -> None:
         select_final(run_dir, on_step=lambda m: st.update(f"selecting the final model: {m}"))
 
 
+def print_final(run_dir: str | Path, console: Any = None) -> bool:
+    """Print a run's baseline/final table and summary; False when it has no final yet."""
+    from rich.console import Console
+
+    from .selection import load_final, rows_table, summary_lines
+
+    final = load_final(run_dir)
+    if final is None:
+        return False
+    con = console or Console()
+    con.print(rows_table(final["rows"], tasks=False))
+    for line in summary_lines(final):
+        con.print(line, highlight=False)
+    con.print(f"run directory: {run_dir}", highlight=False)
+    return True
+
+
 def progress_text(s: Search) -> str:
     """Best candidate against the best baseline, both on the search split with their SE."""
     from ..fitness.stderr import combined_se, format_score

@@ -296,3 +296,29 @@ def rows_table(rows: list[dict[str, Any]], title: str = "", splits: tuple[str, .
         name = r["label"] + ("  [final]" if r.get("final") else "")
         t.add_row(name, r["role"], *cells, style="bold" if r.get("final") else None)
     return t
+
+
+def summary_lines(final: dict[str, Any]) -> list[str]:
+    """Plain-text end-of-run summary: the final (and how it was chosen) against the best
+    baseline, every score with its split and standard error."""
+    rows = final["rows"]
+    fin = next(r for r in rows if r.get("final"))
+
+    def show(r: dict[str, Any]) -> str:
+        parts = []
+        for s in SPLIT_ORDER:
+            v = r["splits"].get(s)
+            if v and v.get("fitness") is not None:
+                parts.append(f"{s} {format_score(v['fitness'], v['se'])}")
+        return ", ".join(parts)
+
+    out = [f"final model ({final['chosen_by']}): {fin['label']}: {show(fin)}"]
+    base = [r for r in rows if r["role"] == "baseline"
+            and (r["splits"].get("validation") or {}).get("fitness") is not None]
+    if base:
+        b = max(base, key=lambda r: r["splits"]["validation"]["fitness"])
+        out.append(f"best baseline (by validation): {b['label']}: {show(b)}")
+    top = next((r for r in rows if r.get("search_rank") == 1), None)
+    if top is not None and top is not fin:
+        out.append(f"best by search fitness: {top['label']}: {show(top)}")
+    return out
