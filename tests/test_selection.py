@@ -268,6 +268,11 @@ def test_eval_every_target_kind(test_zoo, finished_run, tmp_path):
         "models": [{"model": str(m.path), "parameters": {"weight": 0.5}} for m in test_zoo.experts]}))
     (row,) = eval_target(str(tmp_path / "r.yaml"), split="validation", tasks=[task])
     assert row["role"] == "recipe" and row["splits"]["validation"]["n"] == 50
+    # an evomerge recipe (short source keys), as a run writes it
+    final = json.loads((finished_run / "final.json").read_text())
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(final["recipe"]))
+    (row,) = eval_target(str(tmp_path / "e.yaml"), split="heldout", tasks=[task])
+    assert row["splits"]["heldout"]["n"] == 200
     # runs: final, top-K, baselines (scored through the run's cache)
     rows = eval_target(str(finished_run), split="validation")
     assert len(rows) == 1 and rows[0]["label"].endswith("[final]")
