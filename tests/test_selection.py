@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from run_configs import zoo_run_config
 
 from evomerge.config import parse_config
 from evomerge.engine.runner import run_search
@@ -21,28 +22,11 @@ from evomerge.fitness.backends import register_backend
 from evomerge.fitness.backends.hf import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = [
-    {"path": str(ROOT / "fitness/zoo/cipher_a.yaml"), "weight": 1.0},
-    {"path": str(ROOT / "fitness/zoo/cipher_b.yaml"), "weight": 1.0},
-]
 
 
 def _cfg(zoo, **over):
-    d = {
-        "name": "t",
-        "models": {"base": str(zoo.base.path), **{m.name: str(m.path) for m in zoo.experts}},
-        "base_model": "base",
-        "space": {"type": "parameter", "method": "task_arithmetic", "layer_groups": 2,
-                  "params": {"weight": {"low": 0.0, "high": 1.5, "init": 1.0}}},
-        "optimizer": {"name": "cma", "popsize": 4},
-        "budget": 8,
-        "tasks": TASKS,
-        "report_tasks": [{"path": str(ROOT / "fitness/zoo/cross.yaml")}],
-        "backend": {"batch_size": 256},
-        "executor": {"name": "local", "num_threads": 1},
-    }
-    d.update(over)
-    return d
+    over.setdefault("report_tasks", [{"path": str(ROOT / "fitness/zoo/cross.yaml")}])
+    return zoo_run_config(zoo, **over)
 
 
 def _cli(args, env=None):

@@ -20,7 +20,6 @@ Record fields are those of ``evals.jsonl`` plus ``baseline`` (the label) and ``k
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from ..errors import EvomergeError
 from ..optim import FAILED_FITNESS
 from .faults import maybe_crash
+from .search import outcome_fields
 
 if TYPE_CHECKING:
     from .evaluator import Outcome
@@ -103,17 +103,8 @@ def _write(search: Search, i: int, b: Any, h: str, outcome: Outcome | None, erro
         "baseline": b.label,
         "kind": b.kind,
         "genome": None if b.genome is None else [float(x) for x in b.genome],
-        "recipe": b.recipe,
-        "plan_hash": h,
-        "fitness": fitness,
-        "scores": means,
-        "per_example": scores,
-        "failed": failed,
-        "error": error,
-        "cached": cached is not None,
-        "seconds": seconds,
-        "worker": worker,
-        "time": time.time(),
+        **outcome_fields(b.recipe, h, fitness, means, scores, failed, error, cached is not None,
+                         seconds, worker),
     }
     search.store.append_jsonl(LOG, rec)
     maybe_crash("after_baseline")

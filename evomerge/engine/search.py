@@ -217,17 +217,8 @@ class Search:
             "id": cid,
             "genome": [float(x) for x in cand.genome],
             "info": to_jsonable(cand.info),
-            "recipe": recipe,
-            "plan_hash": h,
-            "fitness": fitness,
-            "scores": means,
-            "per_example": None if failed else scores,
-            "failed": failed,
-            "error": error,
-            "cached": cached is not None,
-            "seconds": seconds,
-            "worker": worker,
-            "time": time.time(),
+            **outcome_fields(recipe, h, fitness, means, None if failed else scores, failed,
+                             error, cached is not None, seconds, worker),
         }
         if outcome is not None and outcome.total is not None:
             rec.update(racing_cut=cut, examples_evaluated=outcome.evaluated, examples_total=outcome.total)
@@ -249,6 +240,15 @@ class Search:
                 self._finish(other, outcome)
             else:
                 self._finish(other, None, cached=rec)
+
+
+def outcome_fields(recipe: dict[str, Any], plan_hash: str, fitness: float, means: dict[str, float],
+                   per_example: Any, failed: bool, error: str | None, cached: bool, seconds: float,
+                   worker: str) -> dict[str, Any]:
+    """The fields every evaluation record shares (evals.jsonl and baselines.jsonl)."""
+    return {"recipe": recipe, "plan_hash": plan_hash, "fitness": fitness, "scores": means,
+            "per_example": per_example, "failed": failed, "error": error, "cached": cached,
+            "seconds": seconds, "worker": worker, "time": time.time()}
 
 
 def build_optimizer(cfg: RunConfig, space: Any):

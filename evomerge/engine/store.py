@@ -192,13 +192,7 @@ class RunStore:
         atomic_write_text(self.dir / "checkpoint.json", json.dumps(state, separators=(",", ":")))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        path = self.dir / "checkpoint.json"
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise RunError(f"{path} is corrupt") from None
+        return self.read_json("checkpoint.json")
 
     def write_best(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "best.json", json.dumps(record, indent=1))
