@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from run_configs import zoo_run_config
 
 from evomerge.config import parse_config
 from evomerge.engine.runner import run_search
@@ -19,28 +20,10 @@ from evomerge.fitness.backends import register_backend
 from evomerge.fitness.backends.hf import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = [
-    {"path": str(ROOT / "fitness/zoo/cipher_a.yaml"), "weight": 1.0},
-    {"path": str(ROOT / "fitness/zoo/cipher_b.yaml"), "weight": 1.0},
-]
 
 
 def _cfg(zoo, **over):
-    d = {
-        "name": "t",
-        "models": {"base": str(zoo.base.path), **{m.name: str(m.path) for m in zoo.experts}},
-        "base_model": "base",
-        "space": {"type": "parameter", "method": "task_arithmetic", "layer_groups": 2,
-                  "params": {"weight": {"low": 0.0, "high": 1.5, "init": 1.0}}},
-        "optimizer": {"name": "cma", "popsize": 4},
-        "budget": 8,
-        "tasks": TASKS,
-        "backend": {"batch_size": 256, "options": {}},
-        "executor": {"name": "local", "num_threads": 1},
-    }
-    for k, v in over.items():
-        d[k] = v
-    return d
+    return zoo_run_config(zoo, **over)
 
 
 def _log(run_dir):
@@ -59,7 +42,8 @@ def test_run_end_to_end_status_and_export(test_zoo, tmp_path):
     recs = _log(tmp_path / "run")
     assert [r["id"] for r in recs] == list(range(8))
     assert all(set(r["per_example"]) == {"cipher_a", "cipher_b"} for r in recs)
-    assert all(len(r["per_example"]["cipher_a"]) == 200 for r in recs)
+    # 200 search examples, 50 of them carved out as the validation split
+    assert all(len(r["per_example"]["cipher_a"]) == 150 for r in recs)
     assert best["fitness"] == max(r["fitness"] for r in recs)
     assert json.loads((tmp_path / "run/best.json").read_text())["id"] == best["id"]
     s = summarize(tmp_path / "run")
@@ -146,6 +130,9 @@ def test_same_plan_is_never_evaluated_twice(test_zoo, tmp_path):
     evaluated = [r for r in recs if not r["cached"]]
     assert len({r["plan_hash"] for r in evaluated}) == len(evaluated) <= 8
     by_hash = {r["plan_hash"]: r["fitness"] for r in evaluated}
+    # the baselines evaluated first share the plan cache (here: the initial point's plan)
+    base = RunStore(tmp_path / "run").read_jsonl("baselines.jsonl")
+    by_hash.update({r["plan_hash"]: r["fitness"] for r in base if not r["failed"]})
     assert all(by_hash[r["plan_hash"]] == r["fitness"] for r in recs if r["cached"])
 
 

@@ -14,25 +14,25 @@ import click
 @click.option("--no-progress", is_flag=True)
 def demo(runs_dir, name, fresh, budget, no_progress):
     """Build the local model zoo, evolve a merge of its experts, compare on held-out data."""
-    from rich.console import Console
-
     from ..engine.demo import format_table, margins, run_demo
+    from ..engine.selection import wide_console
 
     result = run_demo(runs_dir=runs_dir, name=name, fresh=fresh, budget=budget,
                       progress=not no_progress)
-    con = Console()
+    con = wide_console()
     con.print(format_table(result))
     m = margins(result)
     s = result["seconds"]
     con.print(
-        f"evolved merge: {m['evolved']:.1f}  |  vs best expert {m['vs_best_expert']:+.1f} points"
-        f"  |  vs best untuned merge {m['vs_best_untuned']:+.1f} points"
-    )
+        f"final (evolved, chosen on validation: {result['final']['label']}): held-out "
+        f"{m['evolved']:.1f} ±{m['evolved_se']:.1f}  |  vs best expert {m['vs_best_expert']:+.1f}"
+        f"  |  vs best untuned merge ({m['best_untuned']:.1f} ±{m['best_untuned_se']:.1f}) "
+        f"{m['vs_best_untuned']:+.1f} points", highlight=False)
     con.print(
-        f"search: {result['budget']} evaluations in {s['search']:.0f} s; zoo "
-        f"{'cached' if result['zoo_cache_hit'] else 'built'} in {s['zoo']:.0f} s; total {s['total']:.0f} s"
-    )
-    con.print(f"run directory: {result['run_dir']}\nexported best: {result['export']}")
+        f"search + selection: {result['budget']} evaluations in {s['search_and_selection']:.0f} s; zoo "
+        f"{'cached' if result['zoo_cache_hit'] else 'built'} in {s['zoo']:.0f} s; total {s['total']:.0f} s",
+        highlight=False)
+    con.print(f"run directory: {result['run_dir']}\nexported final: {result['export']}", highlight=False)
 
 
 COMMANDS = [demo]

@@ -46,7 +46,7 @@ class Search:
         self.resolved = resolve_models_full(cfg.models, pins)  # Hub ids at a commit
         self.models = {k: r.path for k, r in self.resolved.items()}
         self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
-        self.tasks = TaskInfo.load(cfg.tasks)
+        self.tasks = TaskInfo.load(cfg.tasks, validation_fraction=cfg.selection.validation_fraction or None)
         self.optimizer = build_optimizer(cfg, self.space)
         if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
@@ -62,6 +62,10 @@ class Search:
         self.submitted: dict[int, tuple[str, dict[str, Any]]] = {}  # id -> (hash, recipe)
         self.best: dict[str, Any] | None = None
         self.started = time.time()
+        # untuned merges evaluated first (engine/baselines.py); never told to the optimizer
+        self.baselines = self.space.baselines(cfg.baselines.kinds) if cfg.baselines.enabled else []
+        self.baseline_records: dict[str, dict[str, Any]] = {}
+        self.best_baseline: dict[str, Any] | None = None
 
     # -- state ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -78,6 +82,10 @@ class Search:
         """Rebuild state from checkpoint + log (no-op for a fresh run)."""
         ckpt = self.store.load_checkpoint()
         records = self.store.read_evals(repair=True)
+        from .baselines import LOG
+
+        for rec in self.store.read_jsonl(LOG, repair=True):
+            self.remember_baseline(rec)
         if ckpt is not None:
             self.optimizer.load_state_dict(from_jsonable(ckpt["optimizer"]))
             self.pending = {
@@ -105,6 +113,15 @@ class Search:
         if self.best is None or rec["fitness"] > self.best["fitness"]:
             self.best = rec
 
+    def remember_baseline(self, rec: dict[str, Any]) -> None:
+        self.baseline_records[rec["baseline"]] = rec
+        if rec.get("failed"):
+            return
+        if rec.get("plan_hash"):
+            self.cache.setdefault(rec["plan_hash"], rec)
+        if self.best_baseline is None or rec["fitness"] > self.best_baseline["fitness"]:
+            self.best_baseline = rec
+
     def _result(self, cid: int, rec: dict[str, Any]) -> Result:
         per_example = None
         if rec.get("per_example"):
@@ -115,15 +132,20 @@ class Search:
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
         self.restore()
+        from .baselines import run_baselines
+        from .tasks_info import split_record, task_entries
+
+        self.store.write_json("splits.json", split_record(self.cfg))
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
-            tasks=[t.model_dump() for t in self.cfg.tasks],
+            tasks=task_entries(self.cfg),
             backend=self.backend_spec,
             num_threads=self.cfg.executor.num_threads,
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
         self.executor.start(spec)
         try:
+            run_baselines(self)
             for cand in list(self.pending.values()):
                 self._dispatch(cand)
             while self.told < self.cfg.budget:
@@ -198,17 +220,8 @@ class Search:
             "id": cid,
             "genome": [float(x) for x in cand.genome],
             "info": to_jsonable(cand.info),
-            "recipe": recipe,
-            "plan_hash": h,
-            "fitness": fitness,
-            "scores": means,
-            "per_example": None if failed else scores,
-            "failed": failed,
-            "error": error,
-            "cached": cached is not None,
-            "seconds": seconds,
-            "worker": worker,
-            "time": time.time(),
+            **outcome_fields(recipe, h, fitness, means, None if failed else scores, failed,
+                             error, cached is not None, seconds, worker),
         }
         if outcome is not None and outcome.total is not None:
             rec.update(racing_cut=cut, examples_evaluated=outcome.evaluated, examples_total=outcome.total)
@@ -237,6 +250,15 @@ def _backend_spec(cfg: RunConfig, space: Any) -> dict[str, Any]:
     b = cfg.backend.model_dump()
     b["options"] = {**space.backend_options(b.get("name", "hf")), **(b.get("options") or {})}
     return b
+
+
+def outcome_fields(recipe: dict[str, Any], plan_hash: str, fitness: float, means: dict[str, float],
+                   per_example: Any, failed: bool, error: str | None, cached: bool, seconds: float,
+                   worker: str) -> dict[str, Any]:
+    """The fields every evaluation record shares (evals.jsonl and baselines.jsonl)."""
+    return {"recipe": recipe, "plan_hash": plan_hash, "fitness": fitness, "scores": means,
+            "per_example": per_example, "failed": failed, "error": error, "cached": cached,
+            "seconds": seconds, "worker": worker, "time": time.time()}
 
 
 def build_optimizer(cfg: RunConfig, space: Any):

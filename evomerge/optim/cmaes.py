@@ -1,7 +1,10 @@
 """``cma`` and ``sep-cma``: CMA-ES through the ``cma`` library, generation by generation.
 
 Generational contract: a generation of ``popsize`` genomes (default ``4 + floor(3 ln n)``,
-cma's own default) is sampled at once on the first ask after the previous generation
+cma's own default, used whenever ``popsize`` is not given: fitness here is a noisy mean over
+examples, and a population that grows with the dimension averages more of that noise into
+each update than a fixed small one; :meth:`CMAES.estimate`, the distribution mean, is the
+run's less noisy estimate of the optimum, scored at selection time) is sampled at once on the first ask after the previous generation
 completed; ``ask(n)`` hands out at most what is left of it and ``[]`` while waiting. Tells
 arrive in any order and are buffered; once the whole generation is told, cma is told in ask
 order. So the sequence of genomes does not depend on the order results arrive in, nor on how
@@ -282,6 +285,11 @@ class CMAES(Optimizer):
     def sigma(self) -> float:
         """The current overall step size of the strategy (genome units)."""
         return float(self._es.sigma)
+
+    def estimate(self) -> np.ndarray:
+        """The distribution mean: CMA-ES's estimate of the optimum (less noisy than the best
+        sample, which won a noisy comparison)."""
+        return self.mean
 
     @property
     def mean(self) -> np.ndarray:

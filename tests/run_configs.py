@@ -1,0 +1,31 @@
+"""The run config the search tests build on the test zoo (shared by test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = [
+    {"path": str(ROOT / "fitness/zoo/cipher_a.yaml"), "weight": 1.0},
+    {"path": str(ROOT / "fitness/zoo/cipher_b.yaml"), "weight": 1.0},
+]
+
+
+def zoo_run_config(zoo: Any, **over: Any) -> dict[str, Any]:
+    """Task arithmetic over the test zoo's experts, 2 layer groups, CMA-ES (popsize 4),
+    8 evaluations of cipher_a + cipher_b, local executor; ``over`` replaces top-level keys."""
+    d = {
+        "name": "t",
+        "models": {"base": str(zoo.base.path), **{m.name: str(m.path) for m in zoo.experts}},
+        "base_model": "base",
+        "space": {"type": "parameter", "method": "task_arithmetic", "layer_groups": 2,
+                  "params": {"weight": {"low": 0.0, "high": 1.5, "init": 1.0}}},
+        "optimizer": {"name": "cma", "popsize": 4},
+        "budget": 8,
+        "tasks": TASKS,
+        "backend": {"batch_size": 256, "options": {}},
+        "executor": {"name": "local", "num_threads": 1},
+    }
+    d.update(over)
+    return d
