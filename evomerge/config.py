@@ -115,6 +115,32 @@ class RacingConfig(_Strict):
     bound: Literal["hoeffding", "bernstein"] = "hoeffding"
 
 
+class BaselinesConfig(_Strict):
+    """Untuned merges evaluated at the start of every run (engine/baselines.py): the space's
+    initial point, each expert alone, uniform task arithmetic, TIES at its default density,
+    whichever the space's sources allow. Logged with a label in ``baselines.jsonl``, never
+    told to the optimizer, not counted in ``budget``."""
+
+    enabled: bool = True
+    kinds: list[Literal["initial", "experts", "task_arithmetic", "ties"]] = Field(
+        default_factory=lambda: ["initial", "experts", "task_arithmetic", "ties"])
+
+
+class SelectionConfig(_Strict):
+    """How the run's final model is chosen (engine/selection.py): the ``top_k`` candidates by
+    search fitness, the baselines and the optimizer's own estimate of the optimum are
+    re-scored on the validation split; the best there is the final. Held-out data and
+    report tasks are scored for the final and the baselines only, never to select."""
+
+    enabled: bool = True  # select at the end of a run (`evomerge select RUN` does it later)
+    top_k: int = Field(5, ge=1)
+    optimizer_estimate: bool = True  # CMA-ES: its distribution mean, as a candidate
+    # tasks without validation_data: this fraction of their search examples is carved out
+    # (deterministically, by example digest) as the validation split; 0 turns it off
+    validation_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    heldout: bool = True  # score the final and the baselines on held-out + report tasks
+
+
 class RunConfig(_Strict):
     name: str
     models: dict[str, str]
@@ -127,6 +153,8 @@ class RunConfig(_Strict):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     racing: RacingConfig = Field(default_factory=RacingConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     seed: int = 0
     dtype: str | None = None  # output dtype of merged weights (default: the sources')
     # refuse (default) a search task whose search split is data a report task holds out
@@ -161,12 +189,14 @@ class RunConfig(_Strict):
         """Hash of everything that changes which candidates are made and how they score.
 
         Excluded: the run name, the budget (a run may be extended), the executor (where
-        candidates are evaluated does not change their scores) and the report-split guard's
-        override (it changes no score).
+        candidates are evaluated does not change their scores), the report-split guard's
+        override (it changes no score), the baselines (never told to the optimizer) and the
+        selection settings except the validation carve-out (which changes the search split).
         """
         d = self.model_dump(mode="json")
-        for key in ("name", "budget", "executor", "allow_tuning_on_report_split"):
+        for key in ("name", "budget", "executor", "allow_tuning_on_report_split", "baselines"):
             d.pop(key, None)
+        d["selection"] = {"validation_fraction": d["selection"]["validation_fraction"]}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

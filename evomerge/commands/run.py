@@ -78,6 +78,7 @@ def resume(run_dir, force, budget, executor, workers, address, no_progress):
 def status(run_dir, as_json, plot):
     """Show progress of RUN_DIR and plot fitness over evaluations."""
     from ..engine.report import format_fitness, plot_fitness, summarize
+    from ..fitness.stderr import format_score
 
     s = summarize(run_dir)
     png = plot_fitness(run_dir) if plot else None
@@ -96,9 +97,19 @@ def status(run_dir, as_json, plot):
     if s["evaluations_per_second"]:
         t.add_row("evaluations per second", f"{s['evaluations_per_second']:.2f}")
     if s["best"]:
-        t.add_row("best", f"id {s['best']['id']}: {format_fitness(s['best']['fitness'])}")
-        for task, v in s["best"]["scores"].items():
+        b = s["best"]
+        t.add_row("best candidate (search split)", f"id {b['id']}: {format_score(b['fitness'], b['se'])}")
+        for task, v in b["scores"].items():
             t.add_row(f"  {task}", format_fitness(v))
+    if s.get("best_baseline"):
+        b = s["best_baseline"]
+        t.add_row("best baseline (search split)", f"{b['label']}: {format_score(b['fitness'], b['se'])}")
+    if s.get("final"):
+        f = s["final"]
+        t.add_row("final model", f"{f['label']} (chosen by {f['chosen_by']})")
+        for split, v in f["splits"].items():
+            if v and v.get("fitness") is not None:
+                t.add_row(f"  {split}", format_score(v["fitness"], v["se"]))
     if s.get("racing"):
         r = s["racing"]
         t.add_row("racing", f"{r['cut']} cut, {r['examples_saved']} example evaluations saved "
@@ -113,21 +124,29 @@ def status(run_dir, as_json, plot):
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--top", "k", type=int, default=1, show_default=True)
+@click.option("--top", "k", type=int, default=None,
+              help="Export the K best by search fitness instead of the final model.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", default=None)
 @click.option("--shard-size", default="2GB", show_default=True)
 def export(run_dir, k, out_dir, device, shard_size):
-    """Export the best K individuals of RUN_DIR as HF checkpoints."""
-    from ..engine.export import export_top
+    """Export RUN_DIR's final model (chosen on validation; the best by search fitness for a
+    run without selection), or with --top K the K best by search fitness, as HF checkpoints."""
+    from ..engine.export import export_final, export_top
 
+    if k is None:
+        click.echo(str(export_final(run_dir, out_dir, device=device, shard_size=shard_size)))
+        return
     for p in export_top(run_dir, k, out_dir, device=device, shard_size=shard_size):
         click.echo(str(p))
 
 
 def _print_best(best, run_dir: Path) -> None:
     from ..engine.report import format_fitness
+    from ..engine.runner import print_final
 
+    if best is not None and print_final(run_dir):  # the baseline/final table, with SE
+        return
     if best is None:
         click.echo(f"run finished without a successful evaluation: {run_dir}")
         return

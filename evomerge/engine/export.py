@@ -28,27 +28,50 @@ def top_records(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return out
 
 
+def export_final(run_dir: str | Path, out_dir: str | Path, device: str | None = None,
+                 shard_size: str = "2GB") -> Path:
+    """Export the run's final model (``final.json``: chosen on validation) to ``out_dir/final``;
+    a run that has not been through selection exports its best by search fitness."""
+    from .selection import load_final
+
+    final = load_final(run_dir)
+    if final is None:
+        return export_top(run_dir, 1, out_dir, device=device, shard_size=shard_size)[0]
+    f = final["final"]
+    fin = next(r for r in final["rows"] if r.get("final"))
+    rec = {"id": f["id"], "recipe": final["recipe"], "plan_hash": f["plan_hash"],
+           "fitness": (fin["splits"].get("search") or {}).get("fitness"),
+           "scores": {s: v["fitness"] for s, v in fin["splits"].items() if v},
+           "label": f["label"], "chosen_by": final["chosen_by"]}
+    return _export(run_dir, [(Path(out_dir) / "final", rec)], device, shard_size)[0]
+
+
 def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | None = None,
                shard_size: str = "2GB") -> list[Path]:
+    store = RunStore.open(run_dir)
+    best = top_records(store.read_evals(), k)
+    if not best:
+        raise RunError(f"run {store.dir} has no successful evaluation to export")
+    out = Path(out_dir)
+    return _export(run_dir, [(out / f"rank{rank}-id{rec['id']}", rec)
+                             for rank, rec in enumerate(best, 1)], device, shard_size)
+
+
+def _export(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
+            device: str | None, shard_size: str) -> list[Path]:
     from ..materialize import Materializer
     from ..recipe import compile_recipe
     from ..spaces import make_space
     from .models import resolve_models
 
     store = RunStore.open(run_dir)
-    records = store.read_evals()
-    best = top_records(records, k)
-    if not best:
-        raise RunError(f"run {store.dir} has no successful evaluation to export")
     cfg = store.config()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     space = make_space(cfg.space, resolve_models(cfg.models), cfg.base_model, seed=cfg.seed,
                        dtype=cfg.dtype)
     mat = Materializer(device=device)
     paths = []
-    for rank, rec in enumerate(best, 1):
-        target = out_dir / f"rank{rank}-id{rec['id']}"
+    for target, rec in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
         card = {
             "run": cfg.name,
             "candidate_id": rec["id"],
@@ -58,6 +81,8 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
             "optimizer": cfg.optimizer.name,
             "space": cfg.space.type,
         }
+        if rec.get("chosen_by"):
+            card.update(model=rec["label"], chosen_by=rec["chosen_by"])
         if space.remote:  # black-box: the weights live with a provider or behind APIs
             paths.append(space.export(rec, target, card, cfg))
             continue

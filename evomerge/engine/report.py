@@ -39,7 +39,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "generations": len(gens) if gens else None,
         "best": None if best is None else {
             "id": best["id"], "fitness": best["fitness"], "scores": best["scores"],
+            **_with_se(best, cfg),
         },
+        "best_baseline": _best_baseline(store, cfg),
+        "final": _final(store),
         "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
@@ -73,6 +76,45 @@ def plot_fitness(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _with_se(rec: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``se`` of the combined search fitness and ``split: "search"``, from per-example scores."""
+    from ..fitness.stderr import combined_se
+
+    per = rec.get("per_example")
+    weights = {}
+    if per:
+        from .tasks_info import TaskInfo
+
+        try:
+            weights = TaskInfo.load(cfg.tasks, validation_fraction=None).weights
+        except Exception:  # noqa: BLE001 - task files moved: report without SE
+            weights = {}
+    if not per or not all(t in per for t in weights) or not weights:
+        return {"se": None, "split": "search"}
+    return {"se": combined_se({t: per[t] for t in weights}, weights)["se"], "split": "search"}
+
+
+def _best_baseline(store: RunStore, cfg: Any) -> dict[str, Any] | None:
+    from .baselines import LOG, best_baseline
+
+    b = best_baseline(store.read_jsonl(LOG))
+    if b is None:
+        return None
+    return {"label": b["baseline"], "fitness": b["fitness"], "scores": b["scores"], **_with_se(b, cfg)}
+
+
+def _final(store: RunStore) -> dict[str, Any] | None:
+    from .selection import FINAL
+
+    final = store.read_json(FINAL)
+    if final is None:
+        return None
+    row = next(r for r in final["rows"] if r.get("final"))
+    return {"label": row["label"], "chosen_by": final["chosen_by"],
+            "splits": {k: None if v is None else {"fitness": v["fitness"], "se": v["se"], "n": v["n"]}
+                       for k, v in row["splits"].items()}}
 
 
 def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ class Search:
         self.store = store
         self.models = resolve_models(cfg.models)
         self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
-        self.tasks = TaskInfo.load(cfg.tasks)
+        self.tasks = TaskInfo.load(cfg.tasks, validation_fraction=cfg.selection.validation_fraction or None)
         self.optimizer = build_optimizer(cfg, self.space)
         if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
@@ -63,6 +63,10 @@ class Search:
         self.submitted: dict[int, tuple[str, dict[str, Any]]] = {}  # id -> (hash, recipe)
         self.best: dict[str, Any] | None = None
         self.started = time.time()
+        # untuned merges evaluated first (engine/baselines.py); never told to the optimizer
+        self.baselines = self.space.baselines(cfg.baselines.kinds) if cfg.baselines.enabled else []
+        self.baseline_records: dict[str, dict[str, Any]] = {}
+        self.best_baseline: dict[str, Any] | None = None
 
     # -- state ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -79,6 +83,10 @@ class Search:
         """Rebuild state from checkpoint + log (no-op for a fresh run)."""
         ckpt = self.store.load_checkpoint()
         records = self.store.read_evals(repair=True)
+        from .baselines import LOG
+
+        for rec in self.store.read_jsonl(LOG, repair=True):
+            self.remember_baseline(rec)
         if ckpt is not None:
             self.optimizer.load_state_dict(from_jsonable(ckpt["optimizer"]))
             self.pending = {
@@ -106,6 +114,15 @@ class Search:
         if self.best is None or rec["fitness"] > self.best["fitness"]:
             self.best = rec
 
+    def remember_baseline(self, rec: dict[str, Any]) -> None:
+        self.baseline_records[rec["baseline"]] = rec
+        if rec.get("failed"):
+            return
+        if rec.get("plan_hash"):
+            self.cache.setdefault(rec["plan_hash"], rec)
+        if self.best_baseline is None or rec["fitness"] > self.best_baseline["fitness"]:
+            self.best_baseline = rec
+
     def _result(self, cid: int, rec: dict[str, Any]) -> Result:
         per_example = None
         if rec.get("per_example"):
@@ -116,15 +133,20 @@ class Search:
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
         self.restore()
+        from .baselines import run_baselines
+        from .tasks_info import split_record, task_entries
+
+        self.store.write_json("splits.json", split_record(self.cfg))
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
-            tasks=[t.model_dump() for t in self.cfg.tasks],
+            tasks=task_entries(self.cfg),
             backend=self.cfg.backend.model_dump(),
             num_threads=self.cfg.executor.num_threads,
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
         self.executor.start(spec)
         try:
+            run_baselines(self)
             for cand in list(self.pending.values()):
                 self._dispatch(cand)
             while self.told < self.cfg.budget:

@@ -7,6 +7,11 @@
     evals.jsonl        append-only evaluation log: one JSON record per finished candidate
     checkpoint.json    optimizer state + pending candidates (atomically replaced)
     best.json          best-so-far record (atomically replaced)
+    baselines.jsonl    append-only log of the untuned baselines (engine/baselines.py)
+    splits.json        split sizes and the validation carve-out of every search task
+    rescore.jsonl      append-only validation / held-out scores of chosen plans
+                       (engine/selection.py), keyed by plan hash and split
+    final.json         the validation-selected final model and its table (atomic)
     .lock              held (flock) by the process running the search
 
 Writes of whole files go to a temporary file in the same folder, are fsynced and renamed
@@ -135,21 +140,30 @@ class RunStore:
         return self.dir / "evals.jsonl"
 
     def append_eval(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with open(self.log_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        self.append_jsonl(self.log_path.name, record)
 
     def read_evals(self, repair: bool = False) -> list[dict[str, Any]]:
         """All complete records. A torn last line (crash mid-append) is dropped (and cut off
         the file when ``repair``)."""
-        if not self.log_path.exists():
+        return self.read_jsonl(self.log_path.name, repair=repair)
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one record to the log ``name`` (fsynced)."""
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with open(self.dir / name, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_jsonl(self, name: str, repair: bool = False) -> list[dict[str, Any]]:
+        """All complete records of the log ``name`` (a torn last line is dropped)."""
+        path = self.dir / name
+        if not path.exists():
             return []
-        data = self.log_path.read_bytes()
+        data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data) and repair:
-            with open(self.log_path, "r+b") as f:
+            with open(path, "r+b") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
         records = []
@@ -159,8 +173,18 @@ class RunStore:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise RunError(f"{self.log_path}:{i + 1}: corrupt evaluation record") from None
+                raise RunError(f"{path}:{i + 1}: corrupt evaluation record") from None
         return records
+
+    def read_json(self, name: str) -> Any:
+        """A whole JSON file of the run, or None when it does not exist."""
+        path = self.dir / name
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{path} is corrupt") from None
 
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:

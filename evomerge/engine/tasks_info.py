@@ -21,7 +21,8 @@ class TaskInfo:
     unbounded: list[str] = field(default_factory=list)  # tasks whose scores leave [0, 1]
 
     @classmethod
-    def load(cls, refs: Sequence[Any], split: str = "search") -> TaskInfo:
+    def load(cls, refs: Sequence[Any], split: str = "search",
+             validation_fraction: float | None = None) -> TaskInfo:
         from ..fitness import load_task
 
         names: list[str] = []
@@ -29,7 +30,7 @@ class TaskInfo:
         sizes: dict[str, int] = {}
         unbounded: list[str] = []
         for i, ref in enumerate(refs):
-            task = load_task(ref.path)
+            task = load_task(ref.path, validation_fraction=validation_fraction)
             if task.name in weights:
                 raise ConfigError(f"tasks[{i}]: task name {task.name!r} appears twice")
             names.append(task.name)
@@ -45,3 +46,29 @@ class TaskInfo:
         """Weighted mean of per-task mean scores, in [0, 1]."""
         total = sum(self.weights.values())
         return float(sum(self.weights[t] * means[t] for t in self.names) / total)
+
+
+def task_entries(cfg: Any, report: bool = False) -> list[dict[str, Any]]:
+    """The run's search tasks (or, ``report=True``, its report tasks) as the plain dicts
+    workers load (:func:`evomerge.fitness.load_tasks`): path, weight and the validation
+    carve-out fraction (search tasks only; report tasks are scored on held-out data)."""
+    if report:
+        return [t.model_dump() for t in cfg.report_tasks]
+    frac = cfg.selection.validation_fraction or None
+    return [dict(t.model_dump(), validation_fraction=frac) for t in cfg.tasks]
+
+
+def split_record(cfg: Any) -> dict[str, Any]:
+    """What ``splits.json`` records: per search task, the size of each split and where its
+    validation split comes from (a file, or the carve-out and the digests it chose)."""
+    from ..fitness import load_tasks
+    from ..fitness.tasks import example_key
+
+    out: dict[str, Any] = {"validation_fraction": cfg.selection.validation_fraction, "tasks": {}}
+    for task in load_tasks(task_entries(cfg)):
+        entry: dict[str, Any] = {"sizes": {k: len(v) for k, v in task.splits.items()},
+                                 "validation_source": task.validation_source}
+        if task.validation_source and task.validation_source.startswith("carve-out"):
+            entry["validation_keys"] = sorted(example_key(e)[:16] for e in task.splits["validation"])
+        out["tasks"][task.name] = entry
+    return out

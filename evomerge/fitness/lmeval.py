@@ -567,9 +567,13 @@ def evaluate_lmeval_task(
 
     spec: LMEvalTaskSpec = task.spec  # type: ignore[assignment]
     loaded = _loaded(task)
-    if split not in loaded.tasks:
+    if split == "validation" and task.has_split(split) and split not in loaded.tasks:
+        split_docs = "search"  # a validation carve-out: documents of the searched lm-eval split
+    else:
+        split_docs = split
+    if split_docs not in loaded.tasks:
         raise TaskError(f"task {task.name} has no {split} split ({task.path} sets no heldout_split)")
-    lm_task = loaded.tasks[split]
+    lm_task = loaded.tasks[split_docs]
     examples = task.examples(split)
     ids = [int(ex.record["doc_id"]) for ex in examples]
     if not ids:

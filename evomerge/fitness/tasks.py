@@ -15,9 +15,12 @@ built, with one line naming the file (and line) and the field. Examples are rend
 into :class:`Example` (final prompt text, with any few-shot prefix), so every backend
 (hf, vllm, api) sees exactly the same prompts and scoring inputs.
 
-Splits: ``search`` (the ``data`` file: what the optimizer sees) and ``heldout`` (the
-``heldout_data`` file: reported, never searched on). ``num_examples`` keeps the first N
-records of each split, so a run's examples are deterministic.
+Splits: ``search`` (the ``data`` file: what the optimizer sees), ``validation`` (the
+``validation_data`` file, or when a task has none and the run asks for one, a deterministic
+carve-out of the search data: :func:`carve_validation`; used to choose the run's final
+model, never searched on) and ``heldout`` (the ``heldout_data`` file: reported, never
+searched on nor selected on). ``num_examples`` keeps the first N records of each split, so a
+run's examples are deterministic.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import TaskError
 from .scoring import SCORERS, parse_last_number
 
-SPLITS = ("search", "heldout")
+SPLITS = ("search", "validation", "heldout")
 
 
 class TaskSpec(BaseModel):
@@ -49,6 +52,7 @@ class TaskSpec(BaseModel):
     description: str = ""
     data: str
     heldout_data: str | None = None
+    validation_data: str | None = None
     prompt: str = "{input}"
     target_field: str = "target"
     scoring: str = "exact_match"
@@ -135,6 +139,8 @@ class Task:
     path: Path
     splits: dict[str, list[Example]]
     weight: float = 1.0
+    #: where the validation split comes from: "file", "carve-out <fraction>" or None
+    validation_source: str | None = None
 
     @property
     def name(self) -> str:
@@ -147,9 +153,11 @@ class Task:
         if split not in SPLITS:
             raise TaskError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         if split not in self.splits:
-            field = {"search": "data", "heldout": "heldout_data"}[split]
+            field = {"search": "data", "heldout": "heldout_data",
+                     "validation": "validation_data"}[split]
             if self.spec.scoring == "lm_eval":
-                field = {"search": "split", "heldout": "heldout_split"}[split]
+                field = {"search": "split", "heldout": "heldout_split",
+                         "validation": "a validation carve-out"}[split]
             raise TaskError(f"task {self.name} has no {split} split ({self.path} sets no {field})")
         return self.splits[split]
 
@@ -245,8 +253,9 @@ def _resolve(base: Path, rel: str) -> Path:
 
 
 def _load_split(spec: TaskSpec, path: Path, split: str, prefix: str) -> list[Example]:
-    data = _resolve(path.parent, spec.data if split == "search" else spec.heldout_data)
-    records = _read_jsonl(data, spec.name, "data" if split == "search" else "heldout_data")
+    field = {"search": "data", "heldout": "heldout_data", "validation": "validation_data"}[split]
+    data = _resolve(path.parent, getattr(spec, field))
+    records = _read_jsonl(data, spec.name, field)
     if spec.num_examples is not None:
         records = records[: spec.num_examples]
     if not records:
@@ -289,8 +298,48 @@ def _format_validation_error(err: ValidationError, path: Path) -> str:
     return f"{path}: {loc}: {msg}{more}"
 
 
-def load_task(path: str | Path, weight: float = 1.0) -> Task:
-    """Parse a task YAML and load (and check) every example of its splits."""
+def example_key(ex: Example) -> str:
+    """A stable digest of one example (its prompt and reference), independent of file order."""
+    return hashlib.sha256(json.dumps([ex.prompt, ex.target, ex.choices, ex.answer]).encode()).hexdigest()
+
+
+def carve_validation(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """Split ``examples`` into (search, validation), deterministically and disjointly.
+
+    The validation part is the ``round(fraction * n)`` examples (at least 1, at most n - 1)
+    with the smallest :func:`example_key`; both parts keep the original order. The choice
+    depends only on the examples themselves, so reordering the file or changing the seed
+    never moves an example between the parts."""
+    n = len(examples)
+    if n < 2:
+        raise TaskError(f"a validation carve-out needs at least 2 search examples, got {n}")
+    k = min(max(int(round(fraction * n)), 1), n - 1)
+    order = sorted(range(n), key=lambda i: (example_key(examples[i]), i))
+    chosen = set(order[:k])
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
+
+
+def with_validation(task: Task, fraction: float | None) -> Task:
+    """``task`` with a validation split: its own, else (``fraction`` given) carved out of
+    its search split, which then loses those examples."""
+    if "validation" in task.splits:
+        task.validation_source = task.validation_source or "file"
+        return task
+    if not fraction or "search" not in task.splits:
+        return task
+    search, validation = carve_validation(task.splits["search"], fraction)
+    task.splits = {**task.splits, "search": search, "validation": validation}
+    task.validation_source = f"carve-out {fraction:g}"
+    return task
+
+
+def load_task(path: str | Path, weight: float = 1.0,
+              validation_fraction: float | None = None) -> Task:
+    """Parse a task YAML and load (and check) every example of its splits.
+
+    ``validation_fraction``: when the task has no ``validation_data``, carve that fraction
+    of its search examples out as the validation split (:func:`carve_validation`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
@@ -305,7 +354,7 @@ def load_task(path: str | Path, weight: float = 1.0) -> Task:
     if raw.get("scoring") == "lm_eval":  # an lm-eval-harness task (optional extra)
         from .lmeval import load_lmeval_task
 
-        return load_lmeval_task(raw, path, weight=weight)
+        return with_validation(load_lmeval_task(raw, path, weight=weight), validation_fraction)
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
@@ -323,23 +372,29 @@ def load_task(path: str | Path, weight: float = 1.0) -> Task:
     splits = {"search": _load_split(spec, path, "search", prefix)}
     if spec.heldout_data is not None:
         splits["heldout"] = _load_split(spec, path, "heldout", prefix)
-    return Task(spec=spec, path=path, splits=splits, weight=float(weight))
+    if spec.validation_data is not None:
+        splits["validation"] = _load_split(spec, path, "validation", prefix)
+    task = Task(spec=spec, path=path, splits=splits, weight=float(weight))
+    return with_validation(task, validation_fraction)
 
 
 def load_tasks(entries: Iterable[Any], base_dir: str | Path | None = None) -> list[Task]:
-    """Load a run's tasks. Each entry is a path, a ``{path, weight}`` mapping, or an object
-    with ``path``/``weight`` attributes (a config model). Relative paths are taken from
-    ``base_dir`` (the run config's folder) when given. Names must be unique."""
+    """Load a run's tasks. Each entry is a path, a ``{path, weight[, validation_fraction]}``
+    mapping, or an object with ``path``/``weight`` attributes (a config model). Relative
+    paths are taken from ``base_dir`` (the run config's folder) when given. Names must be
+    unique."""
     base = Path(base_dir) if base_dir is not None else None
     tasks: list[Task] = []
     seen: dict[str, Path] = {}
     for i, entry in enumerate(entries):
+        fraction = None
         if isinstance(entry, (str, Path)):
             rel, weight = entry, 1.0
         elif isinstance(entry, Mapping):
             if "path" not in entry:
                 raise TaskError(f"tasks[{i}].path: field required")
             rel, weight = entry["path"], entry.get("weight", 1.0)
+            fraction = entry.get("validation_fraction")
         else:
             rel, weight = entry.path, getattr(entry, "weight", 1.0)
         try:
@@ -351,7 +406,7 @@ def load_tasks(entries: Iterable[Any], base_dir: str | Path | None = None) -> li
         p = Path(rel).expanduser()
         if base is not None and not p.is_absolute():
             p = base / p
-        task = load_task(p, weight=weight)
+        task = load_task(p, weight=weight, validation_fraction=fraction)
         if task.name in seen:
             raise TaskError(
                 f"tasks[{i}]: task name {task.name!r} used twice ({seen[task.name]} and {p})"

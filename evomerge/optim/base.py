@@ -154,6 +154,12 @@ class Optimizer(ABC):
         """Optional: the optimizer's own recommendation (genome, fitness)."""
         return None
 
+    def estimate(self) -> np.ndarray | None:
+        """Optional: the optimizer's own estimate of the optimum as a genome, which it may
+        never have asked (CMA-ES: the mean of its search distribution). The engine scores it
+        as a candidate when it selects a run's final model; None when there is none."""
+        return None
+
     def clip(self, x: np.ndarray) -> np.ndarray:
         return np.clip(np.asarray(x, dtype=float), self.lower, self.upper)
 

@@ -283,6 +283,11 @@ class CMAES(Optimizer):
         """The current overall step size of the strategy (genome units)."""
         return float(self._es.sigma)
 
+    def estimate(self) -> np.ndarray:
+        """The distribution mean: CMA-ES's estimate of the optimum (less noisy than the best
+        sample, which won a noisy comparison)."""
+        return self.mean
+
     @property
     def mean(self) -> np.ndarray:
         """The current mean of the search distribution, mapped into the box."""

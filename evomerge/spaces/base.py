@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,18 @@ import numpy as np
 from ..config import SpaceConfig
 from ..errors import ConfigError
 from ..plan import MergePlan
+
+BASELINE_KINDS = ("initial", "experts", "task_arithmetic", "ties")
+
+
+@dataclass
+class Baseline:
+    """One untuned merge: a label users read, its kind, its recipe (and genome if it has one)."""
+
+    label: str
+    kind: str
+    recipe: dict[str, Any]
+    genome: np.ndarray | None = None
 
 
 class SearchSpace(ABC):
@@ -67,6 +80,41 @@ class SearchSpace(ABC):
     def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
         """Extra constructor arguments a space gives a particular optimizer (M2N2's crossover)."""
         return {}
+
+    def baselines(self, kinds: list[str] | tuple[str, ...] = BASELINE_KINDS) -> list[Baseline]:
+        """The untuned merges a user would try without search, as far as the sources allow:
+        ``initial`` (the space's starting genome), ``experts`` (each expert alone),
+        ``task_arithmetic`` (uniform, weight 1 each) and ``ties`` (density 0.5, weight 1),
+        the last two only with a base model. Black-box spaces only have their initial point
+        (their sources live with a provider). The engine evaluates these as ordinary
+        candidates at the start of a run (engine/baselines.py)."""
+        out: list[Baseline] = []
+        if "initial" in kinds:
+            g = self.initial()
+            out.append(Baseline("initial point", "initial", self.decode(g), g))
+        if self.remote:
+            return out
+        head: dict[str, Any] = {"sources": dict(self.models)}
+        if self.dtype:
+            head["dtype"] = self.dtype
+        if "experts" in kinds:
+            for e in self.experts:
+                out.append(Baseline(f"expert {e}", "experts", {
+                    **head, "merge_method": "linear", "tokenizer_source": e,
+                    "models": [{"model": e, "parameters": {"weight": 1.0}}]}))
+        if self.base is not None and len(self.experts) >= 1:
+            if "task_arithmetic" in kinds:
+                out.append(Baseline("task arithmetic (uniform, w=1)", "task_arithmetic", {
+                    **head, "merge_method": "task_arithmetic", "base_model": self.base,
+                    "tokenizer_source": "base",
+                    "models": [{"model": e, "parameters": {"weight": 1.0}} for e in self.experts]}))
+            if "ties" in kinds:
+                out.append(Baseline("TIES (density 0.5, w=1)", "ties", {
+                    **head, "merge_method": "ties", "base_model": self.base,
+                    "tokenizer_source": "base",
+                    "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}}
+                               for e in self.experts]}))
+        return out
 
     # -- genome -> recipe -> plan ----------------------------------------------------------
     @abstractmethod
