@@ -20,6 +20,7 @@ old one. Folders are built under a ``.partial`` name and renamed into place.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,20 +68,30 @@ class ExpertRecipe:
     val_items: int = 50
     val_every: int = 10
     val_threshold: float = 0.9
-    threads: int = 2
     seed: int = 11
     task_seed: int = 41_017
+    max_steps: int | None = None  # cap every skill's training steps (tests); None: the skill's
 
     def pool_recipe(self) -> PoolRecipe:
         return PoolRecipe(
             rank=self.rank, lora_alpha=self.lora_alpha, batch_size=self.batch_size,
             warmup=self.warmup, val_items=self.val_items, val_every=self.val_every,
-            val_threshold=self.val_threshold, threads=self.threads, seed=self.seed,
+            val_threshold=self.val_threshold, seed=self.seed,
             task_seed=self.task_seed,
         )
 
+    def skill(self, name: str) -> Any:
+        """The pool skill ``name`` with this recipe's step cap applied."""
+        s = SKILL_BY_NAME[name]
+        if self.max_steps is None:
+            return s
+        return dataclasses.replace(s, max_steps=min(s.max_steps, self.max_steps))
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if d["max_steps"] is None:  # the default leaves the hash of uncapped builds unchanged
+            del d["max_steps"]
+        return d
 
 
 def _gguf_bytes() -> int:
@@ -193,12 +204,14 @@ def build_smollm2_experts(
     skills: tuple[str, ...] = DEMO_SKILLS,
     progress: Progress | None = None,
     recipe: ExpertRecipe | None = None,
+    threads: int | None = None,
 ) -> dict[str, Path]:
     """``{"base": dir, <skill>: dir, ...}``: the base and one full checkpoint per skill.
 
     Cached experts are reused; missing ones are trained (``progress(stage, done, total)``
     after every training step; ``total`` is the sum of the missing skills' step caps, early
-    stops finish below it).
+    stops finish below it). ``threads``: torch threads while training (default: the
+    ``OMP_NUM_THREADS`` setting, else 1; on a busy machine 1 is much faster than 2).
     """
     recipe = recipe or ExpertRecipe()
     unknown = [s for s in skills if s not in SKILL_BY_NAME]
@@ -217,12 +230,15 @@ def build_smollm2_experts(
         if not expert_is_complete(folder):
             missing.append(s)
     if missing:
-        _train_missing(base_root, base_dir, skills, missing, recipe, progress)
+        if threads is None:
+            threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+        _train_missing(base_root, base_dir, skills, missing, recipe, progress, threads)
     return out
 
 
-def expert_steps_cap(skills: tuple[str, ...]) -> int:
-    return sum(SKILL_BY_NAME[s].max_steps for s in skills)
+def expert_steps_cap(skills: tuple[str, ...], recipe: ExpertRecipe | None = None) -> int:
+    recipe = recipe or ExpertRecipe()
+    return sum(recipe.skill(s).max_steps for s in skills)
 
 
 def missing_experts(root: str | os.PathLike | None = None, skills: tuple[str, ...] = DEMO_SKILLS,
@@ -233,17 +249,17 @@ def missing_experts(root: str | os.PathLike | None = None, skills: tuple[str, ..
 
 
 def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], missing: list[str],
-                   recipe: ExpertRecipe, progress: Progress | None) -> None:
+                   recipe: ExpertRecipe, progress: Progress | None, threads: int) -> None:
     import torch
 
     from .smollm2_pool import _Runner
 
     prev = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(max(1, threads))
     try:
         items = make_demo_items(skills, recipe)
         runner = _Runner(base_dir, recipe.pool_recipe())
-        total = expert_steps_cap(tuple(missing))
+        total = expert_steps_cap(tuple(missing), recipe)
         done = [0]
 
         def on_step(n: int) -> None:
@@ -257,7 +273,7 @@ def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], mis
             final = _expert_folder(base_root, name, skills, recipe).absolute()
             _clear_stale_partials(parent, final.name)
             seed = recipe.seed + 101 * skills.index(name)
-            info = runner.train(SKILL_BY_NAME[name], seed, items.reserved, items.early_stop[name], on_step)
+            info = runner.train(recipe.skill(name), seed, items.reserved, items.early_stop[name], on_step)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
             try:
                 _save_merged(runner, base_dir, tmp)
