@@ -380,7 +380,12 @@ def test_search_runs_on_an_lmeval_task(lm_eval, test_zoo, tmp_path, racing):
     assert len(recs) == 6 and not any(r["failed"] for r in recs)
     full = [r for r in recs if not r.get("racing_cut")]
     assert best is not None and best["fitness"] == max(r["fitness"] for r in full)
-    assert full and all(len(r["per_example"]["mc60"]) == 60 for r in full)
+    # 60 documents, 15 of them carved out as the run's validation split
+    assert full and all(len(r["per_example"]["mc60"]) == 45 for r in full)
+    final = RunStore(tmp_path / "run").read_json("final.json")
+    assert final["chosen_by"] == "validation"
+    fin = next(r for r in final["rows"] if r["final"])
+    assert fin["splits"]["validation"]["tasks"]["mc60"]["n"] == 15
     for r in full:
         s = r["scores"]
         assert s["mc60"] == pytest.approx(np.mean(r["per_example"]["mc60"]))

@@ -59,7 +59,8 @@ def test_run_end_to_end_status_and_export(test_zoo, tmp_path):
     recs = _log(tmp_path / "run")
     assert [r["id"] for r in recs] == list(range(8))
     assert all(set(r["per_example"]) == {"cipher_a", "cipher_b"} for r in recs)
-    assert all(len(r["per_example"]["cipher_a"]) == 200 for r in recs)
+    # 200 search examples, 50 of them carved out as the validation split
+    assert all(len(r["per_example"]["cipher_a"]) == 150 for r in recs)
     assert best["fitness"] == max(r["fitness"] for r in recs)
     assert json.loads((tmp_path / "run/best.json").read_text())["id"] == best["id"]
     s = summarize(tmp_path / "run")

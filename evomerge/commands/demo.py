@@ -20,37 +20,35 @@ import click
                                       "exact match).")
 def demo(runs_dir, name, fresh, budget, no_progress, real, objective):
     """Build the local model zoo, evolve a merge of its experts, compare on held-out data."""
-    from rich.console import Console
-
     if real:
         _demo_real(runs_dir, name, fresh, budget, no_progress, objective)
         return
-
     from ..engine.demo import format_table, margins, run_demo
+    from ..engine.selection import wide_console
 
     result = run_demo(runs_dir=runs_dir, name=name, fresh=fresh, budget=budget,
                       progress=not no_progress)
-    con = Console()
+    con = wide_console()
     con.print(format_table(result))
     m = margins(result)
     s = result["seconds"]
     con.print(
-        f"evolved merge: {m['evolved']:.1f}  |  vs best expert {m['vs_best_expert']:+.1f} points"
-        f"  |  vs best untuned merge {m['vs_best_untuned']:+.1f} points"
-    )
+        f"final (evolved, chosen on validation: {result['final']['label']}): held-out "
+        f"{m['evolved']:.1f} ±{m['evolved_se']:.1f}  |  vs best expert {m['vs_best_expert']:+.1f}"
+        f"  |  vs best untuned merge ({m['best_untuned']:.1f} ±{m['best_untuned_se']:.1f}) "
+        f"{m['vs_best_untuned']:+.1f} points", highlight=False)
     con.print(
-        f"search: {result['budget']} evaluations in {s['search']:.0f} s; zoo "
-        f"{'cached' if result['zoo_cache_hit'] else 'built'} in {s['zoo']:.0f} s; total {s['total']:.0f} s"
-    )
-    con.print(f"run directory: {result['run_dir']}\nexported best: {result['export']}")
+        f"search + selection: {result['budget']} evaluations in {s['search_and_selection']:.0f} s; zoo "
+        f"{'cached' if result['zoo_cache_hit'] else 'built'} in {s['zoo']:.0f} s; total {s['total']:.0f} s",
+        highlight=False)
+    con.print(f"run directory: {result['run_dir']}\nexported final: {result['export']}", highlight=False)
 
 
 def _demo_real(runs_dir, name, fresh, budget, no_progress, objective):
     import time
 
-    from rich.console import Console
-
     from ..engine.demo_real import RealDemoSettings, format_real_table, margin_line, run_real_demo
+    from ..engine.selection import wide_console
 
     settings = RealDemoSettings(objective=objective)
     if budget:
@@ -59,7 +57,7 @@ def _demo_real(runs_dir, name, fresh, budget, no_progress, objective):
     if fresh:
         run_name = f"{run_name or 'real-demo-' + objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_real_demo(settings, runs_dir=runs_dir, name=run_name, progress=not no_progress)
-    con = Console()
+    con = wide_console()
     con.print(format_real_table(result))
     con.print(margin_line(result), highlight=False)
     s = result["seconds"]

@@ -23,10 +23,8 @@ def eval_cmd(target, tasks, split, batch_size, device, as_json):
     TARGET: a model directory, a recipe YAML (evomerge or mergekit), or a run directory:
     RUN (its final model, else its best candidate), RUN:final, RUN:top-K, RUN:baselines.
     """
-    from rich.console import Console
-
     from ..engine.evaltarget import eval_target
-    from ..engine.selection import rows_table
+    from ..engine.selection import rows_table, wide_console
 
     names = [t for entry in tasks for t in entry.split(",") if t]
     backend = {k: v for k, v in (("batch_size", batch_size), ("device", device)) if v is not None}
@@ -34,7 +32,7 @@ def eval_cmd(target, tasks, split, batch_size, device, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    Console().print(rows_table(rows, title=f"{target}: {split} split (%, ± standard error)",
+    wide_console().print(rows_table(rows, title=f"{target}: {split} split (%, ± standard error)",
                                splits=(split,), tasks=True))
 
 

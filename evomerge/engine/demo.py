@@ -2,10 +2,13 @@
 
 1. build (or reuse) the full model zoo;
 2. run the search preset ``search_spaces/zoo_demo.yaml`` on the zoo experts;
-3. score, on HELD-OUT examples the search never saw: each expert, the untuned merges
-   (uniform task arithmetic, TIES at its default density), and the evolved best, on every
-   task, the combined fitness, and the cross task;
-4. export the best as a Hugging Face checkpoint and print the table.
+   (the run evaluates the baselines first: each expert, uniform task arithmetic, TIES at
+   its default density, the initial point);
+3. the run chooses its final model on the validation split (top-k by search fitness, the
+   baselines and the CMA-ES mean) and scores the final and the baselines on HELD-OUT
+   examples the search never saw (every task, the combined fitness, the cross task);
+4. export the final as a Hugging Face checkpoint and print the table: every score with its
+   split and standard error.
 """
 
 from __future__ import annotations
@@ -22,21 +25,12 @@ PRESET = Path(__file__).resolve().parents[2] / "search_spaces" / "zoo_demo.yaml"
 
 
 def baseline_recipes(cfg: RunConfig, models: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each expert alone, and the merges a user would try without any search."""
-    experts = [k for k in models if k != cfg.base_model]
-    head = {"sources": dict(models), "dtype": cfg.dtype} if cfg.dtype else {"sources": dict(models)}
-    out: dict[str, dict[str, Any]] = {}
-    for e in experts:
-        out[f"expert {e}"] = {**head, "merge_method": "linear", "tokenizer_source": e,
-                              "models": [{"model": e, "parameters": {"weight": 1.0}}]}
-    merged = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
-    out["task arithmetic (uniform, w=1)"] = {**head, "merge_method": "task_arithmetic",
-                                             "base_model": cfg.base_model, "models": merged}
-    out["TIES (density 0.5, w=1)"] = {
-        **head, "merge_method": "ties", "base_model": cfg.base_model,
-        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
-    }
-    return out
+    """Each expert alone, and the merges a user would try without any search (the run's
+    search space names them: :meth:`SearchSpace.baselines`)."""
+    from ..spaces import make_space
+
+    space = make_space(cfg.space, models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
+    return {b.label: b.recipe for b in space.baselines(["experts", "task_arithmetic", "ties"])}
 
 
 def heldout_table(cfg: RunConfig, recipes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,8 +69,9 @@ def heldout_table(cfg: RunConfig, recipes: dict[str, dict[str, Any]]) -> list[di
 def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool = False,
              budget: int | None = None, progress: bool = True, preset: Path | None = None) -> dict[str, Any]:
     from ..zoo.build import build_zoo
-    from .export import export_top
+    from .export import export_final
     from .runner import run_search
+    from .selection import load_final, select_final
     from .store import RunStore
 
     t0 = time.perf_counter()
@@ -88,27 +83,24 @@ def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool 
     cfg = cfg.model_copy(update={"name": name, **({"budget": budget} if budget else {})})
     run_dir = Path(runs_dir) / name
     t1 = time.perf_counter()
-    best = run_search(cfg, run_dir, progress=progress)
+    best = run_search(cfg, run_dir, progress=progress)  # baselines, search, selection
     search_s = time.perf_counter() - t1
     if best is None:
         raise RuntimeError("the demo search produced no successful candidate")
-    models = resolve_models(cfg.models)
-    recipes = baseline_recipes(cfg, models)
-    recipes["evolved (best of search)"] = best["recipe"]
-    t2 = time.perf_counter()
-    rows = heldout_table(cfg, recipes)
-    table_s = time.perf_counter() - t2
-    exported = export_top(run_dir, 1, run_dir / "export")[0]
+    final = load_final(run_dir) or select_final(run_dir)
+    exported = export_final(run_dir, run_dir / "export")
     result = {
         "zoo": str(manifest.root),
         "zoo_cache_hit": bool(manifest.cache_hit),
         "run_dir": str(run_dir),
         "export": str(exported),
-        "rows": rows,
+        "rows": final["rows"],
+        "final": final["final"],
+        "chosen_by": final["chosen_by"],
         "best_search_fitness": best["fitness"],
         "best_id": best["id"],
         "budget": cfg.budget,
-        "seconds": {"zoo": zoo_s, "search": search_s, "heldout_table": table_s,
+        "seconds": {"zoo": zoo_s, "search_and_selection": search_s,
                     "total": time.perf_counter() - t0},
     }
     RunStore(run_dir).write_json("demo_table.json", result)
@@ -131,38 +123,35 @@ def _build_zoo_with_progress(build_zoo, progress: bool):
 
 
 def format_table(result: dict[str, Any]) -> Any:
-    from rich.table import Table
+    """The baseline/final table: search, validation and held-out scores (± standard error)
+    of every model the run compared, per-task and report-task columns on held-out."""
+    from .selection import rows_table
 
-    rows = result["rows"]
-    ok = [r for r in rows if "tasks" in r]
-    tasks = list(ok[0]["tasks"]) if ok else []
-    report = list(ok[0]["report"]) if ok else []
-    t = Table(title="held-out accuracy (%): examples the search never scored")
-    t.add_column("model")
-    for name in tasks:
-        t.add_column(name, justify="right")
-    t.add_column("combined", justify="right", style="bold")
-    for name in report:
-        t.add_column(name, justify="right")
-    for r in rows:
-        if "error" in r:
-            t.add_row(r["model"], *(["failed"] * (len(tasks) + 1 + len(report))))
-            continue
-        t.add_row(r["model"], *(f"{r['tasks'][k] * 100:.1f}" for k in tasks),
-                  f"{r['combined'] * 100:.1f}", *(f"{r['report'][k] * 100:.1f}" for k in report))
-    return t
+    return rows_table(result["rows"], tasks=True, title=(
+        "accuracy (%, ± standard error): search = what the optimizer saw; validation = chose "
+        "the final; held-out = examples the search never scored (reported only)"))
 
 
 def margins(result: dict[str, Any]) -> dict[str, float]:
-    """Evolved minus best expert, and minus best untuned merge (combined, points)."""
-    ok = {r["model"]: r["combined"] * 100 for r in result["rows"] if "combined" in r}
-    evolved = ok.get("evolved (best of search)", float("nan"))
-    experts = [v for k, v in ok.items() if k.startswith("expert ")]
-    untuned = [v for k, v in ok.items() if not k.startswith(("expert ", "evolved"))]
+    """Held-out combined accuracy (points) of the final (the validation-selected evolved
+    merge), the best expert and the best untuned merge, the margins, and their SEs."""
+    def heldout(r: dict[str, Any]) -> tuple[float, float]:
+        h = r["splits"].get("heldout") or {}
+        if h.get("fitness") is None:
+            return float("nan"), float("nan")
+        return h["fitness"] * 100, h["se"] * 100
+
+    nan = (float("nan"), float("nan"))
+    rows = result["rows"]
+    fin = next((heldout(r) for r in rows if r.get("final")), nan)
+    experts = [heldout(r) for r in rows if r["role"] == "baseline" and r["label"].startswith("expert ")]
+    untuned = [heldout(r) for r in rows if r["role"] == "baseline" and not r["label"].startswith("expert ")]
+    be = max(experts, default=nan)
+    bu = max(untuned, default=nan)
     return {
-        "evolved": evolved,
-        "best_expert": max(experts) if experts else float("nan"),
-        "best_untuned": max(untuned) if untuned else float("nan"),
-        "vs_best_expert": evolved - max(experts) if experts else float("nan"),
-        "vs_best_untuned": evolved - max(untuned) if untuned else float("nan"),
+        "evolved": fin[0], "evolved_se": fin[1],
+        "best_expert": be[0], "best_expert_se": be[1],
+        "best_untuned": bu[0], "best_untuned_se": bu[1],
+        "vs_best_expert": fin[0] - be[0],
+        "vs_best_untuned": fin[0] - bu[0],
     }

@@ -135,7 +135,7 @@ def _eval_run(run_dir: Path, sel: str, split: str, tasks: list[str] | None,
         m = _RUN_SUFFIX.match(sel)
         k = int(m.group(2)) if m and m.group(2) else 1
         for rank, r in enumerate(top_records(records, k), 1):
-            items.append((f"candidate {r['id']} (search rank {rank})", "candidate",
+            items.append((f"candidate {r['id']} (search #{rank})", "candidate",
                           r["plan_hash"], r["recipe"]))
     if not items:
         raise ConfigError(f"eval target {run_dir}:{sel}: the run has nothing to evaluate there")

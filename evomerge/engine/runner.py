@@ -43,14 +43,12 @@ def _select(run_dir: Path, progress: bool) -> None:
 
 def print_final(run_dir: str | Path, console: Any = None) -> bool:
     """Print a run's baseline/final table and summary; False when it has no final yet."""
-    from rich.console import Console
-
-    from .selection import load_final, rows_table, summary_lines
+    from .selection import load_final, rows_table, summary_lines, wide_console
 
     final = load_final(run_dir)
     if final is None:
         return False
-    con = console or Console()
+    con = console or wide_console()
     con.print(rows_table(final["rows"], tasks=False))
     for line in summary_lines(final):
         con.print(line, highlight=False)

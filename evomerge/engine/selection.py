@@ -134,7 +134,7 @@ def _candidates(cfg: Any, store: RunStore, top_k: int) -> list[dict[str, Any]]:
     records = [r for r in store.read_evals() if not r.get("racing_cut") and r.get("per_example")]
     out = []
     for rank, r in enumerate(top_records(records, top_k), 1):
-        out.append({"label": f"candidate {r['id']} (search rank {rank})", "role": "candidate",
+        out.append({"label": f"candidate {r['id']} (search #{rank})", "role": "candidate",
                     "id": r["id"], "search_rank": rank, "plan_hash": r["plan_hash"],
                     "recipe": r["recipe"], "search_per_example": r["per_example"]})
     for r in store.read_jsonl(LOG):
@@ -322,3 +322,12 @@ def summary_lines(final: dict[str, Any]) -> list[str]:
     if top is not None and top is not fin:
         out.append(f"best by search fitness: {top['label']}: {show(top)}")
     return out
+
+
+def wide_console(min_width: int = 150) -> Any:
+    """A rich console at least ``min_width`` wide when output is not a terminal (logs, pipes),
+    so score tables are not folded into unreadable columns."""
+    from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=max(min_width, con.width))
