@@ -24,7 +24,7 @@ def demo(runs_dir, name, fresh, budget, no_progress, real, objective):
         _demo_real(runs_dir, name, fresh, budget, no_progress, objective)
         return
     from ..engine.demo import format_table, margins, run_demo
-    from ..engine.selection import wide_console
+    from ..engine.selection import rows_table, wide_console
 
     result = run_demo(runs_dir=runs_dir, name=name, fresh=fresh, budget=budget,
                       progress=not no_progress)
@@ -48,7 +48,7 @@ def _demo_real(runs_dir, name, fresh, budget, no_progress, objective):
     import time
 
     from ..engine.demo_real import RealDemoSettings, format_real_table, margin_line, run_real_demo
-    from ..engine.selection import wide_console
+    from ..engine.selection import rows_table, wide_console
 
     settings = RealDemoSettings(objective=objective)
     if budget:
@@ -58,13 +58,16 @@ def _demo_real(runs_dir, name, fresh, budget, no_progress, objective):
         run_name = f"{run_name or 'real-demo-' + objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_real_demo(settings, runs_dir=runs_dir, name=run_name, progress=not no_progress)
     con = wide_console()
+    con.print(rows_table(result["selection_rows"], tasks=False, title=(
+        f"search objective '{objective}' (%, ± standard error): search = what the optimizer saw; "
+        "validation = chose the final; held-out = reported only")))
     con.print(format_real_table(result))
     con.print(margin_line(result), highlight=False)
     s = result["seconds"]
     con.print(f"final chosen by {result['chosen_by']}: {result['final']}; search objective "
               f"{objective}, {settings.budget} evaluations; experts {s['experts']:.0f} s, search + "
               f"selection {s['search_and_selection']:.0f} s", highlight=False)
-    con.print(f"run directory: {result['run_dir']}", highlight=False)
+    con.print(f"run directory: {result['run_dir']}\nexported final: {result['export']}", highlight=False)
 
 
 COMMANDS = [demo]

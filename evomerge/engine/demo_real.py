@@ -53,10 +53,12 @@ class RealDemoSettings:
     search_items: int = 40  # per skill
     validation_items: int = 60  # per skill
     heldout_items: int = 200  # per skill
-    budget: int = 120
+    budget: int = 80
     popsize: int | None = None  # None: pycma's default from the dimension
+    # 3 layer groups x 3 experts = 9 weights (LoRA never touched embeddings or norms: those
+    # stay at the initial weight); pycma's population for n=9 is 10
     layer_groups: int = 3
-    split_attn_mlp: bool = True
+    split_attn_mlp: bool = False
     weight_high: float = 2.0
     seed: int = 0
     batch_size: int = 64
@@ -131,7 +133,7 @@ def real_config(s: RealDemoSettings, experts: dict[str, Path], tasks: list[Path]
         "models": {k: str(v) for k, v in experts.items()},
         "base_model": "base",
         "space": {"type": "parameter", "method": "task_arithmetic", "layer_groups": s.layer_groups,
-                  "split_attn_mlp": s.split_attn_mlp,
+                  "split_attn_mlp": s.split_attn_mlp, "non_layer": "uniform",
                   "params": {"weight": {"low": 0.0, "high": s.weight_high, "init": 1.0}}},
         "optimizer": {"name": "cma", "seed": s.seed, **({"popsize": s.popsize} if s.popsize else {})},
         "budget": s.budget,
@@ -175,13 +177,83 @@ def run_real_demo(s: RealDemoSettings | None = None, runs_dir: str | Path = "run
     if final is None:
         raise ConfigError(f"demo --real: run {run_dir} ended without a final model (budget not reached?)")
     table = heldout_table(run_dir, final, [f"em_{k}" for k in s.skills])
-    result = {"run_dir": str(run_dir), "settings": asdict(s), "experts": {k: str(v) for k, v in experts.items()},
+    from .export import export_final
+
+    exported = export_final(run_dir, run_dir / "export")
+    result = {"run_dir": str(run_dir), "export": str(exported), "selection_rows": final["rows"], "settings": asdict(s), "experts": {k: str(v) for k, v in experts.items()},
               "rows": table["rows"], "margin": table["margin"], "chosen_by": final["chosen_by"],
               "final": final["final"]["label"],
               "seconds": {"experts": build_s, "search_and_selection": search_s,
                           "total": time.perf_counter() - t0}}
     RunStore(run_dir).write_json("demo_real_table.json", result)
     return result
+
+
+def real_setup(seed: int, budget: int | None = None, objective: str = "exact_match",
+               settings: RealDemoSettings | None = None, root: str | Path | None = None) -> Any:
+    """The real demo's RunConfig for one seed (experts built or reused, tasks written): the
+    ``--real`` setup of benchmarks/search_generalization.py."""
+    from ..config import parse_config
+    from ..zoo.build import default_root
+    from ..zoo.smollm2_experts import EXPERTS_DIR, ExpertRecipe, build_smollm2_experts
+
+    s = RealDemoSettings(**{**asdict(settings or RealDemoSettings()), "seed": seed,
+                            "objective": objective})
+    if budget:
+        s.budget = budget
+    s.check()
+    recipe = ExpertRecipe(max_steps=s.expert_max_steps)
+    zroot = Path(root).expanduser() if root is not None else default_root()
+    experts = build_smollm2_experts(zroot, tuple(s.skills), recipe=recipe)
+    tasks, report = write_tasks(task_dir(zroot / EXPERTS_DIR, s, recipe), s, recipe)
+    return parse_config(real_config(s, experts, tasks, report, f"gen-real-s{seed}"), source="real setup")
+
+
+def with_objective(cfg: Any, objective: str) -> Any:
+    """``cfg`` with every search task rewritten for ``objective`` (:data:`OBJECTIVES`): same
+    name and data files, another scorer. The variants are written (once, by content hash)
+    under ``<zoo root>/objectives/``; report tasks are left as they are."""
+    import yaml
+
+    from ..zoo.build import default_root
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    refs = []
+    for ref in cfg.tasks:
+        src = Path(ref.path)
+        raw = yaml.safe_load(src.read_text(encoding="utf-8"))
+        for key in ("data", "heldout_data", "validation_data", "few_shot_data"):
+            if raw.get(key):
+                raw[key] = str((src.parent / raw[key]).resolve())
+        for key in ("loglik_mix", "loglik_norm", "loglik_transform", "loglik_suffix"):
+            raw.pop(key, None)
+        raw.update(OBJECTIVES[objective])
+        if "loglik_suffix" in raw:  # the end-of-answer token of this run's tokenizer
+            eos = _eos_text(cfg)
+            if eos:
+                raw["loglik_suffix"] = eos
+            else:
+                raw.pop("loglik_suffix")
+        text = yaml.safe_dump(raw, sort_keys=True)
+        out = default_root() / "objectives" / hashlib.sha256(text.encode()).hexdigest()[:12]
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / src.name, text)
+        refs.append(ref.model_copy(update={"path": str(out / src.name)}))
+    return cfg.model_copy(update={"tasks": refs})
+
+
+def _eos_text(cfg: Any) -> str | None:
+    from .models import resolve_model
+
+    ref = cfg.models[cfg.base_model or next(iter(cfg.models))]
+    path = Path(resolve_model(ref)) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
 
 def _build_experts(build, zroot: Path, s: RealDemoSettings, recipe: Any, progress: bool) -> dict[str, Path]:
