@@ -24,7 +24,7 @@ def demo(runs_dir, name, fresh, budget, no_progress, real, objective):
         _demo_real(runs_dir, name, fresh, budget, no_progress, objective)
         return
     from ..engine.demo import format_table, margins, run_demo
-    from ..engine.selection import rows_table, wide_console
+    from ..engine.selection import wide_console
 
     result = run_demo(runs_dir=runs_dir, name=name, fresh=fresh, budget=budget,
                       progress=not no_progress)
