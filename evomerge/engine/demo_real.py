@@ -50,13 +50,14 @@ class RealDemoSettings:
 
     skills: tuple[str, ...] = ("reverse", "upper", "maxdigit")
     objective: str = "loglik"
-    search_items: int = 40  # per skill
-    validation_items: int = 60  # per skill
-    heldout_items: int = 200  # per skill
-    budget: int = 80
-    popsize: int | None = None  # None: pycma's default from the dimension
+    search_items: int = 30  # per skill
+    validation_items: int = 40  # per skill
+    heldout_items: int = 100  # per skill
+    budget: int = 60
+    popsize: int | None = 8  # None: pycma's default from the dimension (10 for n = 9)
+    top_k: int = 3  # candidates re-scored on validation (with the baselines and the CMA mean)
     # 3 layer groups x 3 experts = 9 weights (LoRA never touched embeddings or norms: those
-    # stay at the initial weight); pycma's population for n=9 is 10
+    # stay at the initial weight)
     layer_groups: int = 3
     split_attn_mlp: bool = False
     weight_high: float = 2.0
@@ -143,6 +144,7 @@ def real_config(s: RealDemoSettings, experts: dict[str, Path], tasks: list[Path]
         "executor": {"name": "local", "num_threads": threads},
         "dtype": "float32",
         "seed": s.seed,
+        "selection": {"top_k": s.top_k},
     }
     cfg.update(s.extra)
     return cfg
