@@ -36,10 +36,12 @@ from ..errors import ConfigError
 
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "exact_match": {"scoring": "exact_match"},
-    # the answer's probability (summed log-prob over its tokens and the end-of-turn token,
-    # exponentiated): a smooth stand-in for "greedy decoding gives exactly this answer"
-    "loglik": {"scoring": "loglik", "loglik_norm": "answer", "loglik_suffix": "<|im_end|>"},
-    "mix": {"scoring": "exact_match", "loglik_mix": 0.5, "loglik_norm": "answer",
+    # the geometric-mean probability of the answer's tokens and the end-of-turn token
+    # (exp of the mean log-prob per token). Measured here: the whole answer's probability
+    # (norm "answer") is ~0 on every skill a merge has not fully kept, so it gave the search
+    # no signal there; per token it does.
+    "loglik": {"scoring": "loglik", "loglik_norm": "token", "loglik_suffix": "<|im_end|>"},
+    "mix": {"scoring": "exact_match", "loglik_mix": 0.5, "loglik_norm": "token",
             "loglik_suffix": "<|im_end|>"},
 }
 
