@@ -20,7 +20,8 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     search.store = store
     try:
         best = _search(search, cfg, progress)
-        if cfg.selection.enabled and search.told >= cfg.budget:
+        if cfg.selection.enabled and search.told >= cfg.budget and (
+                best is not None or search.best_baseline is not None):
             _select(store.dir, progress)
         return best
     finally:
