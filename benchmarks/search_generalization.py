@@ -49,9 +49,12 @@ from evomerge.engine.selection import (  # noqa: E402
     summarize_scores,
 )
 from evomerge.engine.store import RunStore  # noqa: E402
-from evomerge.fitness.stderr import format_score  # noqa: E402
+from evomerge.fitness.stderr import combined_se, format_score  # noqa: E402
 
 MODELS = ("max-search", "final", "cma-mean", "baseline")
+# "report": the run's report tasks on held-out data (real setup: exact match, whatever the
+# search objective, so objectives compare on one metric)
+COLUMNS = (*SPLIT_ORDER, "report")
 
 
 def zoo_setup(seed: int, budget: int | None) -> RunConfig:
@@ -62,8 +65,26 @@ def zoo_setup(seed: int, budget: int | None) -> RunConfig:
                                   **({"budget": budget} if budget else {})})
 
 
-SETUPS: dict[str, Callable[[int, int | None], RunConfig]] = {"zoo": zoo_setup}
-OBJECTIVES: dict[str, Callable[[RunConfig], RunConfig]] = {"exact": lambda cfg: cfg}
+def real_setup(seed: int, budget: int | None) -> RunConfig:
+    """`evomerge demo --real`'s search (SmolLM2 experts; built on first use) with another seed."""
+    from evomerge.engine.demo_real import real_setup as setup
+
+    return setup(seed, budget)
+
+
+def _objective(name: str) -> Callable[[RunConfig], RunConfig]:
+    def rewrite(cfg: RunConfig) -> RunConfig:
+        from evomerge.engine.demo_real import with_objective
+
+        return with_objective(cfg, name)
+
+    return rewrite
+
+
+SETUPS: dict[str, Callable[[int, int | None], RunConfig]] = {"zoo": zoo_setup, "real": real_setup}
+# loglik: the gold answer's probability (teacher-forced); mix: half exact match, half loglik
+OBJECTIVES: dict[str, Callable[[RunConfig], RunConfig]] = {
+    "exact": lambda cfg: cfg, "loglik": _objective("loglik"), "mix": _objective("mix")}
 
 
 def generalization_rows(run_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -90,10 +111,13 @@ def generalization_rows(run_dir: str | Path) -> dict[str, dict[str, Any]]:
             if r is None:
                 continue
             splits = dict(r["splits"])
-            if splits.get("heldout") is None and r["plan_hash"] in recipes:
+            if r["plan_hash"] in recipes and (splits.get("heldout") is None or rs.cfg.report_tasks):
                 per = rs.score(r["plan_hash"], recipes[r["plan_hash"]], "heldout")["per_example"] or {}
                 splits["heldout"] = summarize_scores({t: v for t, v in per.items() if t in rs.info.weights},
                                                      rs.info.weights)
+                rep = {t: v for t, v in per.items() if t not in rs.info.weights}
+                if rep:  # report tasks, held-out, equal weights (real setup: exact match)
+                    splits["report"] = combined_se(rep, {t: 1.0 for t in rep})
             out[name] = {"label": r["label"], "splits": splits}
     finally:
         rs.close()
@@ -151,18 +175,18 @@ def main() -> None:
         secs = time.perf_counter() - t0
         per_seed.append({"seed": seed, "seconds": secs, "run_dir": str(runs / cfg.name), "rows": rows})
         print(f"\nseed {seed} ({secs:.0f} s, budget {cfg.budget}), combined score % ± SE", flush=True)
-        print(f"{'model':>11}  {'label':<40} " + " ".join(f"{s:>13}" for s in SPLIT_ORDER))
+        print(f"{'model':>11}  {'label':<40} " + " ".join(f"{s:>13}" for s in COLUMNS))
         for name in MODELS:
             if name in rows:
                 r = rows[name]
                 print(f"{name:>11}  {r['label'][:40]:<40} "
-                      + " ".join(f"{_cell(r['splits'].get(s)):>13}" for s in SPLIT_ORDER), flush=True)
+                      + " ".join(f"{_cell(r['splits'].get(s)):>13}" for s in COLUMNS), flush=True)
     print(f"\nmean over {len(per_seed)} seeds (SE of the mean over seeds, in parentheses)")
-    print(f"{'model':>11} " + " ".join(f"{s:>15}" for s in SPLIT_ORDER))
+    print(f"{'model':>11} " + " ".join(f"{s:>15}" for s in COLUMNS))
     summary: dict[str, dict[str, Any]] = {}
     for name in MODELS:
         cells, summary[name] = [], {}
-        for s in SPLIT_ORDER:
+        for s in COLUMNS:
             vals = [p["rows"][name]["splits"][s]["fitness"] * 100 for p in per_seed
                     if name in p["rows"] and (p["rows"][name]["splits"].get(s) or {}).get("fitness") is not None]
             if not vals:
@@ -174,17 +198,18 @@ def main() -> None:
             cells.append(f"{m:7.1f} ({sd / math.sqrt(len(vals)):4.1f})")
         print(f"{name:>11} " + " ".join(cells))
 
-    def heldout(p: dict[str, Any], name: str) -> float | None:
-        v = (p["rows"].get(name, {}).get("splits", {}).get("heldout") or {}).get("fitness")
+    def heldout(p: dict[str, Any], name: str, col: str) -> float | None:
+        v = (p["rows"].get(name, {}).get("splits", {}).get(col) or {}).get("fitness")
         return None if v is None else v * 100
 
-    for name in ("final", "max-search", "cma-mean"):
-        diffs = [heldout(p, name) - heldout(p, "baseline") for p in per_seed
-                 if heldout(p, name) is not None and heldout(p, "baseline") is not None]
-        if diffs:
-            wins = sum(d > 0 for d in diffs)
-            print(f"held-out, {name} minus best baseline: "
-                  + ", ".join(f"{d:+.1f}" for d in diffs) + f"  (beats it in {wins}/{len(diffs)} seeds)")
+    for col in ("heldout", "report"):
+        for name in ("final", "max-search", "cma-mean"):
+            diffs = [heldout(p, name, col) - heldout(p, "baseline", col) for p in per_seed
+                     if heldout(p, name, col) is not None and heldout(p, "baseline", col) is not None]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                print(f"{col}, {name} minus best baseline: " + ", ".join(f"{d:+.1f}" for d in diffs)
+                      + f"  (beats it in {wins}/{len(diffs)} seeds)")
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": setup, "objective": args.objective,
                                                "machine": load, "seeds": per_seed,

@@ -278,6 +278,31 @@ def test_loglikelihood_matches_hf(zoo, engine, hf, mat, tmp_path):
     assert sv["pp"] == pytest.approx(sh["pp"], abs=1e-4)
 
 
+def test_loglik_objective_and_mix_match_hf(zoo, engine, hf, mat, tmp_path):
+    """``scoring: loglik`` (both norms, prob and raw) and ``loglik_mix`` through vLLM's
+    prompt logprobs give the HF backend's teacher-forced scores."""
+    plan = task_arithmetic(zoo, [1.0, 0.5, 1.25])
+    engine.load_plan(plan, mat)
+    hf.load_plan(plan, mat)
+    data = str(ROOT / "fitness/zoo/cipher_a.search.jsonl")
+    specs = {
+        "tok": {"scoring": "loglik"},
+        "ans": {"scoring": "loglik", "loglik_norm": "answer", "loglik_transform": "logprob"},
+        "mix": {"scoring": "exact_match", "loglik_mix": 0.5, "loglik_norm": "answer",
+                "max_new_tokens": 6},
+    }
+    tasks = []
+    for name, extra in specs.items():
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(
+            {"name": name, "data": data, "prompt": "{input}>", "num_examples": 24, **extra}))
+        tasks.append(load_task(tmp_path / f"{name}.yaml"))
+    sv, sh = engine.evaluate(tasks), hf.evaluate(tasks)
+    assert sv["tok"] == pytest.approx(sh["tok"], abs=1e-3)
+    assert sv["ans"] == pytest.approx(sh["ans"], abs=1e-2)
+    assert np.all(sv["ans"] < 0) and np.all((sv["tok"] > 0) & (sv["tok"] <= 1))
+    assert sv["mix"] == pytest.approx(sh["mix"], abs=1e-3)
+
+
 def test_stop_strings_and_eos_cut_like_hf(zoo, engine, hf, mat):
     plan = task_arithmetic(zoo, [1.0, 1.0, 1.0])
     engine.load_plan(plan, mat)

@@ -50,6 +50,10 @@ class Search:
         self.optimizer = build_optimizer(cfg, self.space)
         if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
+        if cfg.racing.enabled:
+            from ..fitness.racing import refuse_unbounded
+
+            refuse_unbounded(self.tasks.unbounded)
         # fail fast on a space/recipe that cannot compile at all
         self.space.plan(self.space.initial()).validate()
         self.backend_spec = _backend_spec(cfg, self.space)  # the space may refuse the backend

@@ -7,7 +7,7 @@ fail at start-up with one clear line, before any worker is started.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -18,6 +18,7 @@ class TaskInfo:
     names: list[str]
     weights: dict[str, float]
     sizes: dict[str, int]
+    unbounded: list[str] = field(default_factory=list)  # tasks whose scores leave [0, 1]
 
     @classmethod
     def load(cls, refs: Sequence[Any], split: str = "search",
@@ -27,6 +28,7 @@ class TaskInfo:
         names: list[str] = []
         weights: dict[str, float] = {}
         sizes: dict[str, int] = {}
+        unbounded: list[str] = []
         for i, ref in enumerate(refs):
             task = load_task(ref.path, validation_fraction=validation_fraction)
             if task.name in weights:
@@ -34,9 +36,11 @@ class TaskInfo:
             names.append(task.name)
             weights[task.name] = float(ref.weight)
             sizes[task.name] = len(task.examples(split))
+            if not task.spec.bounded:
+                unbounded.append(task.name)
         if sum(weights.values()) <= 0:
             raise ConfigError("tasks: the task weights sum to zero")
-        return cls(names, weights, sizes)
+        return cls(names, weights, sizes, unbounded)
 
     def combine(self, means: dict[str, float]) -> float:
         """Weighted mean of per-task mean scores, in [0, 1]."""

@@ -40,7 +40,10 @@ Engine contract (what a search loop must do with a :class:`RaceResult`):
   re-raced (or finished) against the best at that time;
 - per-example algorithms (M2N2) need every example's score: racing is for scalar-fitness
   optimizers only (a cut result's unseen examples are NaN);
-- keep a :class:`RaceLedger` in the run state to report example evaluations saved.
+- keep a :class:`RaceLedger` in the run state to report example evaluations saved;
+- scores must lie in [0, 1]: ``loglik`` tasks race in their ``prob`` form (``exp`` of the
+  mean or summed log-probability); raw ``logprob`` tasks are refused
+  (:func:`check_racing_tasks`, also called when a run starts).
 """
 
 from __future__ import annotations
@@ -298,6 +301,7 @@ def evaluate_racing(
         raise ConfigError(f"racing.bound: unknown bound {bound!r}; use one of {', '.join(BOUNDS)}")
     if not tasks:
         raise ConfigError("racing: no tasks")
+    check_racing_tasks(tasks)
     weights = {t.name: float(t.weight) for t in tasks}
     sizes = {t.name: len(t.examples(split)) for t in tasks}
     total = sum(sizes.values())
@@ -338,6 +342,20 @@ def evaluate_racing(
         est, ucb = upper_confidence_bound(observed, sizes, weights, delta, bound)
         if ucb < best_so_far:
             return RaceResult(scores, False, est, ucb, evaluated, total, stage, best_so_far)
+
+
+def check_racing_tasks(tasks: Sequence[Task]) -> None:
+    """Racing's bounds need every score in [0, 1]: refuse raw log-probability tasks."""
+    refuse_unbounded([t.name for t in tasks if not t.spec.bounded])
+
+
+def refuse_unbounded(raw: Sequence[str]) -> None:
+    """One ConfigError line when tasks named ``raw`` (unbounded scores) are to be raced."""
+    if raw:
+        raise ConfigError(
+            f"racing.enabled: task(s) {', '.join(raw)} score raw log-probabilities (unbounded); "
+            "use loglik_transform: prob (scores in [0, 1]) or turn racing off"
+        )
 
 
 def _combined(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> float:

@@ -1,4 +1,4 @@
-"""Scoring: per-example scores in [0, 1] from model outputs, shared by every backend.
+"""Scoring: per-example scores (in [0, 1] except raw ``loglik``) from model outputs, shared by every backend.
 
 Two kinds of scorer, registered by the name a task YAML writes in ``scoring:``:
 
@@ -13,7 +13,12 @@ Two kinds of scorer, registered by the name a task YAML writes in ``scoring:``:
   first, like lm-eval's ``acc_norm``; characters, not tokens, so every backend agrees;
   ties go to the first choice) and ``neg_perplexity`` (``exp(-mean NLL per target
   token)``, the inverse perplexity of the target: 1 for a certain model, near 0 for a
-  bad one, so it stays in [0, 1] and averages like the others).
+  bad one, so it stays in [0, 1] and averages like the others) and ``loglik`` (the gold
+  answer's log-probability, teacher-forced in one batched forward pass: mean per token or
+  summed per answer, as a probability in [0, 1] or the raw log-probability; racing refuses
+  the raw form, whose scores are unbounded). A generation task can mix it in with
+  ``loglik_mix: w``: score = (1 - w) * generation score + w * loglik score; a less noisy
+  fitness than exact match alone, at the cost of one forward pass.
 
 A backend only has to provide ``generate(prompts, max_new_tokens, stop) -> list[str]`` and
 ``loglikelihood([(context, continuation)]) -> list[Loglik]``; :func:`evaluate_tasks` builds
@@ -161,11 +166,29 @@ def neg_perplexity(logliks: Sequence[Sequence[Loglik]], examples: Sequence[Examp
     return np.clip(np.array(scores, dtype=np.float64), 0.0, 1.0)
 
 
+@register_scorer("loglik", "loglikelihood", {"loglik_norm": "norm", "loglik_transform": "transform"})
+def loglik(
+    logliks: Sequence[Sequence[Loglik]], examples: Sequence[Example], norm: str = "token",
+    transform: str = "prob",
+) -> np.ndarray:
+    """The gold answer's log-probability: mean per token (``norm="token"``) or summed over
+    the answer (``"answer"``); ``transform="prob"`` returns ``exp`` of it (the geometric-mean
+    token probability, or the answer's probability: in [0, 1]), ``"logprob"`` the raw value."""
+    values = []
+    for (ll,), _ex in zip(logliks, examples):
+        values.append(ll.logprob / max(ll.num_tokens, 1) if norm == "token" else ll.logprob)
+    out = np.array(values, dtype=np.float64)
+    if transform == "prob":
+        return np.clip(np.exp(out), 0.0, 1.0)
+    return out
+
+
 def loglik_requests(spec: TaskSpec, examples: Sequence[Example]) -> list[list[tuple[str, str]]]:
     """Per example, the (context, continuation) pairs a log-likelihood scorer needs."""
     if spec.scoring == "multiple_choice":
         return [[(ex.prompt, c) for c in ex.choices] for ex in examples]
-    return [[(ex.prompt, ex.target)] for ex in examples]
+    suffix = spec.loglik_suffix if (spec.scoring == "loglik" or spec.loglik_mix > 0) else ""
+    return [[(ex.prompt, ex.target + suffix)] for ex in examples]
 
 
 def score(spec: TaskSpec, examples: Sequence[Example], data: Sequence[Any]) -> np.ndarray:
@@ -191,9 +214,17 @@ def evaluate_task(
 
         return evaluate_lmeval_task(task, split, generate, loglikelihood)
     if spec.needs_generation:
-        outputs = generate([ex.prompt for ex in examples], spec.max_new_tokens, list(spec.stop))
-        outputs = [truncate_at_stop(o, spec.stop) for o in outputs]
-        return score(spec, examples, outputs)
+        mix = float(spec.loglik_mix)
+        gen = np.zeros(len(examples))
+        if mix < 1.0:
+            outputs = generate([ex.prompt for ex in examples], spec.max_new_tokens, list(spec.stop))
+            outputs = [truncate_at_stop(o, spec.stop) for o in outputs]
+            gen = score(spec, examples, outputs)
+        if mix == 0.0:
+            return gen
+        results = loglikelihood([pair for (pair,) in loglik_requests(spec, examples)])
+        ll = loglik([[r] for r in results], examples, spec.loglik_norm, spec.loglik_transform)
+        return (1.0 - mix) * gen + mix * ll
     grouped = loglik_requests(spec, examples)
     flat = [pair for group in grouped for pair in group]
     results = loglikelihood(flat)

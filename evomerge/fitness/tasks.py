@@ -32,10 +32,10 @@ import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import TaskError
 from .scoring import SCORERS, parse_last_number
@@ -65,6 +65,17 @@ class TaskSpec(BaseModel):
     # 'multiple_choice': divide each choice's summed log-likelihood by its length in
     # characters before the argmax (lm-eval's acc_norm), so long choices are not penalized.
     length_normalize: bool = False
+    # 'loglik' scoring (and loglik_mix): the gold answer's log-probability, teacher-forced.
+    # norm: 'token' = mean log-prob per answer token, 'answer' = summed over the answer;
+    # transform: 'prob' = exp of it (geometric-mean token probability / answer probability,
+    # in [0, 1], racing-safe), 'logprob' = the raw value (<= 0, unbounded: no racing).
+    loglik_norm: Literal["token", "answer"] = "token"
+    loglik_transform: Literal["prob", "logprob"] = "prob"
+    # appended to the gold answer when its log-probability is scored (e.g. the EOS text, so
+    # a model that does not stop after the answer is penalized like exact match does)
+    loglik_suffix: str = ""
+    # generation scorers: score = (1 - mix) * generation score + mix * loglik score
+    loglik_mix: float = Field(default=0.0, ge=0.0, le=1.0)
     max_new_tokens: int = Field(default=8, ge=1)
     stop: list[str] = Field(default_factory=list)
     num_examples: int | None = Field(default=None, ge=1)
@@ -89,6 +100,19 @@ class TaskSpec(BaseModel):
     @property
     def needs_generation(self) -> bool:
         return SCORERS[self.scoring].needs == "generation"
+
+    @property
+    def bounded(self) -> bool:
+        """Per-example scores lie in [0, 1] (racing's bound and combined tables assume it)."""
+        return not (self.scoring == "loglik" and self.loglik_transform == "logprob")
+
+    @model_validator(mode="after")
+    def _check_loglik_mix(self) -> TaskSpec:
+        if self.loglik_mix > 0 and not self.needs_generation:
+            raise ValueError(f"loglik_mix: only for generation scorers, not {self.scoring!r}")
+        if self.loglik_mix > 0 and self.loglik_transform != "prob":
+            raise ValueError("loglik_mix: mixing with a generation score needs loglik_transform: prob")
+        return self
 
 
 @dataclass(frozen=True)

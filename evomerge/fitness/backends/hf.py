@@ -376,9 +376,10 @@ class HFBackend(Backend):
             use_cache=False,
         ).logits
         dev = logits.device
-        picked = logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+        picked = logits[torch.tensor(rows, dtype=torch.long, device=dev),
+                        torch.tensor(cols, dtype=torch.long, device=dev)]
         picked = picked.float().log_softmax(dim=-1)
-        token_lp = picked.gather(1, torch.tensor(targets, device=picked.device)[:, None])[:, 0]
+        token_lp = picked.gather(1, torch.tensor(targets, dtype=torch.long, device=picked.device)[:, None])[:, 0]
         per_row = torch.zeros(len(batch), dtype=torch.float64)
         per_row.index_add_(0, torch.tensor(rows, dtype=torch.long), token_lp.double().cpu())
         return [Loglik(float(per_row[r]), n_cont) for r, (_, n_cont) in enumerate(batch)]
