@@ -349,6 +349,7 @@ class Materializer:
         ``plan.meta['recipe']``, else the plan itself; the model card lists sources,
         method, recipe and ``plan.meta['scores']`` when present.
         """
+        _refuse_output_over_source(plan, out_dir)
         readers = self.check(plan)
         cs_key = config_source_key(plan)
         config = self.output_config(plan, readers)
@@ -384,6 +385,19 @@ class Materializer:
             overwrite=overwrite,
             extra_files=extra,
         )
+
+
+def _refuse_output_over_source(plan: MergePlan, out_dir: str | os.PathLike) -> None:
+    """The output folder must not be (or hold) a source: replacing it would destroy the
+    weights being read, even with ``overwrite``."""
+    out = Path(out_dir).expanduser().resolve()
+    for key, src in plan.sources.items():
+        if src.startswith(("zoo:", "pool:", "api:")):
+            continue
+        path = Path(src).expanduser().resolve()
+        if path == out or out in path.parents:
+            raise CheckpointError(f"output {out} would replace source {key!r} ({src}) of this merge; "
+                                  "write the merge to another folder")
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

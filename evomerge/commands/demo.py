@@ -10,7 +10,8 @@ import click
 @click.option("--name", default="zoo-demo", show_default=True,
               help="Run name; an existing completed run of this name is reused.")
 @click.option("--fresh", is_flag=True, help="Start a new run (timestamped name) instead of reusing.")
-@click.option("--budget", type=int, default=None, help="Override the preset's evaluation budget.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Override the preset's evaluation budget.")
 @click.option("--no-progress", is_flag=True)
 def demo(runs_dir, name, fresh, budget, no_progress):
     """Build the local model zoo, evolve a merge of its experts, compare on held-out data."""

@@ -73,20 +73,23 @@ def heldout_table(cfg: RunConfig, recipes: dict[str, dict[str, Any]]) -> list[di
 
 
 def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool = False,
-             budget: int | None = None, progress: bool = True, preset: Path | None = None) -> dict[str, Any]:
-    from ..zoo.build import build_zoo
+             budget: int | None = None, progress: bool = True, preset: Path | None = None,
+             build_zoo: Any = None) -> dict[str, Any]:
+    """Run (or reuse) the demo. Run again in the same folder, it reuses the finished search
+    and refreshes the export. ``build_zoo`` (tests): a stand-in for the full zoo build."""
     from .export import export_top
-    from .runner import run_search
-    from .store import RunStore
+    from .runner import run_search, with_overrides
+    from .store import RunStore, check_run_name
 
+    if build_zoo is None:
+        from ..zoo.build import build_zoo
     t0 = time.perf_counter()
-    manifest = _build_zoo_with_progress(build_zoo, progress)
-    zoo_s = time.perf_counter() - t0
-    cfg = load_config(preset or PRESET)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = cfg.model_copy(update={"name": name, **({"budget": budget} if budget else {})})
-    run_dir = Path(runs_dir) / name
+    run_dir = Path(runs_dir) / check_run_name(name)
+    cfg = with_overrides(load_config(preset or PRESET), name=name, budget=budget)
+    manifest = _build_zoo_with_progress(build_zoo, progress)
+    zoo_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     best = run_search(cfg, run_dir, progress=progress)
     search_s = time.perf_counter() - t1
@@ -98,7 +101,7 @@ def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool 
     t2 = time.perf_counter()
     rows = heldout_table(cfg, recipes)
     table_s = time.perf_counter() - t2
-    exported = export_top(run_dir, 1, run_dir / "export")[0]
+    exported = export_top(run_dir, 1, run_dir / "export", overwrite=True)[0]
     result = {
         "zoo": str(manifest.root),
         "zoo_cache_hit": bool(manifest.cache_hit),

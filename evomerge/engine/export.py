@@ -29,12 +29,19 @@ def top_records(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | None = None,
-               shard_size: str = "2GB") -> list[Path]:
+               shard_size: str = "2GB", overwrite: bool = False) -> list[Path]:
+    """The best ``k`` (>= 1) as HF folders ``rank<i>-id<id>`` under ``out_dir``; existing
+    folders are an error unless ``overwrite`` (then each is replaced atomically)."""
+    from ..checkpoint.writer import make_output_parent
+    from ..devices import check_device
     from ..materialize import Materializer
     from ..recipe import compile_recipe
     from ..spaces import make_space
     from .models import resolve_models
 
+    if k < 1:
+        raise RunError(f"--top: must be >= 1, got {k}")
+    dev = check_device(device, "--device")
     store = RunStore.open(run_dir)
     records = store.read_evals()
     best = top_records(records, k)
@@ -42,10 +49,10 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
         raise RunError(f"run {store.dir} has no successful evaluation to export")
     cfg = store.config()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_parent(out_dir / "x")
     space = make_space(cfg.space, resolve_models(cfg.models), cfg.base_model, seed=cfg.seed,
                        dtype=cfg.dtype)
-    mat = Materializer(device=device)
+    mat = Materializer(device=dev)
     paths = []
     for rank, rec in enumerate(best, 1):
         target = out_dir / f"rank{rank}-id{rec['id']}"
@@ -63,5 +70,5 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
             continue
         plan = compile_recipe(rec["recipe"])
         paths.append(mat.materialize_to_disk(plan, target, shard_size=shard_size,
-                                             recipe=rec["recipe"], card=card))
+                                             recipe=rec["recipe"], card=card, overwrite=overwrite))
     return paths

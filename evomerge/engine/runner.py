@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import RunConfig, parse_config
 from .report import format_fitness
 from .search import Search, open_or_create
 from .store import RunStore
@@ -13,10 +13,16 @@ from .store import RunStore
 
 def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                progress: bool = True) -> dict[str, Any] | None:
-    # Build (and so validate) everything before the run directory exists: a config that
-    # cannot start leaves nothing behind that a corrected config would collide with.
+    # Build (and so validate) everything before the run directory exists, the workers
+    # included (backend construction, devices, cluster connection): a config that cannot
+    # start leaves nothing behind that a corrected config would collide with.
     search = Search(cfg, store=None)
-    store = open_or_create(cfg, run_dir, force=force)
+    try:
+        search.start()
+        store = open_or_create(cfg, run_dir, force=force)
+    except BaseException:
+        search.executor.close()
+        raise
     search.store = store
     try:
         if not progress:
@@ -46,12 +52,16 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
 def resume_search(run_dir: str | Path, force: bool = False, budget: int | None = None,
                   progress: bool = True, executor: dict[str, Any] | None = None) -> dict[str, Any] | None:
     store = RunStore.open(run_dir)
-    cfg = store.config()
-    changes: dict[str, Any] = {}
-    if budget is not None:
-        changes["budget"] = budget
-    if executor:
-        changes["executor"] = cfg.executor.model_copy(update=executor)
-    if changes:
-        cfg = cfg.model_copy(update=changes)
+    cfg = with_overrides(store.config(), budget=budget, executor=executor)
     return run_search(cfg, store.dir, force=force, progress=progress)
+
+
+def with_overrides(cfg: RunConfig, source: str = "command line", **changes: Any) -> RunConfig:
+    """``cfg`` with command-line values (None: keep) validated like the config's own:
+    ``--budget 0`` is an error, not a no-op. ``executor`` is a dict of executor fields."""
+    data = cfg.model_dump()
+    for key, value in changes.items():
+        if value is None or value == {}:
+            continue
+        data[key] = {**data[key], **value} if key == "executor" else value
+    return parse_config(data, source)

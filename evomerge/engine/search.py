@@ -59,6 +59,8 @@ class Search:
         self.submitted: dict[int, tuple[str, dict[str, Any]]] = {}  # id -> (hash, recipe)
         self.best: dict[str, Any] | None = None
         self.started = time.time()
+        self._restored = False
+        self._executor_started = False
 
     # -- state ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -92,6 +94,7 @@ class Search:
                 self.told += 1
         if records:
             self.checkpoint()
+        self._restored = True
 
     def _remember(self, rec: dict[str, Any]) -> None:
         # a racing cut is a partial estimate: never a cache entry, never the best
@@ -110,8 +113,11 @@ class Search:
         return Result(cid, float(rec["fitness"]), per_example, bool(rec.get("failed")))
 
     # -- the loop ----------------------------------------------------------------------
-    def run(self) -> dict[str, Any] | None:
-        self.restore()
+    def start(self) -> None:
+        """Build the workers (backend construction, cluster connection): a run calls this
+        before its directory exists, so a start that fails leaves nothing behind."""
+        if self._executor_started:
+            return
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
             tasks=[t.model_dump() for t in self.cfg.tasks],
@@ -120,7 +126,16 @@ class Search:
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
         self.executor.start(spec)
+        self._executor_started = True
+
+    def run(self) -> dict[str, Any] | None:
         try:
+            if not self._restored:
+                self.restore()  # an incompatible optimizer state fails here, before any write
+            if self.store.pending_config is not None:  # a --force change: written only now
+                self.store.commit_config(self.store.pending_config)
+                self.store.pending_config = None
+            self.start()
             for cand in list(self.pending.values()):
                 self._dispatch(cand)
             while self.told < self.cfg.budget:
@@ -255,12 +270,22 @@ def build_optimizer(cfg: RunConfig, space: Any):
 
 
 def open_or_create(cfg: RunConfig, run_dir: Any, force: bool = False) -> RunStore:
-    """A new run directory, or the existing one for the same config (resumed)."""
+    """A new run directory, or the existing one for the same config (resumed).
+
+    Nothing in an existing run is written here: a config changed with ``force`` is written
+    by :meth:`Search.run` once the saved state loaded into it. A run that never evaluated
+    anything (its start failed) takes a corrected config as a fresh start."""
     store = RunStore(run_dir)
     if store.exists():
         store.lock()
         try:
-            store.check_config(cfg, force=force)
+            changes = store.config_changes(cfg)
+            if changes and not store.read_evals():
+                store.restart(cfg)
+            elif changes and not force:
+                store.check_config(cfg)  # raises, naming the changed fields
+            elif changes or store.config() != cfg:
+                store.pending_config = cfg
         except BaseException:
             store.unlock()
             raise

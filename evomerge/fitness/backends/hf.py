@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...devices import check_device
 from ...errors import BackendError, CheckpointError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
 from .base import Backend, register_backend
@@ -93,7 +94,8 @@ class HFBackend(Backend):
         super().__init__(str(model_dir), device, **opts)
         path = Path(model_dir).expanduser()
         _check_checkpoint(path)
-        self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.torch_device = check_device(device, "backend.device") or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if int(batch_size) < 1:
             raise BackendError(f"backend.batch_size: must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
