@@ -22,18 +22,18 @@ def check_device(name: str | None, field: str, *, present: bool = True) -> Any:
     try:
         dev = torch.device(str(name))
     except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{field}: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{field} {name}: unknown device; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{field}: {name!r}: evomerge computes on cpu or cuda")
+        raise ConfigError(f"{field} {name}: evomerge computes on cpu or cuda")
     if not present:
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{field}: {name!r}: CUDA is not available on this machine (use cpu)")
+            raise ConfigError(f"{field} {name}: CUDA is not available on this machine (use cpu)")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"{field}: {name!r}: this machine has {count} CUDA device(s) "
+            raise ConfigError(f"{field} {name}: this machine has {count} CUDA device(s) "
                               f"(cuda:0..cuda:{count - 1})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{field}: {name!r}: MPS is not available on this machine")
+        raise ConfigError(f"{field} {name}: MPS is not available on this machine")
     return dev
