@@ -36,18 +36,24 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(tiny):
+def stack(tiny):
+    """The server on 127.0.0.1 and, for reference answers, the HF backend in process."""
     server = make_server(tiny, port=0, model_name="tiny", access_log=False)
     start_in_thread(server)
-    yield server
+    backend = make_backend("hf", model_dir=str(tiny), batch_size=8)
+    yield server, backend
+    backend.close()
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def hf(tiny):
-    backend = make_backend("hf", model_dir=str(tiny), batch_size=8)
-    yield backend
-    backend.close()
+@pytest.fixture
+def served(stack):
+    return stack[0]
+
+
+@pytest.fixture
+def hf(stack):
+    return stack[1]
 
 
 @pytest.fixture

@@ -66,18 +66,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class _Guard(_GuardMiddleware):
     """serve-pool's auth + body-limit middleware, answering in OpenAI's error format."""
 
-    async def _refuse(self, send: Any, status: int, message: str) -> None:
-        code = "invalid_api_key" if status == 401 else None
+    def _error(self, status: int, message: str) -> dict[str, Any]:
         if status == 401:
-            message = "missing or invalid API key (send Authorization: Bearer <key>)"
-        data = json.dumps(RequestError(status, message, code=code).body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        if status == 413:
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+            return RequestError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                code="invalid_api_key").body()
+        return RequestError(status, message).body()
 
 
 def check_auth(host: str, key: Secret | None, no_auth: bool) -> None:
@@ -406,25 +399,18 @@ def make_server(
     *,
     api_key_env: str | None = None,
     no_auth: bool = False,
-    model_name: str | None = None,
-    device: str | None = None,
-    dtype: Any = None,
-    batch_size: int = 16,
-    max_logprobs: int = MAX_TOP_LOGPROBS,
-    logprobs_eos: bool = False,
     max_body: int = MAX_BODY,
-    max_prompt_chars: int | None = None,
     access_log: bool = True,
+    **service_options: Any,
 ) -> OpenAIServer:
-    """Load the model and bind the socket (``port=0``: an ephemeral port, see ``.url``).
+    """Load the model (``service_options``: :class:`ModelService`'s keyword arguments) and
+    bind the socket (``port=0``: an ephemeral port, see ``.url``).
 
     The key (and whether one is needed) is checked before the model is loaded, so a server
     that would be refused fails fast."""
     key = read_api_key(api_key_env, field="--api-key-env")
     check_auth(host, key, no_auth)
-    service = ModelService(model_dir, model_name=model_name, device=device, dtype=dtype, batch_size=batch_size,
-                           max_logprobs=max_logprobs, logprobs_eos=logprobs_eos,
-                           max_prompt_chars=max_prompt_chars)
+    service = ModelService(model_dir, **service_options)
     try:
         return OpenAIServer((host, int(port)), service, key, no_auth=no_auth, max_body=max_body,
                             access_log=access_log)
