@@ -16,12 +16,21 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     # Build (and so validate) everything before the run directory exists, the workers
     # included (backend construction, devices, cluster connection): a config that cannot
     # start leaves nothing behind that a corrected config would collide with.
+    # An existing run is locked (and checked) first, so a second process stops before it
+    # builds any worker.
     search = Search(cfg, store=None)
+    store = None
     try:
-        search.start()
-        store = open_or_create(cfg, run_dir, force=force)
+        if RunStore(run_dir).exists():
+            store = open_or_create(cfg, run_dir, force=force)
+            search.start()
+        else:
+            search.start()
+            store = open_or_create(cfg, run_dir, force=force)
     except BaseException:
         search.executor.close()
+        if store is not None:
+            store.unlock()
         raise
     search.store = store
     try:
