@@ -217,7 +217,7 @@ def test_deleting_lock_files_does_not_let_a_second_process_drive_the_run(test_zo
     first = subprocess.Popen([*cmd, "run", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--no-progress"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not (run / "evals.jsonl").exists() or len(RunStore(run).read_evals()) < 2:
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
