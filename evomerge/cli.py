@@ -20,6 +20,11 @@ class _Group(click.Group):
         except EvomergeError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except click.UsageError as err:  # a bad option value: one line too, like config values
+            if err.ctx is None or not err.ctx.parent:
+                raise
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
 
 
 @click.group(cls=_Group)

@@ -41,6 +41,14 @@ class ParamRange(_Strict):
             raise ValueError(f"high ({v}) must be greater than low ({low})")
         return v
 
+    @field_validator("init")
+    @classmethod
+    def _inside(cls, v: float | None, info: Any) -> float | None:
+        low, high = info.data.get("low"), info.data.get("high")
+        if v is not None and low is not None and high is not None and not low <= v <= high:
+            raise ValueError(f"init ({v}) is outside [low, high] = [{low}, {high}]")
+        return v
+
 
 class SpaceConfig(_Strict):
     """The search space. ``type`` picks a registered space; the other fields configure it.
@@ -196,11 +204,15 @@ class RunConfig(_Strict):
         override (it changes no score), the baselines (never told to the optimizer) and the
         selection settings except the validation carve-out (which changes the search split).
         """
+        return hashlib.sha256(json.dumps(self.fingerprinted(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The fields :meth:`fingerprint` covers, as plain data."""
         d = self.model_dump(mode="json")
         for key in ("name", "budget", "executor", "allow_tuning_on_report_split", "baselines"):
             d.pop(key, None)
         d["selection"] = {"validation_fraction": d["selection"]["validation_fraction"]}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
 
 
 REMOTE_PREFIXES = ("pool:", "api:")

@@ -354,6 +354,7 @@ class Materializer:
         recipe mergekit can express, ``mergekit_config.yml`` is written too. Sources from
         the Hub are written as ``org/name@commit`` in both recipe files.
         """
+        _refuse_output_over_source(plan, out_dir)
         readers = self.check(plan)
         cs_key = config_source_key(plan)
         config = self.output_config(plan, readers)
@@ -410,6 +411,19 @@ class Materializer:
             mergekit_config=mk_text,
             chat_template=template,
         )
+
+
+def _refuse_output_over_source(plan: MergePlan, out_dir: str | os.PathLike) -> None:
+    """The output folder must not be (or hold) a source: replacing it would destroy the
+    weights being read, even with ``overwrite``."""
+    out = Path(out_dir).expanduser().resolve()
+    for key, src in plan.sources.items():
+        if src.startswith(("zoo:", "pool:", "api:")):
+            continue
+        path = Path(src).expanduser().resolve()
+        if path == out or out in path.parents:
+            raise CheckpointError(f"output {out} would replace source {key!r} ({src}) of this merge; "
+                                  "write the merge to another folder")
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -125,7 +125,7 @@ def test_list_prompts_and_stop_strings(served, hf):
 @pytest.mark.parametrize("body, status, fragment", [
     (b"{not json", 400, "not valid JSON"),
     ({"model": "other", "prompt": "a"}, 404, "model 'other' not found"),
-    ({"prompt": "a", "stream": True}, 400, "streaming is not supported"),
+    ({"prompt": "a", "stream": "yes"}, 400, "'stream' must be true or false"),
     ({"prompt": "a", "n": 2}, 400, "'n' must be 1"),
     ({"prompt": "a", "max_tokens": -1}, 400, "'max_tokens' must be an integer"),
     ({"prompt": "a", "stop": [""]}, 400, "'stop' must be"),

@@ -23,7 +23,7 @@ def test_create_log_and_checkpoint_roundtrip(tmp_path):
     store.append_eval({"id": 0, "fitness": 0.5})
     store.append_eval({"id": 1, "fitness": 0.7})
     assert [r["id"] for r in store.read_evals()] == [0, 1]
-    store.save_checkpoint({"told": 2, "pending": []})
+    store.save_checkpoint({"optimizer": {}, "told": 2, "pending": []})
     assert store.load_checkpoint()["told"] == 2
     with pytest.raises(RunError, match="already holds a run"):
         RunStore.create(tmp_path / "run", cfg)

@@ -185,8 +185,12 @@ class _GuardMiddleware:
         self.want = f"Bearer {token}".encode() if token is not None else None
         self.max_body = int(max_body)
 
+    def _error(self, status: int, message: str) -> dict[str, Any]:
+        """The JSON of a refusal (servers with another error format override this)."""
+        return error_body(status, message)
+
     async def _refuse(self, send: Any, status: int, message: str) -> None:
-        data = json.dumps(error_body(status, message)).encode()
+        data = json.dumps(self._error(status, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         if status == 401:
             headers.append((b"www-authenticate", b"Bearer"))

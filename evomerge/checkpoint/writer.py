@@ -81,6 +81,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def make_output_parent(out: str | os.PathLike) -> Path:
+    """Create the folder that will hold ``out``; one line when it cannot be (a regular file
+    on the way, no permission, a read-only filesystem)."""
+    parent = Path(out).expanduser().absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocked = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocked} is a file, not a folder" if blocked else (err.strerror or str(err))
+        raise CheckpointError(f"cannot create output folder {parent}: {why}") from None
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write into {parent}: permission denied or read-only filesystem")
+    return parent
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``out_dir`` only if the block succeeds.
@@ -95,8 +110,11 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
             raise CheckpointError(f"output path {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise CheckpointError(f"output directory {out} already exists and is not empty (choose another or overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    make_output_parent(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write into {out.parent}: {err.strerror or err}") from None
     try:
         os.chmod(tmp, 0o755)
         yield tmp

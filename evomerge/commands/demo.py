@@ -10,7 +10,8 @@ import click
 @click.option("--name", default="zoo-demo", show_default=True,
               help="Run name; an existing completed run of this name is reused.")
 @click.option("--fresh", is_flag=True, help="Start a new run (timestamped name) instead of reusing.")
-@click.option("--budget", type=int, default=None, help="Override the preset's evaluation budget.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Override the preset's evaluation budget.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--real", is_flag=True,
               help="A real LLM instead of the toy zoo: SmolLM2-135M-Instruct with three LoRA "

@@ -17,19 +17,9 @@ from ..errors import ConfigError, PlanError
 
 
 def _device(name: str):
-    import torch
+    from ..devices import check_device
 
-    if name == "auto":
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: evomerge computes on cpu or cuda")
-    return dev
+    return None if name == "auto" else check_device(name, "--device")
 
 
 @click.command()
@@ -69,7 +59,10 @@ def merge(recipe, out, device, shard_size, print_plan, mergekit_out, overwrite):
         click.echo(plan.to_yaml().rstrip())
     if mergekit_out is not None:
         text = recipe_to_mergekit_yaml(plan)
-        Path(mergekit_out).expanduser().write_text(text, encoding="utf-8")
+        try:
+            Path(mergekit_out).expanduser().write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"--mergekit-out {mergekit_out}: cannot write ({err.strerror or err})") from None
         click.echo(f"wrote mergekit config {mergekit_out}", err=print_plan)
     if out is None:
         return

@@ -31,29 +31,23 @@ def _executor_overrides(executor, workers, address):
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--runs-dir", default="runs", show_default=True, help="Folder holding run directories.")
 @click.option("--name", default=None, help="Run name (default: the config's name).")
-@click.option("--budget", type=int, default=None, help="Override the number of evaluations.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Override the number of evaluations.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None)
-@click.option("--workers", type=int, default=None, help="Ray workers (default: from resources).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers (default: from resources).")
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://host:port).")
 @click.option("--force", is_flag=True, help="Continue a run whose config changed.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--log", "log", multiple=True, metavar="NAME", help=_LOG_HELP)
 def run(config, runs_dir, name, budget, executor, workers, address, force, no_progress, log):
     """Start (or continue) a search from a run CONFIG.yaml."""
-    from ..engine.runner import run_search
+    from ..engine.runner import run_search, with_overrides
+    from ..engine.store import check_run_name
 
-    cfg = load_config(config)
-    changes = {}
-    if name:
-        changes["name"] = name
-    if budget:
-        changes["budget"] = budget
-    ex = _executor_overrides(executor, workers, address)
-    if ex:
-        changes["executor"] = cfg.executor.model_copy(update=ex)
-    if changes:
-        cfg = cfg.model_copy(update=changes)
-    run_dir = Path(runs_dir) / cfg.name
+    cfg = with_overrides(load_config(config), name=name, budget=budget,
+                         executor=_executor_overrides(executor, workers, address))
+    run_dir = Path(runs_dir) / check_run_name(cfg.name)
     best = run_search(cfg, run_dir, force=force, progress=not no_progress, loggers=list(log) or None)
     _print_best(best, run_dir)
 
@@ -61,9 +55,10 @@ def run(config, runs_dir, name, budget, executor, workers, address, force, no_pr
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Continue even if config.yaml was edited.")
-@click.option("--budget", type=int, default=None, help="Extend (or set) the number of evaluations.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Extend (or set) the number of evaluations.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None)
-@click.option("--workers", type=int, default=None)
+@click.option("--workers", type=click.IntRange(min=1), default=None)
 @click.option("--address", default=None)
 @click.option("--no-progress", is_flag=True)
 @click.option("--log", "log", multiple=True, metavar="NAME", help=_LOG_HELP)
@@ -130,20 +125,23 @@ def status(run_dir, as_json, plot):
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--top", "k", type=int, default=None,
+@click.option("--top", "k", type=click.IntRange(min=1), default=None,
               help="Export the K best by search fitness instead of the final model.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", default=None)
 @click.option("--shard-size", default="2GB", show_default=True)
-def export(run_dir, k, out_dir, device, shard_size):
+@click.option("--overwrite", is_flag=True, help="Replace exported folders that already exist.")
+def export(run_dir, k, out_dir, device, shard_size, overwrite):
     """Export RUN_DIR's final model (chosen on validation; the best by search fitness for a
     run without selection), or with --top K the K best by search fitness, as HF checkpoints."""
     from ..engine.export import export_final, export_top
 
     if k is None:
-        click.echo(str(export_final(run_dir, out_dir, device=device, shard_size=shard_size)))
+        click.echo(str(export_final(run_dir, out_dir, device=device, shard_size=shard_size,
+                                    overwrite=overwrite)))
         return
-    for p in export_top(run_dir, k, out_dir, device=device, shard_size=shard_size):
+    for p in export_top(run_dir, k, out_dir, device=device, shard_size=shard_size,
+                        overwrite=overwrite):
         click.echo(str(p))
 
 

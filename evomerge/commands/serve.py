@@ -21,7 +21,13 @@ from ..errors import ConfigError
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free port).")
 @click.option("--api-key-env", default=None, metavar="NAME",
-              help="Require 'Authorization: Bearer <key>' with the key from environment variable NAME.")
+              help="Require 'Authorization: Bearer <key>' with the key from environment variable NAME "
+                   "(needed when --host is not loopback).")
+@click.option("--no-auth", is_flag=True, help="Serve a non-loopback --host without a key (explicit opt-out).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
+              help="Largest request body; bigger ones get 413 before being read.")
+@click.option("--max-prompt-chars", type=click.IntRange(min=1), default=None,
+              help="Longest prompt in characters, refused before tokenizing (default: 16 per position).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present).")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU).")
@@ -33,8 +39,8 @@ from ..errors import ConfigError
 @click.option("--logprobs-eos", is_flag=True,
               help="List the EOS token that ended a completion in its logprobs (exact output-level mixtures).")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve(model_dir, ensemble, host, port, api_key_env, model_name, device, dtype, batch_size, threads,
-          max_logprobs, logprobs_eos, quiet):
+def serve(model_dir, ensemble, host, port, api_key_env, no_auth, max_body_bytes, max_prompt_chars, model_name,
+          device, dtype, batch_size, threads, max_logprobs, logprobs_eos, quiet):
     """Serve MODEL_DIR (an HF checkpoint, zoo:NAME or a Hub id org/name[@rev]) with /v1/completions, /v1/chat/completions, /v1/models.
 
     With --ensemble ENSEMBLE.yaml, serve the greedy answers of a mixture of OpenAI-compatible
@@ -58,16 +64,19 @@ def serve(model_dir, ensemble, host, port, api_key_env, model_name, device, dtyp
     if ensemble is not None:
         from ..serve.ensemble import make_ensemble_server
 
-        server = make_ensemble_server(ensemble, host, port, api_key_env=api_key_env, model_name=model_name)
+        server = make_ensemble_server(ensemble, host, port, api_key_env=api_key_env, model_name=model_name,
+                                      no_auth=no_auth)
     else:
         from ..checkpoint.resolve import resolve_model_dir
 
         model_dir = resolve_model_dir(model_dir)  # a directory, zoo:NAME or a Hub id org/name[@rev]
-        server = make_server(model_dir, host, port, api_key_env=api_key_env, model_name=model_name,
-                             device=device, dtype=dtype, batch_size=batch_size, max_logprobs=max_logprobs,
-                             logprobs_eos=logprobs_eos)
-    if api_key_env is None and host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: serving on {host} without a key (see --api-key-env)", err=True)
+        server = make_server(model_dir, host, port, api_key_env=api_key_env, no_auth=no_auth,
+                             model_name=model_name, device=device, dtype=dtype, batch_size=batch_size,
+                             max_logprobs=max_logprobs, logprobs_eos=logprobs_eos, max_body=max_body_bytes,
+                             max_prompt_chars=max_prompt_chars)
+    if api_key_env is None and no_auth:
+        click.echo(f"warning: serving on {host} WITHOUT a key (--no-auth): anyone who can reach the port "
+                   "can use the model", err=True)
     auth = f", key from ${api_key_env}" if api_key_env else ""
     click.echo(f"serving {server.service.name} at {server.url} (Ctrl-C to stop{auth})", err=False)
     sys.stdout.flush()

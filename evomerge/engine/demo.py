@@ -89,28 +89,31 @@ def _combined_se(info: Any, scores: dict[str, list[float]]) -> float:
 
 
 def run_demo(runs_dir: str | Path = "runs", name: str = "zoo-demo", fresh: bool = False,
-             budget: int | None = None, progress: bool = True, preset: Path | None = None) -> dict[str, Any]:
-    from ..zoo.build import build_zoo
+             budget: int | None = None, progress: bool = True, preset: Path | None = None,
+             build_zoo: Any = None) -> dict[str, Any]:
+    """Run (or reuse) the demo. Run again in the same folder, it reuses the finished search
+    and refreshes the export. ``build_zoo`` (tests): a stand-in for the full zoo build."""
     from .export import export_final
-    from .runner import run_search
+    from .runner import run_search, with_overrides
     from .selection import load_final, select_final
-    from .store import RunStore
+    from .store import RunStore, check_run_name
 
+    if build_zoo is None:
+        from ..zoo.build import build_zoo
     t0 = time.perf_counter()
-    manifest = _build_zoo_with_progress(build_zoo, progress)
-    zoo_s = time.perf_counter() - t0
-    cfg = load_config(preset or PRESET)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = cfg.model_copy(update={"name": name, **({"budget": budget} if budget else {})})
-    run_dir = Path(runs_dir) / name
+    run_dir = Path(runs_dir) / check_run_name(name)
+    cfg = with_overrides(load_config(preset or PRESET), name=name, budget=budget)
+    manifest = _build_zoo_with_progress(build_zoo, progress)
+    zoo_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     best = run_search(cfg, run_dir, progress=progress)  # baselines, search, selection
     search_s = time.perf_counter() - t1
     if best is None:
         raise RuntimeError("the demo search produced no successful candidate")
     final = load_final(run_dir) or select_final(run_dir)
-    exported = export_final(run_dir, run_dir / "export")
+    exported = export_final(run_dir, run_dir / "export", overwrite=True)
     result = {
         "zoo": str(manifest.root),
         "zoo_cache_hit": bool(manifest.cache_hit),

@@ -31,14 +31,15 @@ def top_records(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 def export_final(run_dir: str | Path, out_dir: str | Path, device: str | None = None,
-                 shard_size: str = "2GB") -> Path:
+                 shard_size: str = "2GB", overwrite: bool = False) -> Path:
     """Export the run's final model (``final.json``: chosen on validation) to ``out_dir/final``;
     a run that has not been through selection exports its best by search fitness."""
     from .selection import load_final
 
     final = load_final(run_dir)
     if final is None:
-        return export_top(run_dir, 1, out_dir, device=device, shard_size=shard_size)[0]
+        return export_top(run_dir, 1, out_dir, device=device, shard_size=shard_size,
+                          overwrite=overwrite)[0]
     f = final["final"]
     fin = next(r for r in final["rows"] if r.get("final"))
     def tasks_of(split: str) -> dict[str, Any]:  # {task: {mean, se}} as the card reads it
@@ -50,37 +51,45 @@ def export_final(run_dir: str | Path, out_dir: str | Path, device: str | None = 
            "scores": {t: v["mean"] for t, v in tasks_of("search").items()},
            "validation": tasks_of("validation"), "heldout": tasks_of("heldout"),
            "label": f["label"], "chosen_by": final["chosen_by"]}
-    return _export(run_dir, [(Path(out_dir) / "final", rec)], device, shard_size)[0]
+    return _export(run_dir, [(Path(out_dir) / "final", rec)], device, shard_size, overwrite)[0]
 
 
 def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | None = None,
-               shard_size: str = "2GB") -> list[Path]:
+               shard_size: str = "2GB", overwrite: bool = False) -> list[Path]:
+    """The best ``k`` (>= 1) by search fitness as HF folders ``rank<i>-id<id>`` under
+    ``out_dir``; existing folders are an error unless ``overwrite`` (then each is replaced
+    atomically)."""
+    if k < 1:
+        raise RunError(f"--top: must be >= 1, got {k}")
     store = RunStore.open(run_dir)
     best = top_records(store.read_evals(), k)
     if not best:
         raise RunError(f"run {store.dir} has no successful evaluation to export")
     out = Path(out_dir)
     return _export(run_dir, [(out / f"rank{rank}-id{rec['id']}", rec)
-                             for rank, rec in enumerate(best, 1)], device, shard_size)
+                             for rank, rec in enumerate(best, 1)], device, shard_size, overwrite)
 
 
 def _export(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
-            device: str | None, shard_size: str) -> list[Path]:
+            device: str | None, shard_size: str, overwrite: bool = False) -> list[Path]:
     from ..checkpoint.card import score_rows_of_record
+    from ..checkpoint.writer import make_output_parent
+    from ..devices import check_device
     from ..materialize import Materializer
     from ..recipe import compile_recipe
     from ..spaces import make_space
     from .models import read_pins, resolve_models
 
+    dev = check_device(device, "--device")
     store = RunStore.open(run_dir)
     cfg = store.config()
     models = resolve_models(cfg.models, read_pins(store.dir))  # the commits the run used
     space = make_space(cfg.space, models, cfg.base_model, seed=cfg.seed,
                        dtype=cfg.dtype)
-    mat = Materializer(device=device)
+    mat = Materializer(device=dev)
     paths = []
     for target, rec in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_output_parent(target)
         card = {
             "run": cfg.name,
             "candidate_id": rec["id"],
@@ -97,5 +106,5 @@ def _export(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
             continue
         plan = compile_recipe(rec["recipe"])
         paths.append(mat.materialize_to_disk(plan, target, shard_size=shard_size,
-                                             recipe=rec["recipe"], card=card))
+                                             recipe=rec["recipe"], card=card, overwrite=overwrite))
     return paths

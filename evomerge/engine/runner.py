@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import RunConfig, parse_config
 from .models import MODELS_FILE, pins_of, read_pins
 from .progress import RateMeter
 from .report import format_fitness
@@ -26,10 +26,25 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     from ..tracking import RunLogFeed, make_loggers
 
     trackers = make_loggers(loggers)  # fail on an unknown or missing tracker before any work
-    # Build (and so validate) everything before the run directory exists: a config that
-    # cannot start leaves nothing behind that a corrected config would collide with.
+    # Build (and so validate) everything before the run directory exists, the workers
+    # included (backend construction, devices, cluster connection): a config that cannot
+    # start leaves nothing behind that a corrected config would collide with.
+    # An existing run is locked (and checked) first, so a second process stops before it
+    # builds any worker.
     search = Search(cfg, store=None, pins=read_pins(run_dir))
-    store = open_or_create(cfg, run_dir, force=force)
+    store = None
+    try:
+        if RunStore(run_dir).exists():
+            store = open_or_create(cfg, run_dir, force=force)
+            search.start()
+        else:
+            search.start()
+            store = open_or_create(cfg, run_dir, force=force)
+    except BaseException:
+        search.executor.close()
+        if store is not None:
+            store.unlock()
+        raise
     search.store = store
     store.write_json(MODELS_FILE, pins_of(search.resolved))
     feed = RunLogFeed(store.dir, trackers, cfg.name, cfg.model_dump(mode="json"))
@@ -125,12 +140,16 @@ def resume_search(run_dir: str | Path, force: bool = False, budget: int | None =
                   progress: bool = True, executor: dict[str, Any] | None = None,
                   loggers: list[str] | None = None) -> dict[str, Any] | None:
     store = RunStore.open(run_dir)
-    cfg = store.config()
-    changes: dict[str, Any] = {}
-    if budget is not None:
-        changes["budget"] = budget
-    if executor:
-        changes["executor"] = cfg.executor.model_copy(update=executor)
-    if changes:
-        cfg = cfg.model_copy(update=changes)
+    cfg = with_overrides(store.config(), budget=budget, executor=executor)
     return run_search(cfg, store.dir, force=force, progress=progress, loggers=loggers)
+
+
+def with_overrides(cfg: RunConfig, source: str = "command line", **changes: Any) -> RunConfig:
+    """``cfg`` with command-line values (None: keep) validated like the config's own:
+    ``--budget 0`` is an error, not a no-op. ``executor`` is a dict of executor fields."""
+    data = cfg.model_dump()
+    for key, value in changes.items():
+        if value is None or value == {}:
+            continue
+        data[key] = {**data[key], **value} if key == "executor" else value
+    return parse_config(data, source)

@@ -70,6 +70,8 @@ class Search:
         self.baselines = self.space.baselines(cfg.baselines.kinds) if cfg.baselines.enabled else []
         self.baseline_records: dict[str, dict[str, Any]] = {}
         self.best_baseline: dict[str, Any] | None = None
+        self._restored = False
+        self._executor_started = False
 
     # -- state ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -107,6 +109,7 @@ class Search:
                 self.told += 1
         if records:
             self.checkpoint()
+        self._restored = True
 
     def _remember(self, rec: dict[str, Any]) -> None:
         # a racing cut is a partial estimate: never a cache entry, never the best
@@ -134,12 +137,13 @@ class Search:
         return Result(cid, float(rec["fitness"]), per_example, bool(rec.get("failed")))
 
     # -- the loop ----------------------------------------------------------------------
-    def run(self) -> dict[str, Any] | None:
-        self.restore()
-        from .baselines import run_baselines
-        from .tasks_info import split_record, task_entries
+    def start(self) -> None:
+        """Build the workers (backend construction, cluster connection): a run calls this
+        before its directory exists, so a start that fails leaves nothing behind."""
+        if self._executor_started:
+            return
+        from .tasks_info import task_entries
 
-        self.store.write_json("splits.json", split_record(self.cfg))
         spec = EvalSpec(
             model_dir=self.models[self.cfg.base_model or next(iter(self.models))],
             tasks=task_entries(self.cfg),
@@ -148,7 +152,20 @@ class Search:
             racing=self.cfg.racing.model_dump() if self.cfg.racing.enabled else None,
         )
         self.executor.start(spec)
+        self._executor_started = True
+
+    def run(self) -> dict[str, Any] | None:
         try:
+            if not self._restored:
+                self.restore()  # an incompatible optimizer state fails here, before any write
+            if self.store.pending_config is not None:  # a --force change: written only now
+                self.store.commit_config(self.store.pending_config)
+                self.store.pending_config = None
+            from .baselines import run_baselines
+            from .tasks_info import split_record
+
+            self.store.write_json("splits.json", split_record(self.cfg))
+            self.start()
             run_baselines(self)
             for cand in list(self.pending.values()):
                 self._dispatch(cand)
@@ -291,12 +308,22 @@ def build_optimizer(cfg: RunConfig, space: Any):
 
 
 def open_or_create(cfg: RunConfig, run_dir: Any, force: bool = False) -> RunStore:
-    """A new run directory, or the existing one for the same config (resumed)."""
+    """A new run directory, or the existing one for the same config (resumed).
+
+    Nothing in an existing run is written here: a config changed with ``force`` is written
+    by :meth:`Search.run` once the saved state loaded into it. A run that never evaluated
+    anything (its start failed) takes a corrected config as a fresh start."""
     store = RunStore(run_dir)
     if store.exists():
         store.lock()
         try:
-            store.check_config(cfg, force=force)
+            changes = store.config_changes(cfg)
+            if changes and not store.read_evals():
+                store.restart(cfg)
+            elif changes and not force:
+                store.check_config(cfg)  # raises, naming the changed fields
+            elif changes or store.config() != cfg:
+                store.pending_config = cfg
         except BaseException:
             store.unlock()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .server import ModelService, OpenAIServer, make_server, start_in_thread
+from .server import OpenAIServer, create_app, make_server, start_in_thread
+from .service import ModelService, Sampling
 
-__all__ = ["ModelService", "OpenAIServer", "make_server", "start_in_thread"]
+__all__ = ["ModelService", "OpenAIServer", "Sampling", "create_app", "make_server", "start_in_thread"]

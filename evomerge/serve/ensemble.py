@@ -46,7 +46,7 @@ from ..blackbox.mixture import (
 )
 from ..errors import BackendError, ConfigError
 from ..fitness.backends.api import APIClient, RetryPolicy, read_api_key
-from .server import MAX_TOP_LOGPROBS, OpenAIServer, RequestError
+from .server import MAX_TOP_LOGPROBS, OpenAIServer, RequestError, check_auth
 
 ENSEMBLE_FILE = "ensemble.yaml"
 ENSEMBLE_KIND = "evomerge-ensemble"
@@ -262,18 +262,20 @@ class EnsembleService:
 
 def make_ensemble_server(ensemble: str | Path | Ensemble, host: str = "127.0.0.1", port: int = 8000, *,
                          api_key_env: str | None = None, model_name: str | None = None,
-                         concurrency: int = 8, timeout: float = 60.0, max_retries: int = 2) -> OpenAIServer:
+                         concurrency: int = 8, timeout: float = 60.0, max_retries: int = 2,
+                         no_auth: bool = False) -> OpenAIServer:
     """Bind an OpenAI-compatible server whose answers are the ensemble's (``port=0``: any free port).
 
     Keys (this server's and every endpoint's) are read before binding, so a missing
-    variable fails fast with one line."""
+    variable fails fast with one line; beyond loopback a key is required (or ``no_auth``)."""
     key = read_api_key(api_key_env, field="--api-key-env")
+    check_auth(host, key, no_auth)
     if not isinstance(ensemble, Ensemble):
         ensemble = load_ensemble(ensemble)
     service = EnsembleService(ensemble, model_name=model_name, concurrency=concurrency, timeout=timeout,
                               max_retries=max_retries)
     try:
-        return OpenAIServer((host, int(port)), service, key)  # type: ignore[arg-type]
-    except OSError as err:
+        return OpenAIServer((host, int(port)), service, key, no_auth=no_auth)  # type: ignore[arg-type]
+    except BaseException:
         service.close()
-        raise BackendError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise

@@ -1,11 +1,11 @@
-"""An OpenAI-compatible HTTP server over one HF checkpoint directory (``evomerge serve``).
+"""An OpenAI-compatible HTTP server over one HF checkpoint (``evomerge serve``): FastAPI +
+uvicorn, as ``evomerge serve-pool``.
 
-Useful on its own (try an exported merge with any OpenAI client) and as the real endpoint
-the API fitness backend is tested against. Built on the standard library
-(``http.server.ThreadingHTTPServer``, HTTP/1.1 keep-alive): no web framework to install,
-and a small tool needs none. Requests are handled on threads; the model sits behind one
-lock, so concurrent requests are correct and simply take turns (no cross-request batching;
-a request with a list of prompts is batched).
+Useful on its own (try an exported merge with any OpenAI client, streaming included) and as
+the real endpoint the API fitness backend is tested against. The model
+(:class:`~evomerge.serve.service.ModelService`) takes one request at a time behind a lock;
+endpoints run on FastAPI's threadpool so the event loop keeps answering health checks and
+refusals meanwhile (a request with a list of prompts is batched).
 
 Endpoints (under ``/v1``):
 
@@ -14,252 +14,70 @@ Endpoints (under ``/v1``):
   (default 16, 0 allowed), ``stop`` (a string or list), ``echo``, ``logprobs`` (0-5: the
   sampled token's logprob plus that many top alternatives, per token, with ``tokens`` and
   ``text_offset`` as OpenAI's legacy completions return them). ``echo`` with
-  ``max_tokens: 0`` and ``logprobs`` gives the log-probability of every prompt token (the
-  first has none): the way log-likelihood is read from a completions endpoint;
+  ``max_tokens: 0`` and ``logprobs`` gives the log-probability of every prompt token;
 - ``POST /chat/completions``: ``messages`` rendered with the tokenizer's chat template
   (with the generation prompt) when it has one, else the message contents joined by
-  newlines; the answer is ``choices[0].message.content``.
+  newlines; the answer is ``choices[0].message.content``;
 - ``GET /health`` (no key needed).
 
-Decoding is greedy and deterministic (the HF backend's loop: left padding, explicit
-positions, EOS and stop strings): ``temperature``/``top_p``/``seed`` are accepted and
-ignored, ``n`` must be 1 and ``stream`` false. ``finish_reason`` is "length" when the
-answer used all ``max_tokens`` tokens, else "stop".
+``stream: true`` answers with server-sent events (``data: {chunk}`` lines, then ``data:
+[DONE]``) in OpenAI's chunk formats. Decoding is greedy unless ``temperature > 0``; then
+``top_p`` and ``seed`` apply (same seed, same answer). ``n`` and ``best_of`` must be 1.
+``finish_reason`` is "length" when the answer used all ``max_tokens`` tokens, else "stop".
 
-``api_key_env`` names an environment variable holding a key that every ``/v1`` request
-must send as ``Authorization: Bearer <key>``; the key is never logged (access log lines
-hold the request line only).
+Bounds, checked in this order so no request does unbounded work: the body size (on
+``Content-Length`` and on the bytes received, before parsing: 413), the number and
+characters of prompts (before tokenizing: 400), then prompt tokens + ``max_tokens`` against
+the model's positions (400 ``context_length_exceeded``).
+
+Auth: with ``api_key_env`` every ``/v1`` request must send ``Authorization: Bearer <key>``
+(compared in constant time, checked before routing). Binding to an address other than
+loopback without a key is refused unless ``no_auth`` says so explicitly. The key is never
+logged (the access log holds the request line and status only).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, EvomergeError
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..blackbox.pool_server import _GuardMiddleware, bind_socket
+from ..errors import ConfigError, EvomergeError
 from ..fitness.backends.api import Secret, read_api_key
+from .service import GREEDY, MAX_TOP_LOGPROBS, ModelService, RequestError, Sampling
 
 log = logging.getLogger("evomerge.serve")
 
-MAX_BODY = 32 * 1024 * 1024
-MAX_TOP_LOGPROBS = 5
-_ENCODE_CACHE_LIMIT = 50_000
+MAX_BODY = 8 * 1024 * 1024
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status + one-line message (OpenAI error JSON)."""
+class _Guard(_GuardMiddleware):
+    """serve-pool's auth + body-limit middleware, answering in OpenAI's error format."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = int(status)
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        if self.status == 401:
-            kind = "authentication_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+    def _error(self, status: int, message: str) -> dict[str, Any]:
+        if status == 401:
+            return RequestError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                code="invalid_api_key").body()
+        return RequestError(status, message).body()
 
 
-class ModelService:
-    """The served model: greedy completions, chat, and per-token logprobs, one at a time.
-
-    Generation reuses :class:`~evomerge.fitness.backends.hf.HFBackend` (same tokenization,
-    same greedy loop), so a task scored through this server agrees with the HF backend on
-    the same checkpoint.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        model_name: str | None = None,
-        device: str | None = None,
-        dtype: Any = None,
-        batch_size: int = 16,
-        max_logprobs: int = MAX_TOP_LOGPROBS,
-        logprobs_eos: bool = False,
-    ):
-        from ..fitness.backends.hf import HFBackend
-
-        self.model_dir = Path(model_dir).expanduser().resolve()
-        self.backend = HFBackend(str(self.model_dir), device=device, dtype=dtype, batch_size=batch_size)
-        self.tokenizer = self.backend.tokenizer
-        self.name = model_name or self.model_dir.name
-        self.created = int(time.time())
-        self.lock = threading.Lock()
-        # most top alternatives a request may ask for (OpenAI's legacy cap is 5; a higher
-        # cap lets an output-level mixture see whole distributions of small vocabularies)
-        self.max_logprobs = int(max_logprobs)
-        # report the EOS token that ended a completion as a last logprobs entry (text
-        # unchanged, as OpenAI's legacy completions do): the mixture decoder needs p(EOS)
-        self.logprobs_eos = bool(logprobs_eos)
-        probe = self.tokenizer("", add_special_tokens=True)["input_ids"]
-        self._adds_bos = bool(probe) and probe[0] == self.tokenizer.bos_token_id
-
-    # -- helpers ----------------------------------------------------------------------
-    def _count(self, text: str, special: bool) -> int:
-        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-
-    def _trim_cache(self) -> None:
-        cache = getattr(self.backend, "_encode_cache", None)
-        if cache is not None and len(cache) > _ENCODE_CACHE_LIMIT:
-            cache.clear()
-
-    def _generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
-        if max_tokens == 0:
-            return [""] * len(prompts)
-        try:
-            return self.backend.generate(prompts, max_tokens, stop)
-        except BackendError as err:
-            raise RequestError(400, str(err)) from None
-
-    LOGPROB_BATCH = 16  # texts per forward pass (batch x length x vocab floats)
-
-    def _encode_for_logprobs(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise RequestError(400, "logprobs need a fast tokenizer (offsets); this model has a slow one", "logprobs")
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
-        limit = self.backend.max_length
-        if limit and len(ids) > limit:
-            raise RequestError(
-                400, f"the text is {len(ids)} tokens; {self.name} takes at most {limit} (max_position_embeddings)",
-                "prompt", "context_length_exceeded",
-            )
-        if not ids:
-            raise RequestError(400, "empty prompt (the tokenizer adds no BOS)", "prompt")
-        return ids, spans
-
-    def _log_softmax_batch(self, id_lists: list[list[int]]) -> list[Any]:
-        """Next-token log-probabilities at every position of each sequence, computed in
-        right-padded batches (positions of real tokens are unaffected by the padding)."""
-        import torch
-
-        out = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        dev = self.backend.torch_device
-        for k in range(0, len(id_lists), self.LOGPROB_BATCH):
-            chunk = id_lists[k:k + self.LOGPROB_BATCH]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, ids in enumerate(chunk):
-                input_ids[b, :len(ids)] = torch.tensor(ids)
-                mask[b, :len(ids)] = 1
-            with torch.inference_mode():
-                logits = self.backend.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
-                                            use_cache=False).logits
-                logp = logits.float().log_softmax(dim=-1).cpu()
-            out.extend(logp[b, :len(ids)] for b, ids in enumerate(chunk))
-        return out
-
-    def token_logprobs_batch(self, texts: list[str], report_from: list[int], top: int,
-                             eos_after: list[bool]) -> list[dict[str, Any]]:
-        """OpenAI legacy ``logprobs`` for each text's tokens starting at or after character
-        ``report_from[i]`` (0: every token, the first has no logprob), one batched forward
-        per :attr:`LOGPROB_BATCH` texts.
-
-        ``eos_after[i]``: when the greedy next token after the text is EOS, append it (the
-        token that ended the completion) with its logprob and top alternatives."""
-        encoded = [self._encode_for_logprobs(t) for t in texts]
-        logps = self._log_softmax_batch([ids for ids, _ in encoded])
-        return [self._logprob_entries(text, ids, spans, logp, start, top, eos)
-                for text, (ids, spans), logp, start, eos in zip(texts, encoded, logps, report_from, eos_after)]
-
-    def _logprob_entries(self, text: str, ids: list[int], spans: list[tuple[int, int]], logp: Any,
-                         report_from: int, top: int, eos_after: bool) -> dict[str, Any]:
-        def alternatives(row: Any) -> dict[str, float] | None:
-            if top <= 0:
-                return None
-            vals, idx = row.topk(min(top, row.numel()))
-            return {self.tokenizer.decode([int(j)]): float(v) for v, j in zip(vals, idx)}
-
-        tokens, token_lps, offsets, tops = [], [], [], []
-        for i, (tid, (s, e)) in enumerate(zip(ids, spans)):
-            if s < report_from:
-                continue  # a prompt token when only the completion's logprobs are asked
-            tokens.append(text[s:e] if e > s else self.tokenizer.convert_ids_to_tokens(tid))
-            offsets.append(int(s))
-            if i == 0:
-                token_lps.append(None)
-                tops.append(None)
-                continue
-            token_lps.append(float(logp[i - 1][tid]))
-            tops.append(alternatives(logp[i - 1]))
-        eos_id = self.tokenizer.eos_token_id
-        if eos_after and eos_id is not None and int(logp[len(ids) - 1].argmax()) == eos_id:
-            row = logp[len(ids) - 1]
-            tokens.append(self.tokenizer.eos_token)
-            offsets.append(len(text))
-            token_lps.append(float(row[eos_id]))
-            tops.append(alternatives(row))
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-    # -- endpoints --------------------------------------------------------------------
-    def complete(
-        self, prompts: list[str], max_tokens: int, stop: list[str], echo: bool, logprobs: int | None
-    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        with self.lock:
-            self._trim_cache()
-            texts = self._generate(prompts, max_tokens, stop)
-            choices, p_tok, c_tok = [], 0, 0
-            n_gens = [self._count(text, False) if text else 0 for text in texts]
-            lps: list[Any] = [None] * len(prompts)
-            if logprobs is not None:
-                lps = self.token_logprobs_batch(
-                    [p + t for p, t in zip(prompts, texts)],
-                    [0 if echo else len(p) for p in prompts], logprobs,
-                    [self.logprobs_eos and n < max_tokens for n in n_gens])
-            for i, (prompt, text, n_gen, lp) in enumerate(zip(prompts, texts, n_gens, lps)):
-                n_prompt = self._count(prompt, True)
-                p_tok, c_tok = p_tok + n_prompt, c_tok + n_gen
-                choices.append({
-                    "index": i,
-                    "text": prompt + text if echo else text,
-                    "logprobs": lp,
-                    "finish_reason": "length" if max_tokens == 0 or n_gen >= max_tokens else "stop",
-                })
-        return choices, {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = self.tokenizer.bos_token
-            if self._adds_bos and bos and text.startswith(bos):
-                text = text[len(bos):]  # the tokenizer adds it again when encoding
-            return text
-        return "\n".join(m["content"] for m in messages)
-
-    def chat(self, messages: list[dict[str, str]], max_tokens: int | None, stop: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
-        prompt = self.render_chat(messages)
-        with self.lock:
-            self._trim_cache()
-            n_prompt = self._count(prompt, True)
-            if max_tokens is None:
-                room = (self.backend.max_length or (n_prompt + 256)) - n_prompt
-                max_tokens = max(1, min(256, room))
-            (text,) = self._generate([prompt], max_tokens, stop)
-            n_gen = self._count(text, False) if text else 0
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": "length" if n_gen >= max_tokens else "stop",
-        }
-        return choice, {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
-
-    def close(self) -> None:
-        self.backend.close()
+def check_auth(host: str, key: Secret | None, no_auth: bool) -> None:
+    """A non-loopback address needs a key (or an explicit ``no_auth``)."""
+    if key is None and not no_auth and host not in LOOPBACK:
+        raise ConfigError(f"--host {host}: serving beyond loopback needs a key (--api-key-env NAME), "
+                          "or --no-auth to serve without one on purpose")
 
 
 # -- request parsing ----------------------------------------------------------------------
@@ -275,27 +93,53 @@ def _int(body: dict[str, Any], key: str, default: int | None, low: int, high: in
     return value
 
 
+def _float(body: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (low < value if low_open else low <= value) or value > high:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError(400, f"'{key}' must be a number in {span}, got {value!r}", key)
+    return float(value)
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    temperature = _float(body, "temperature", 0.0, 2.0)
+    top_p = _float(body, "top_p", 0.0, 1.0, low_open=True)
+    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+    if not temperature:
+        return GREEDY  # greedy is the default, and what temperature 0 means
+    return Sampling(temperature, 1.0 if top_p is None else top_p, seed)
+
+
 def _stops(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "'stop' must be a non-empty string or a list of them", "stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise RequestError(400, "'stop' must be a non-empty string or a list of at most 16 of them", "stop")
     return list(stop)
 
 
-def _common(body: dict[str, Any], service: ModelService) -> None:
+def _common(body: dict[str, Any], service: Any) -> tuple[bool, Sampling]:
     model = body.get("model")
     if model is not None and model != service.name:
-        raise RequestError(404, f"model {model!r} not found; this server serves {service.name!r}", "model", "model_not_found")
-    if body.get("stream"):
-        raise RequestError(400, "streaming is not supported by evomerge serve", "stream")
+        raise RequestError(404, f"model {model!r} not found; this server serves {service.name!r}", "model",
+                           "model_not_found")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream' must be true or false", "stream")
     if _int(body, "n", 1, 1) != 1:
-        raise RequestError(400, "'n' must be 1 (decoding is greedy)", "n")
+        raise RequestError(400, "'n' must be 1", "n")
     if _int(body, "best_of", 1, 1) != 1:
-        raise RequestError(400, "'best_of' must be 1 (decoding is greedy)", "best_of")
+        raise RequestError(400, "'best_of' must be 1", "best_of")
+    sampling = _sampling(body)
+    if (stream or not sampling.greedy) and not hasattr(service, "stream"):
+        raise RequestError(400, "this server decodes greedily and does not stream", "stream" if stream else "temperature")
+    return stream, sampling
 
 
 def _prompts(body: dict[str, Any]) -> list[str]:
@@ -329,153 +173,192 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-# -- HTTP ---------------------------------------------------------------------------------
+# -- the endpoints ------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
-    server_version = "evomerge-serve"
-    timeout = 300  # an idle keep-alive connection is closed after this many seconds
-    # headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK stall
-    # every keep-alive response by ~40 ms
-    disable_nagle_algorithm = True
-    server: OpenAIServer
+def _head(kind: str, service: Any) -> dict[str, Any]:
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": service.name}
 
-    def log_message(self, format: str, *args: Any) -> None:  # request line only, never headers
-        log.info("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+def _completions(service: Any, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    stream, sampling = _common(body, service)
+    prompts = _prompts(body)
+    max_tokens = _int(body, "max_tokens", 16, 0)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise RequestError(400, "'echo' must be true or false", "echo")
+    logprobs = body.get("logprobs")
+    if logprobs is False:
+        logprobs = None
+    if logprobs is not None:
+        logprobs = _int(body, "logprobs", None, 0, getattr(service, "max_logprobs", MAX_TOP_LOGPROBS))
+    stop = _stops(body)
+    if not stream:
+        extra = {} if sampling.greedy else {"sampling": sampling}
+        choices, usage = service.complete(prompts, max_tokens, stop, echo, logprobs, **extra)
+        return {**_head("text_completion", service), "choices": choices, "usage": usage}
+    if logprobs is not None:
+        raise RequestError(400, "logprobs are not streamed; send stream: false", "logprobs")
+    service.check_prompts(prompts)
+    with service.lock:
+        encoded = [service.fit(p, max_tokens) for p in prompts]
+    head = _head("text_completion", service)
 
-    def _authorized(self) -> bool:
-        key = self.server.api_key
-        if key is None:
-            return True
-        got = self.headers.get("Authorization", "")
-        want = f"Bearer {key.reveal()}"
-        return hmac.compare_digest(got.encode("utf-8", "replace"), want.encode("utf-8"))
+    def chunks() -> Iterator[dict[str, Any]]:
+        for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+            if echo:
+                yield {**head, "choices": [{"index": i, "text": prompt, "logprobs": None, "finish_reason": None}]}
+            for delta, finish in service.stream(ids, max_tokens, stop, sampling):
+                if delta or finish:
+                    yield {**head, "choices": [{"index": i, "text": delta, "logprobs": None,
+                                                "finish_reason": finish}]}
 
-    def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
+    return chunks()
+
+
+def _chat(service: Any, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    stream, sampling = _common(body, service)
+    if body.get("logprobs"):
+        raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo",
+                           "logprobs")
+    messages = _messages(body)
+    max_tokens = _int(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", None, 1)
+    stop = _stops(body)
+    if not stream:
+        extra = {} if sampling.greedy else {"sampling": sampling}
+        choice, usage = service.chat(messages, max_tokens, stop, **extra)
+        return {**_head("chat.completion", service), "choices": [choice], "usage": usage}
+    with service.lock:
+        _, ids, max_tokens = service.chat_prompt(messages, max_tokens)
+    head = _head("chat.completion.chunk", service)
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+        for delta, finish in service.stream(ids, max_tokens, stop, sampling):
+            if delta:
+                yield {**head, "choices": [{"index": 0, "delta": {"content": delta}, "logprobs": None,
+                                            "finish_reason": None}]}
+            if finish:
+                yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]}
+
+    return chunks()
+
+
+async def _sse(chunks: Iterator[dict[str, Any]]) -> Any:
+    """Server-sent events from a (blocking) chunk iterator, each step on the threadpool; the
+    iterator is closed however the stream ends (a client that leaves frees the model)."""
+    done = object()
+    try:
+        while True:
+            chunk = await run_in_threadpool(next, chunks, done)
+            if chunk is done:
+                break
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await run_in_threadpool(chunks.close)
+
+
+def create_app(service: Any, api_key: Secret | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    app = FastAPI(title="evomerge serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+        return JSONResponse(RequestError(status, message, param, code).body(), status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+        return error(err.status, err.message, err.param, err.code)
+
+    @app.exception_handler(EvomergeError)
+    async def _evomerge_error(request: Request, err: EvomergeError) -> JSONResponse:
+        return error(400, str(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code in (404, 405):
+            return error(err.status_code, f"no route {request.method} {request.url.path}")
+        return error(err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err)
+        return error(500, f"internal error: {type(err).__name__}: {err}")
+
+    app.add_middleware(_Guard, token=api_key.reveal() if api_key else None, max_body=int(max_body))
+
+    def card() -> dict[str, Any]:
+        return {"id": service.name, "object": "model", "created": service.created, "owned_by": "evomerge"}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != service.name:
+            raise RequestError(404, f"model {name!r} not found", "model", "model_not_found")
+        return card()
+
+    async def handle(request: Request, endpoint: Any) -> Any:
         try:
-            if method == "GET" and path == "/health":
-                self._send(200, {"status": "ok"})
-                return
-            if not path.startswith("/v1/"):
-                raise RequestError(404, f"no route {method} {path}")
-            if not self._authorized():
-                raise RequestError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
-            service = self.server.service
-            if method == "GET" and path == "/v1/models":
-                self._send(200, {"object": "list", "data": [self._model_card()]})
-            elif method == "GET" and path == f"/v1/models/{service.name}":
-                self._send(200, self._model_card())
-            elif method == "POST" and path == "/v1/completions":
-                self._send(200, self._completions(self._body()))
-            elif method == "POST" and path == "/v1/chat/completions":
-                self._send(200, self._chat(self._body()))
-            else:
-                raise RequestError(404, f"no route {method} {path}")
-        except RequestError as err:
-            self._send(err.status, err.body())
-        except EvomergeError as err:
-            self._send(400, RequestError(400, str(err)).body())
-        except Exception as err:  # noqa: BLE001 - a server answers 500 and keeps serving
-            log.exception("request failed")
-            self._send(500, RequestError(500, f"internal error: {type(err).__name__}: {err}").body())
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._route("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._route("POST")
-
-    def _body(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise RequestError(411, "Content-Length required")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, "bad Content-Length") from None
-        if n > MAX_BODY:
-            self.close_connection = True
-            raise RequestError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(n)
-        try:
-            body = json.loads(raw.decode("utf-8"))
+            body = json.loads((await request.body()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise RequestError(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
-        return body
+        out = await run_in_threadpool(endpoint, service, body)
+        if isinstance(out, dict):
+            return out
+        return StreamingResponse(_sse(out), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
-    def _model_card(self) -> dict[str, Any]:
-        s = self.server.service
-        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "evomerge"}
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await handle(request, _completions)
 
-    def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
-        service = self.server.service
-        _common(body, service)
-        prompts = _prompts(body)
-        max_tokens = _int(body, "max_tokens", 16, 0)
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise RequestError(400, "'echo' must be true or false", "echo")
-        logprobs = body.get("logprobs")
-        if logprobs is False:
-            logprobs = None
-        if logprobs is not None:
-            logprobs = _int(body, "logprobs", None, 0, getattr(service, "max_logprobs", MAX_TOP_LOGPROBS))
-        choices, usage = service.complete(prompts, max_tokens, _stops(body), echo, logprobs)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": service.name,
-            "choices": choices,
-            "usage": usage,
-        }
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await handle(request, _chat)
 
-    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        service = self.server.service
-        _common(body, service)
-        if body.get("logprobs"):
-            raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo", "logprobs")
-        messages = _messages(body)
-        max_tokens = _int(body, "max_completion_tokens", None, 1)
-        if max_tokens is None:
-            max_tokens = _int(body, "max_tokens", None, 1)
-        choice, usage = service.chat(messages, max_tokens, _stops(body))
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": service.name,
-            "choices": [choice],
-            "usage": usage,
-        }
+    return app
 
 
-class OpenAIServer(ThreadingHTTPServer):
-    """A threaded HTTP server holding one :class:`ModelService` and an optional key."""
+# -- the server ---------------------------------------------------------------------------
 
-    daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], service: ModelService, api_key: Secret | None = None):
-        super().__init__(address, _Handler)
+class OpenAIServer:
+    """A bound socket + uvicorn serving :func:`create_app` over ``service``.
+
+    ``serve_forever()`` blocks (Ctrl-C / SIGTERM end it); :func:`start_in_thread` runs it
+    on a daemon thread; ``stop()`` ends serving and releases the model."""
+
+    def __init__(self, address: tuple[str, int], service: Any, api_key: Secret | None = None, *,
+                 no_auth: bool = False, max_body: int = MAX_BODY, access_log: bool = True):
+        import uvicorn
+
+        host, port = address
+        check_auth(host, api_key, no_auth)
         self.service = service
         self.api_key = api_key
+        self.host = host
+        self.app = create_app(service, api_key, max_body)
+        self.socket = bind_socket(host, int(port))
+        self.server_address = self.socket.getsockname()
+        # log_config=None: uvicorn's loggers go to the root logger the CLI set up (stderr)
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            self.app, log_config=None, access_log=access_log, lifespan="off", server_header=False,
+            proxy_headers=False, timeout_keep_alive=30))
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIServer({self.url!r}, model={self.service.name!r}, key={'set' if self.api_key else 'none'})"
@@ -487,6 +370,20 @@ class OpenAIServer(ThreadingHTTPServer):
         if ":" in str(host):
             host = f"[{host}]"
         return f"http://{host}:{port}/v1"
+
+    def serve_forever(self, poll_interval: float = 0.1) -> None:
+        self._uvicorn.run(sockets=[self.socket])
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def server_close(self) -> None:
+        try:
+            self.socket.close()
+        except OSError:
+            pass
 
     def stop(self) -> None:
         """Stop serving (from another thread than ``serve_forever``) and release the model."""
@@ -501,31 +398,35 @@ def make_server(
     port: int = 8000,
     *,
     api_key_env: str | None = None,
-    model_name: str | None = None,
-    device: str | None = None,
-    dtype: Any = None,
-    batch_size: int = 16,
-    max_logprobs: int = MAX_TOP_LOGPROBS,
-    logprobs_eos: bool = False,
+    no_auth: bool = False,
+    max_body: int = MAX_BODY,
+    access_log: bool = True,
+    **service_options: Any,
 ) -> OpenAIServer:
-    """Load the model and bind the socket (``port=0``: an ephemeral port, see ``.url``).
+    """Load the model (``service_options``: :class:`ModelService`'s keyword arguments) and
+    bind the socket (``port=0``: an ephemeral port, see ``.url``).
 
-    The key is read before the model is loaded, so a missing variable fails fast.
-    """
+    The key (and whether one is needed) is checked before the model is loaded, so a server
+    that would be refused fails fast."""
     key = read_api_key(api_key_env, field="--api-key-env")
-    service = ModelService(model_dir, model_name=model_name, device=device, dtype=dtype, batch_size=batch_size,
-                           max_logprobs=max_logprobs, logprobs_eos=logprobs_eos)
+    check_auth(host, key, no_auth)
+    service = ModelService(model_dir, **service_options)
     try:
-        return OpenAIServer((host, int(port)), service, key)
-    except OSError as err:
+        return OpenAIServer((host, int(port)), service, key, no_auth=no_auth, max_body=max_body,
+                            access_log=access_log)
+    except BaseException:
         service.close()
-        raise BackendError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise
 
 
-def start_in_thread(server: OpenAIServer) -> threading.Thread:
-    """Serve in a daemon thread; stop with ``server.stop()``."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
-                              name="evomerge-serve")
+def start_in_thread(server: OpenAIServer, timeout: float = 30.0) -> threading.Thread:
+    """Serve on a daemon thread, once it accepts connections; stop with ``server.stop()``."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="evomerge-serve")
+    server._thread = thread
     thread.start()
+    deadline = time.monotonic() + timeout
+    while not server._uvicorn.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise EvomergeError(f"the server at {server.url} did not start")
+        time.sleep(0.01)
     return thread
-

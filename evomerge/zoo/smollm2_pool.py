@@ -481,7 +481,7 @@ class _Runner:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch: int = 64) -> list[str]:
         """Greedy answers, cut at EOS (and at a newline, like the target tasks' stop)."""
-        from transformers import DynamicCache
+        from ..fitness.backends.kv_cache import cache_kwarg, new_cache
 
         torch = self.torch
         outs: list[str] = []
@@ -496,10 +496,8 @@ class _Runner:
                     mask[i, width - len(c) :] = 1
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                cache = DynamicCache(config=self.model.config)
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-                )
+                cache = {cache_kwarg(self.model): new_cache(self.model)}  # updated in place
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
                 done = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
                 gen = []
                 for step in range(max_new_tokens):
@@ -515,8 +513,8 @@ class _Runner:
                         input_ids=nxt[:, None],
                         attention_mask=mask,
                         position_ids=pos,
-                        past_key_values=out.past_key_values,
                         use_cache=True,
+                        **cache,
                     )
                 for row in torch.stack(gen, dim=1).tolist():
                     if self.eos_id in row:

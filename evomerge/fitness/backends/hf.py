@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...devices import check_device
 from ...errors import BackendError, CheckpointError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
 from .base import Backend, register_backend
@@ -93,7 +94,8 @@ class HFBackend(Backend):
         super().__init__(str(model_dir), device, **opts)
         path = Path(model_dir).expanduser()
         _check_checkpoint(path)
-        self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.torch_device = check_device(device, "backend.device") or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if int(batch_size) < 1:
             raise BackendError(f"backend.batch_size: must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -257,13 +259,13 @@ class HFBackend(Backend):
     def _generate_loop(
         self, batch: list[list[int]], max_new_tokens: int, stop: list[str]
     ) -> list[str]:
-        from transformers import DynamicCache
+        from .kv_cache import cache_kwarg, last_logits_kwargs, new_cache
 
         if any(not ids for ids in batch):
             raise BackendError("cannot generate from an empty prompt (the tokenizer adds no BOS)")
         input_ids, mask = self._left_pad(batch)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = {cache_kwarg(self.model): new_cache(self.model)}  # updated in place by forward
         n = len(batch)
         finished = torch.zeros(n, dtype=torch.bool, device=self.torch_device)
         generated: list[torch.Tensor] = []
@@ -271,9 +273,9 @@ class HFBackend(Backend):
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            **last_logits_kwargs(self.model),
+            **cache,
         )
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1, :].argmax(dim=-1)
@@ -294,8 +296,8 @@ class HFBackend(Backend):
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **cache,
             )
         return self._finish(torch.stack(generated, dim=1).tolist())
 
