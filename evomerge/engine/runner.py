@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from .executor import WorkersLostError
 from .report import format_fitness
 from .search import Search, open_or_create
 from .store import RunStore
@@ -16,7 +17,12 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     # Build (and so validate) everything before the run directory exists: a config that
     # cannot start leaves nothing behind that a corrected config would collide with.
     search = Search(cfg, store=None)
-    store = open_or_create(cfg, run_dir, force=force)
+    search.executor.connect()  # a Ray cluster that cannot be joined fails here, in one line
+    try:
+        store = open_or_create(cfg, run_dir, force=force)
+    except BaseException:
+        search.executor.close()
+        raise
     search.store = store
     try:
         if not progress:
@@ -39,6 +45,9 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
 
             search.on_progress = update
             return search.run()
+    except WorkersLostError as err:
+        raise WorkersLostError(f"{err}; the run is saved: `evomerge resume {store.dir}` "
+                               "continues it") from None
     finally:
         store.unlock()
 
