@@ -124,15 +124,19 @@ class LocalCluster:
     def alive_group_members(self) -> list[int]:
         """PIDs still in any of this cluster's process groups (should be none after stop)."""
         pgids = {p.pid for p in self.procs}
-        left = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) in pgids and fields[0] != "Z":
-                left.append(int(d.name))
-        return left
+        return [pid for pid, _, pgid, state, _ in processes() if pgid in pgids and state != "Z"]
+
+
+def processes() -> list[tuple[int, int, int, str, str]]:
+    """(pid, ppid, pgid, state, executable name) of every process, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            exe = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        out.append((int(d.name), int(fields[1]), int(fields[2]), fields[0], os.path.basename(exe)))
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import free_port
+from ray_cluster import free_port, processes
 from test_search import _cfg, _log, _run_cli
 
 from evomerge.config import ExecutorConfig, parse_config
@@ -172,18 +172,7 @@ def test_driver_killed_then_resumed_with_ray(test_zoo, tmp_path):
 
 def _children(pid, name):
     """PIDs of the direct children of ``pid`` whose executable is called ``name``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            exe = (d / "cmdline").read_bytes().split(b"\0")[0]
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and os.path.basename(exe) == name.encode():
-            out.append(int(d.name))
-    return out
+    return [p for p, ppid, _, _, exe in processes() if ppid == pid and exe == name]
 
 
 def test_raylet_killed_under_the_driver_stops_in_one_line_and_resumes(test_zoo, tmp_path):

@@ -109,11 +109,15 @@ def _token_for(gcs: str) -> tuple[str | None, str]:
             raise RayConnectError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
         return tok, f"RAY_AUTH_TOKEN_PATH={path}"
     default = default_token_path()
-    if default.is_file() and (mode == "token" or is_this_machine(gcs.rsplit(":", 1)[0])):
-        tok = default.read_text().strip()
-        if tok:
-            return tok, str(default)
-    return None, "no token"
+    if default.is_file():
+        if mode == "token" or is_this_machine(gcs.rsplit(":", 1)[0]):
+            tok = default.read_text().strip()
+            if tok:
+                return tok, str(default)
+        else:
+            return None, (f"{default} is sent only to an address on this machine unless "
+                          "RAY_AUTH_MODE=token")
+    return None, "none found: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH unset, no ~/.ray/auth_token"
 
 
 def is_this_machine(host: str) -> bool:
@@ -169,10 +173,9 @@ def probe(gcs: str, token: str | None, source: str, timeout: float = PROBE_TIMEO
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if token is None:
                 raise RayConnectError(
-                    f"the Ray cluster at {gcs} requires its auth token ({source} here): run "
+                    f"the Ray cluster at {gcs} requires its auth token ({source}): run "
                     "`ray get-auth-token` on its head node and set RAY_AUTH_TOKEN to it (or "
-                    "RAY_AUTH_TOKEN_PATH to a file holding it; with RAY_AUTH_MODE=token "
-                    "~/.ray/auth_token is used)") from None
+                    "RAY_AUTH_TOKEN_PATH to a file holding it)") from None
             raise RayConnectError(
                 f"the Ray cluster at {gcs} rejected the token from {source}: set RAY_AUTH_TOKEN "
                 "to the cluster's own token (`ray get-auth-token` on its head node prints it)"
