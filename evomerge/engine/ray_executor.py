@@ -216,7 +216,7 @@ class RayExecutor(Executor):
             pass
         self.stats_.replacements += 1
         fresh = self._new_slot(slot.name)
-        self._node_of(slot)
+        self._node_of(slot, timeout=0)  # known already, or never known: do not wait on the dead
         slot.actor, slot.pid, slot.node = fresh.actor, None, fresh.node
         slot.replaced += 1
         slot.job, slot.ref = None, None
@@ -235,13 +235,13 @@ class RayExecutor(Executor):
         return None
 
     # -- reporting -----------------------------------------------------------------------
-    def _node_of(self, slot: _Slot) -> str | None:
+    def _node_of(self, slot: _Slot, timeout: float = 10) -> str | None:
         """The node id of the slot's current actor (None when it never came up)."""
         import ray
 
         if slot.node is not None and not isinstance(slot.node, str):
             try:
-                slot.node = ray.get(slot.node, timeout=10)
+                slot.node = ray.get(slot.node, timeout=timeout)
             except Exception:  # noqa: BLE001 - a dead actor has no node to report
                 slot.node = None
         if isinstance(slot.node, str) and slot.node not in slot.nodes:
