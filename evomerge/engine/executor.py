@@ -1,6 +1,8 @@
 """Executors: where candidates are evaluated. The loop only talks to this interface.
 
 Contract:
+- ``connect()`` (optional) reaches the workers' machines; the runner calls it before it
+  creates the run directory, so a cluster that cannot be joined leaves nothing behind.
 - ``start(spec)`` builds the workers (each holds one :class:`Evaluator`).
 - ``submit(cid, plan_dict)`` queues one candidate; at most ``capacity`` are in flight.
 - ``poll(timeout)`` returns finished ``(cid, Outcome)`` pairs (possibly none). Each
@@ -19,10 +21,19 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
+from ..errors import RunError
 from .evaluator import EvalSpec, Evaluator, Outcome
 
 
+class WorkersLostError(RunError):
+    """The machines evaluating candidates are gone (e.g. the Ray node under the driver died);
+    the run stops where its checkpoint is, and ``evomerge resume`` continues it."""
+
+
 class Executor(ABC):
+    def connect(self) -> None:  # noqa: B027 - optional hook
+        """Reach the machines (a cluster) before the run directory exists; fail in one line."""
+
     @abstractmethod
     def start(self, spec: EvalSpec) -> None: ...
 

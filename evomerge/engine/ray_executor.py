@@ -1,7 +1,10 @@
 """Ray executor: asynchronous, fault-tolerant evaluation on a local embedded Ray or a cluster.
 
-- Joins ``address`` when given (``auto``, ``ray://host:port``); otherwise starts a local Ray
-  in this process (no dashboard, capped object store: NOTES.md).
+- Joins ``address`` when given (``auto``, ``host:port``, ``ray://host:port``, with Ray's token
+  auth); otherwise starts a private local Ray in this process, never a cluster the machine has
+  running or recorded (no dashboard, capped object store: NOTES.md). See :mod:`.ray_connect`.
+- A local node that dies under the driver (raylet killed) stops the run with one line
+  (:class:`.ray_connect.NodeWatch`); the checkpoint keeps it resumable.
 - One :class:`EvalWorker` actor per worker. Each builds one :class:`Evaluator`: it loads the
   source models from paths visible on its node and keeps one resident evaluation model; per
   candidate it materializes the plan in place and runs the backend. One GPU per worker when
@@ -26,6 +29,7 @@ from typing import Any
 
 from .evaluator import EvalSpec, Evaluator, Outcome
 from .executor import Executor
+from .ray_connect import NodeWatch, join, start_local
 
 
 class EvalWorker:
@@ -41,6 +45,11 @@ class EvalWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def ready(self) -> bool:
         return True
 
@@ -53,6 +62,8 @@ class _Slot:
     evaluations: int = 0
     replaced: int = 0
     pid: int | None = None
+    node: Any = None  # ObjectRef, then the Ray node id this slot's actor runs on
+    nodes: list[str] = field(default_factory=list)  # every node its actors ran on
     job: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
     ref: Any = None
     started: float = 0.0
@@ -77,20 +88,30 @@ class RayExecutor(Executor):
         self._remote_cls: Any = None
         self._spec: dict[str, Any] | None = None
         self._serial = 0
+        self._watch: NodeWatch | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
+    def connect(self) -> None:
+        """Start the private local Ray, or join ``cfg.address`` (see :mod:`.ray_connect`); one
+        line naming the fix when a cluster cannot be joined. Idempotent."""
+        import ray
+
+        if ray.is_initialized():
+            if self._watch is None:
+                self._watch = NodeWatch()
+            return
+        if self.cfg.address:
+            join(self.cfg.address)
+        else:
+            start_local(int(os.environ.get("EVOMERGE_RAY_STORE_BYTES", 256 * 2**20)),
+                        self.cfg.workers or None)
+            self._started_ray = True
+        self._watch = NodeWatch()
+
     def start(self, spec: EvalSpec) -> None:
         import ray
 
-        if not ray.is_initialized():
-            if self.cfg.address:
-                ray.init(address=self.cfg.address, include_dashboard=False,
-                         log_to_driver=False, ignore_reinit_error=True)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False,
-                         object_store_memory=int(os.environ.get("EVOMERGE_RAY_STORE_BYTES", 256 * 2**20)),
-                         num_cpus=self.cfg.workers or None)
-                self._started_ray = True
+        self.connect()
         res = ray.cluster_resources()
         gpus = float(res.get("GPU", 0))
         per_gpu = self.cfg.gpus_per_worker if self.cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
@@ -111,12 +132,13 @@ class RayExecutor(Executor):
     def _new_slot(self, name: str) -> _Slot:
         self._serial += 1
         actor = self._remote_cls.options(name=None).remote(self._spec, name)
-        return _Slot(name=name, actor=actor)
+        return _Slot(name=name, actor=actor, node=actor.node.remote())
 
     def close(self) -> None:
         import ray
 
-        for s in self.slots:
+        lost = self._watch is not None and self._watch.lost is not None
+        for s in ([] if lost else self.slots):
             try:
                 ray.kill(s.actor)
             except Exception:  # noqa: BLE001 - already dead
@@ -156,6 +178,8 @@ class RayExecutor(Executor):
             return []
         # wait for the first result (up to the timeout), then take every other finished one
         done, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if self._watch is not None:
+            self._watch.check()  # a dead node under the driver: one line, the run stays resumable
         if done and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             done += more
@@ -192,7 +216,8 @@ class RayExecutor(Executor):
             pass
         self.stats_.replacements += 1
         fresh = self._new_slot(slot.name)
-        slot.actor, slot.pid = fresh.actor, None
+        self._node_of(slot, timeout=0)  # known already, or never known: do not wait on the dead
+        slot.actor, slot.pid, slot.node = fresh.actor, None, fresh.node
         slot.replaced += 1
         slot.job, slot.ref = None, None
 
@@ -210,13 +235,29 @@ class RayExecutor(Executor):
         return None
 
     # -- reporting -----------------------------------------------------------------------
+    def _node_of(self, slot: _Slot, timeout: float = 10) -> str | None:
+        """The node id of the slot's current actor (None when it never came up)."""
+        import ray
+
+        if slot.node is not None and not isinstance(slot.node, str):
+            try:
+                slot.node = ray.get(slot.node, timeout=timeout)
+            except Exception:  # noqa: BLE001 - a dead actor has no node to report
+                slot.node = None
+        if isinstance(slot.node, str) and slot.node not in slot.nodes:
+            slot.nodes.append(slot.node)
+        return slot.node
+
     def stats(self) -> dict[str, Any]:
+        lost = self._watch is not None and self._watch.lost is not None
+        for s in ([] if lost else self.slots):
+            self._node_of(s)
         wall = time.perf_counter() - self._t0
         d = self.stats_.dispatch_s
         return {
             "workers": {
                 s.name: {"busy_s": s.busy_s, "evaluations": s.evaluations, "replaced": s.replaced,
-                         "utilisation": s.busy_s / wall if wall > 0 else 0.0}
+                         "utilisation": s.busy_s / wall if wall > 0 else 0.0, "nodes": s.nodes}
                 for s in self.slots
             },
             "wall_s": wall,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, parse_config
+from .executor import WorkersLostError
 from .models import MODELS_FILE, pins_of, read_pins
 from .progress import RateMeter
 from .report import format_fitness
@@ -34,6 +35,7 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
     search = Search(cfg, store=None, pins=read_pins(run_dir))
     store = None
     try:
+        search.executor.connect()  # a Ray cluster that cannot be joined fails here, in one line
         if RunStore(run_dir).exists():
             store = open_or_create(cfg, run_dir, force=force)
             search.start()
@@ -55,6 +57,9 @@ def run_search(cfg: RunConfig, run_dir: str | Path, force: bool = False,
                 best is not None or search.best_baseline is not None):
             _select(store.dir, progress)
         return best
+    except WorkersLostError as err:
+        raise WorkersLostError(f"{err}; the run is saved: `evomerge resume {store.dir}` "
+                               "continues it") from None
     finally:
         feed.sync()
         feed.close()
