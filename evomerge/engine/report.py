@@ -41,6 +41,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             "id": best["id"], "fitness": best["fitness"], "scores": best["scores"],
         },
         "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
+        "merge_seconds": _mean(evaluated, "merge_seconds"),
+        "eval_seconds": _mean(evaluated, "eval_seconds"),
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
         "racing": _racing(records),
@@ -73,6 +75,12 @@ def plot_fitness(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the records that have it (older logs lack the merge/eval split)."""
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:
