@@ -37,7 +37,6 @@ per model; ``lambda``, ``normalize``, ``rescale`` global). Deviations, all delib
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
