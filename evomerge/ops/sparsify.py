@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .parallel import run_chunks
+from .parallel import run_chunks, scratch
 
 # Elements per chunk. CPU: 128K float32 = 512 KiB per temporary, a handful of which stay in
 # L2/L3 cache. CUDA: large enough that one tensor is one chunk (kernel launches dominate).
@@ -118,7 +118,8 @@ def order_statistics(
         bounds = list(chunk_bounds(n, chunk_size(device)))
 
     def everything() -> torch.Tensor:
-        return torch.cat([values(s, e).reshape(-1) for s, e in bounds])
+        # values() may hand out a reused buffer: copy each chunk
+        return torch.cat([values(s, e).reshape(-1).clone() for s, e in bounds])
 
     if n <= DIRECT_SELECT_MAX:
         return _direct(everything(), ranks)
@@ -328,9 +329,9 @@ class RankCut:
             return d.zero_()
         if self.mode == "ge" and self.thr > 0.0:
             # |d| >= thr  <=>  |d| > (largest float below thr): one fused op
-            return torch.nn.functional.hardshrink(d, _float_below(self.thr, d.dtype))
+            return torch.ops.aten.hardshrink.out(d, _float_below(self.thr, d.dtype), out=d)
         if self.mode == "gt" or (self.mode == "ties" and self.ties_left == 0):
-            return torch.nn.functional.hardshrink(d, self.thr)
+            return torch.ops.aten.hardshrink.out(d, self.thr, out=d)
         return d.mul_(self.keep_float(d.abs()))
 
 

@@ -39,11 +39,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import PlanError
 from ..plan import step_seed
-from .parallel import run_chunks
+from .parallel import run_chunks, scratch
 from .registry import OpContext, register_op
 from .sparsify import (
     RankCut,
@@ -122,7 +123,7 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
         stats = order_statistics(
             n,
             wanted,
-            lambda s, e: torch.sub(t[s:e], b[s:e]).abs_(),
+            lambda s, e: torch.sub(t[s:e], b[s:e], out=scratch(1, e - s, b)[0]).abs_(),
             lambda idx: torch.sub(t[idx], b[idx]).abs_(),
             b.device,
             bounds,
@@ -139,8 +140,10 @@ def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
     thrs = [c.thr if c.sequential else None for c in cuts]
 
     def count(s: int, e: int) -> list[int]:
-        a = torch.sub(t[s:e], b[s:e]).abs_()
-        return [0 if v is None else int(torch.count_nonzero(a == v)) for v in thrs]
+        a = torch.sub(t[s:e], b[s:e], out=scratch(1, e - s, b)[0]).abs_()
+        x = a.numpy() if a.device.type == "cpu" else a  # numpy's compare: faster on CPU
+        nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
+        return [0 if v is None else int(nz(x == v)) for v in thrs]
 
     counts = run_chunks(count, bounds, b.device)
     per_cut = [c.for_chunks([row[j] for row in counts]) for j, c in enumerate(cuts)]
@@ -264,17 +267,18 @@ def generalized_task_arithmetic(
 
     def chunk(s: int, e: int) -> None:
         b_c = b[s:e]
+        bufs = scratch(len(live) + 4, e - s, b)  # per-thread buffers: no allocation per chunk
         # 1) sparsified deltas, and their weighted sum S (the elected sign is sign(S))
         deltas: list[tuple[_Input, torch.Tensor]] = []
         S = None
-        for inp in live:
-            d = torch.sub(inp.flat[s:e], b_c)
+        for j, inp in enumerate(live):
+            d = torch.sub(inp.flat[s:e], b_c, out=bufs[j])
             if pruning[inp.pos]:
                 d = _sparsify_chunk(inp, d, method, rescale, align, device, s, e)
             ew = inp.weight * inp.scale  # weight of the (rescaled) delta
             if consensus:
                 deltas.append((inp, d))
-                S = torch.mul(d, ew) if S is None else S.add_(d, alpha=ew)
+                S = torch.mul(d, ew, out=bufs[-1]) if S is None else S.add_(d, alpha=ew)
             else:
                 S = d.mul_(ew) if S is None else S.add_(d, alpha=ew)
         if S is None:
@@ -285,9 +289,9 @@ def generalized_task_arithmetic(
             return
         # 2) TIES: keep the entries whose weighted delta has the elected sign (S >= 0 is +)
         sgn = torch.ge(S, 0, out=S).mul_(2.0).sub_(1.0)  # +1 / -1, reuses S
-        mixed = torch.zeros_like(b_c)
-        div = torch.zeros_like(b_c) if normalize else None
-        agree = torch.empty_like(b_c)
+        mixed = bufs[-2].zero_()
+        div = bufs[-3].zero_() if normalize else None
+        agree = bufs[-4]
         for inp, d in deltas:
             torch.mul(d, sgn, out=agree)
             # sign(w d) == elected sign  <=>  d * sgn has the sign of w, and is nonzero
