@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .parallel import run_chunks, scratch
+from .parallel import run_chunks
 
 # Elements per chunk. CPU: 128K float32 = 512 KiB per temporary, a handful of which stay in
 # L2/L3 cache. CUDA: large enough that one tensor is one chunk (kernel launches dominate).
