@@ -291,13 +291,22 @@ class PeakAnon:
         self.peak = max(self.peak, self.now())
 
 
+def _vm_hwm() -> int:
+    """Peak resident set of this process image (VmHWM: reset by exec, unlike ru_maxrss,
+    which a child inherits from the parent it was forked from)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_child(mode: str, root: Path) -> dict:
     dirs = {n: root / n for n in ("base", *FINETUNES)}
     plan = compile_recipe(_recipe("ties", dirs))
     src_bytes = sum(f.stat().st_size for d in dirs.values() for f in d.glob("*.safetensors"))
     out_bytes = src_bytes // len(dirs)
     start_anon = PeakAnon.now()
-    start_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start_max = _vm_hwm()
     if mode == "inmem":
         readers = {k: open_checkpoint(p) for k, p in plan.sources.items()}
         target = {}
@@ -314,7 +323,7 @@ def rss_child(mode: str, root: Path) -> dict:
                                                     overwrite=True)
         shutil.rmtree(root / "rss_export", ignore_errors=True)
         bound = out_bytes + 2**30
-    return {"mode": mode, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"mode": mode, "ru_maxrss": _vm_hwm(),
             "start_rss": start_max, "start_anon": start_anon, "peak_anon": pa.peak,
             "sources": src_bytes, "output": out_bytes, "bound": bound}
 

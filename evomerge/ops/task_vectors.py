@@ -44,6 +44,7 @@ import torch
 
 from ..errors import PlanError
 from ..plan import step_seed
+from .fused import fused_gta, fused_mode, gta_elementwise
 from .parallel import run_chunks, scratch
 from .registry import OpContext, register_op
 from .sparsify import (
@@ -264,6 +265,9 @@ def generalized_task_arithmetic(
 
     out = torch.empty_like(base)
     o = out.view(-1)
+    if _fused_pass(live, pruning, method, consensus, normalize, lam, divisor, b, o, bounds,
+                   device):
+        return out
 
     def chunk(s: int, e: int) -> None:
         b_c = b[s:e]
@@ -306,6 +310,69 @@ def generalized_task_arithmetic(
 
     run_chunks(chunk, bounds, device)
     return out
+
+
+def _fused_thresholds(inp: _Input, method: str | None,
+                      pruned: bool) -> tuple[float, float] | None:
+    """(low, high) of :func:`.fused.gta_elementwise` for one input: keep ``|d| > low`` and
+    ``|d| <= high``; None when its cuts need a sequential tie budget."""
+    if not pruned or method not in ("magnitude", "outliers"):
+        return -1.0, math.inf
+    if inp.chunk_cuts is not None:
+        return None
+    top = inp.cuts[0]
+    if top.keeps_all_nonzero or (top.mode == "ge" and top.thr == 0.0):
+        low = -1.0
+    elif top.mode == "ge":
+        low = _float_below(top.thr)
+    elif top.mode == "gt":
+        low = top.thr
+    else:
+        return None
+    high = math.inf
+    if method == "outliers":
+        cut = inp.cuts[1]
+        if cut.mode == "gt":
+            high = cut.thr
+        elif cut.mode == "ge":
+            high = _float_below(cut.thr)
+        elif cut.mode != "none":
+            return None
+    return low, high
+
+
+def _float_below(x: float) -> float:
+    t = torch.tensor(x, dtype=torch.float32)
+    return torch.nextafter(t, torch.tensor(-math.inf)).item()
+
+
+def _fused_pass(live: list[_Input], pruning: dict[int, bool], method: str | None,
+                consensus: bool, normalize: bool, lam: float, divisor: float,
+                b: torch.Tensor, o: torch.Tensor, bounds: list[tuple[int, int]],
+                device: torch.device) -> bool:
+    """The merge as one fused function per chunk (:mod:`.fused`); False: not applicable
+    here (then the chunk loop runs)."""
+    mode = fused_mode(device)
+    if mode is None or not live or method == "della":
+        return False
+    th = [_fused_thresholds(inp, method, pruning[inp.pos]) for inp in live]
+    if any(t is None for t in th):
+        return False
+    ews = [inp.weight * inp.scale for inp in live]
+    ws = [inp.weight for inp in live]
+    for s, e in bounds:  # CUDA: one chunk per tensor up to CUDA_CHUNK elements
+        masks = [inp.draws.keep_at(s, e, inp.density).to(device)
+                 if method == "random" and pruning[inp.pos] else None for inp in live]
+        args = (b[s:e], [inp.flat[s:e] for inp in live], masks, [t[0] for t in th],
+                [t[1] for t in th], ews, ws, consensus, normalize, lam, divisor)
+        res = fused_gta(*args) if mode == "compiled" else gta_elementwise(*args)
+        if res is None:
+            if s != 0:  # draws already taken for earlier chunks: finish eagerly here
+                res = gta_elementwise(*args)
+            else:
+                return False
+        o[s:e].copy_(res)
+    return True
 
 
 def _sparsify_chunk(inp: _Input, d: torch.Tensor, method: str | None, rescale: bool,
