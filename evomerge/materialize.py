@@ -105,14 +105,24 @@ class Materializer:
     the memory-mapped file (or of the cache) shared by every later read.
     """
 
-    def __init__(self, device: str | torch.device | None = None, cache_sources: bool = False):
+    def __init__(self, device: str | torch.device | None = None, cache_sources: bool = False,
+                 precompute: bool = False, stats_budget_bytes: int | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_sources = cache_sources
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.bytes_read = 0
+        # genome-independent statistics (top-k thresholds at any density, SLERP norms)
+        # reused across candidates over the same sources; see evomerge.ops.precompute
+        self.stats = None
+        if precompute:
+            from .ops.precompute import SourceStats
+
+            self.stats = SourceStats(stats_budget_bytes)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        if self.stats is not None:
+            self.stats.clear()
 
     # -- checks -------------------------------------------------------------------------
     def check(self, plan: MergePlan, readers: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -182,8 +192,14 @@ class Materializer:
             base = self._load(readers[step.base.model], step.base) if step.base is not None else None
             gen = torch.Generator(device=self.device)
             gen.manual_seed(step_seed(plan.seed, step.output))
+            ctx = OpContext(step.output, gen, self.device)
+            if self.stats is not None:
+                ctx.stats = self.stats
+                ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
+                ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
+                                if step.base is not None else None)
             with torch.no_grad():
-                out = spec.fn(tensors, base, params, OpContext(step.output, gen, self.device))
+                out = spec.fn(tensors, base, params, ctx)
             if not isinstance(out, torch.Tensor):
                 raise PlanError(
                     f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
@@ -424,6 +440,11 @@ def _refuse_output_over_source(plan: MergePlan, out_dir: str | os.PathLike) -> N
         if path == out or out in path.parents:
             raise CheckpointError(f"output {out} would replace source {key!r} ({src}) of this merge; "
                                   "write the merge to another folder")
+
+
+def _tensor_key(reader: Any, ref: TensorRef) -> str:
+    """Identity of one source tensor for the statistics cache."""
+    return f"{reader.path}::{ref.tensor}"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

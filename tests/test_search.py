@@ -48,6 +48,12 @@ def test_run_end_to_end_status_and_export(test_zoo, tmp_path):
     assert json.loads((tmp_path / "run/best.json").read_text())["id"] == best["id"]
     s = summarize(tmp_path / "run")
     assert s["complete"] and s["evaluations"] == 8 and s["generations"] == 2
+    # each evaluated candidate records its merge / evaluation split; status shows the means
+    for r in recs:
+        if not r["cached"]:
+            assert r["merge_seconds"] > 0 and r["eval_seconds"] > 0
+            assert abs(r["merge_seconds"] + r["eval_seconds"] - r["seconds"]) < 1e-6
+    assert 0 < s["merge_seconds"] and 0 < s["eval_seconds"]
     assert plot_fitness(tmp_path / "run").stat().st_size > 1000
     (path,) = export_top(tmp_path / "run", 1, tmp_path / "export")
     assert (path / "evomerge_recipe.yaml").exists() and (path / "README.md").exists()

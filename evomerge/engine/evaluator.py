@@ -45,6 +45,9 @@ class Outcome:
     partial_fitness: float | None = None
     evaluated: int | None = None
     total: int | None = None
+    # the split of ``seconds``: writing the candidate's weights vs scoring it
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -67,7 +70,8 @@ class Evaluator:
         name = b.pop("name", "hf")
         options = b.pop("options", {}) or {}
         self.backend = make_backend(name, model_dir=spec.model_dir, **b, **options)
-        self.materializer = Materializer(device=self.backend.device, cache_sources=spec.cache_sources)
+        self.materializer = Materializer(device=self.backend.device, cache_sources=spec.cache_sources,
+                                         precompute=spec.cache_sources)
         self.tasks = load_tasks(spec.tasks)
 
     def evaluate(self, plan: MergePlan | dict[str, Any], split: str | None = None,
@@ -79,12 +83,16 @@ class Evaluator:
             if isinstance(plan, dict):
                 plan = MergePlan.from_dict(plan)
             self.backend.load_plan(plan, self.materializer)
+            t1 = time.perf_counter()
             best = (context or {}).get("best")
             if self.spec.racing and best is not None:
-                return self._race(best, split or self.spec.split, t0)
-            raw = self.backend.evaluate(self.tasks, split=split or self.spec.split)
-            scores = {k: [float(x) for x in v] for k, v in raw.items()}
-            return Outcome(scores, time.perf_counter() - t0, None, self.worker)
+                out = self._race(best, split or self.spec.split, t0)
+            else:
+                raw = self.backend.evaluate(self.tasks, split=split or self.spec.split)
+                scores = {k: [float(x) for x in v] for k, v in raw.items()}
+                out = Outcome(scores, time.perf_counter() - t0, None, self.worker)
+            out.merge_seconds, out.eval_seconds = t1 - t0, out.seconds - (t1 - t0)
+            return out
         except Exception as err:  # noqa: BLE001 - any failure is a failed candidate
             msg = f"{type(err).__name__}: {err}"
             tb = traceback.format_exc(limit=3)

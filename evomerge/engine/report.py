@@ -44,6 +44,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "best_baseline": _best_baseline(store, cfg),
         "final": _final(store),
         "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
+        "merge_seconds": _mean(evaluated, "merge_seconds"),
+        "eval_seconds": _mean(evaluated, "eval_seconds"),
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
         "racing": _racing(records),
@@ -115,6 +117,12 @@ def _final(store: RunStore) -> dict[str, Any] | None:
     return {"label": row["label"], "chosen_by": final["chosen_by"],
             "splits": {k: None if v is None else {"fitness": v["fitness"], "se": v["se"], "n": v["n"]}
                        for k, v in row["splits"].items()}}
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the records that have it (older logs lack the merge/eval split)."""
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -244,6 +244,8 @@ class Search:
             **outcome_fields(recipe, h, fitness, means, None if failed else scores, failed,
                              error, cached is not None, seconds, worker),
         }
+        if outcome is not None and outcome.merge_seconds is not None:
+            rec.update(merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds)
         if outcome is not None and outcome.total is not None:
             rec.update(racing_cut=cut, examples_evaluated=outcome.evaluated, examples_total=outcome.total)
         self.store.append_eval(rec)

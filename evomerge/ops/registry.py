@@ -34,6 +34,12 @@ class OpContext:
     name: str
     generator: torch.Generator | None = None
     device: Any = None
+    # genome-independent statistics reused across candidates (a
+    # :class:`~evomerge.ops.precompute.SourceStats`), with the identity of each input and
+    # of the base ("model path::tensor name"); None: operators compute everything directly
+    stats: Any = None
+    input_keys: list[str] | None = None
+    base_key: str | None = None
 
 
 @dataclass

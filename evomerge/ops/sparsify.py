@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .parallel import run_chunks
+
 # Elements per chunk. CPU: 128K float32 = 512 KiB per temporary, a handful of which stay in
 # L2/L3 cache. CUDA: large enough that one tensor is one chunk (kernel launches dominate).
 CPU_CHUNK = 1 << 17
@@ -57,15 +59,15 @@ _SAMPLE_SEED = 0x5EED
 
 
 def chunk_size(device: torch.device | str | None) -> int:
-    """Elements per chunk on ``device``. On CPU ``CPU_CHUNK`` per torch thread, so each
-    thread's share of an op stays cache-sized while the number of parallel regions (each a
-    barrier across the thread team) stays low: on an oversubscribed CPU every barrier can
-    cost a scheduler time slice (measured here with 2 threads on 2 busy cores: a TIES merge
-    20x slower than with 1 thread at 128K-element chunks, 6x at 2M-element chunks)."""
+    """Elements per chunk on ``device``. On CPU a fixed ``CPU_CHUNK``: chunks are the unit
+    of parallel work (:mod:`.parallel`), each computed single-threaded with cache-sized
+    temporaries, so results never depend on the thread count. (Before, torch's intra-op
+    threads split every chunk, and each op's barrier stalled on busy cores: measured here
+    with 2 threads on 2 busy cores a TIES merge 20x slower than with 1 thread.)"""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         return CUDA_CHUNK
-    return CPU_CHUNK * max(1, torch.get_num_threads())
+    return CPU_CHUNK
 
 
 def chunk_bounds(n: int, size: int, align: int = 1) -> Iterator[tuple[int, int]]:
@@ -93,24 +95,34 @@ class OrderStat:
 def order_statistics(
     n: int,
     ranks: list[int],
-    chunks: Callable[[], Iterator[torch.Tensor]],
+    values: Callable[[int, int], torch.Tensor],
     gather: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device | str | None = None,
+    bounds: list[tuple[int, int]] | None = None,
 ) -> list[OrderStat]:
     """Exact k-th smallest values of a stream, for each 1-based rank in ``ranks``.
 
-    ``chunks()`` yields the values as flat float tensors in order (called once, twice only
-    on the rare fallback); ``gather(idx)`` returns the values at flat positions ``idx`` (a
-    long tensor on ``device``). Cost: one streaming pass of cheap comparisons plus
-    ``kthvalue`` on a band of about ``6 n / sqrt(m)`` values, instead of a selection or sort
-    over all ``n``.
+    ``values(s, e)`` returns the values at flat positions ``[s, e)`` as a flat float tensor
+    (called once per chunk of ``bounds``, default :func:`chunk_bounds` of
+    :func:`chunk_size`; twice only on the rare fallback); ``gather(idx)`` returns the
+    values at flat positions ``idx`` (a long tensor on ``device``). Cost: one streaming pass
+    of cheap comparisons (chunks in parallel, :func:`.parallel.run_chunks`) plus a selection
+    on a band of about ``6 n / sqrt(m)`` values, instead of a selection or sort over all
+    ``n``.
     """
     for r in ranks:
         assert 1 <= r <= n, (r, n)
     if not ranks:
         return []
+    if bounds is None:
+        bounds = list(chunk_bounds(n, chunk_size(device)))
+
+    def everything() -> torch.Tensor:
+        # values() may hand out a reused buffer: copy each chunk
+        return torch.cat([values(s, e).reshape(-1).clone() for s, e in bounds])
+
     if n <= DIRECT_SELECT_MAX:
-        return _direct(torch.cat([c.reshape(-1) for c in chunks()]), ranks)
+        return _direct(everything(), ranks)
 
     m = min(SAMPLE_MAX, max(SAMPLE_MIN, n >> 6))
     gen = torch.Generator().manual_seed(_SAMPLE_SEED ^ n)
@@ -132,40 +144,47 @@ def order_statistics(
         brackets.append((lo, hi))
     del sample
 
-    below = [0] * len(ranks)  # values < lo
-    at_lo = [0] * len(ranks)  # values == lo
-    bands: list[list] = [[] for _ in ranks]  # values in (lo, hi]
-    for a in chunks():
+    def count(s: int, e: int) -> list[tuple[int, int, object]]:
+        a = values(s, e)
         # CPU: numpy's comparisons, counts and boolean extraction are vectorized and
         # several times faster than torch's bool kernels on CPU (measured here)
         x = a.numpy() if a.device.type == "cpu" else a
-        count = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
-        for j, (lo, hi) in enumerate(brackets):
+        nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
+        res = []
+        for lo, hi in brackets:
+            below = at_lo = 0
+            band = None
             if lo != -math.inf:
-                below[j] += int(count(x < lo))
-                at_lo[j] += int(count(x == lo))
+                below = int(nz(x < lo))
+                at_lo = int(nz(x == lo))
             if hi > lo:
                 inside = (x > lo) & (x <= hi) if lo != -math.inf else x <= hi
-                bands[j].append(x[inside])
+                band = x[inside]
+            res.append((below, at_lo, band))
+        return res
 
+    per_chunk = run_chunks(count, bounds, device)
     out: list[OrderStat | None] = []
     fallback: list[int] = []
     for j, r in enumerate(ranks):
-        band = _concat(bands[j], device)
-        bands[j] = []
-        local = r - below[j]
-        if 1 <= local <= at_lo[j]:
-            out.append(OrderStat(r, brackets[j][0], below[j], at_lo[j]))
-        elif at_lo[j] < local <= at_lo[j] + band.numel():
-            v = _kth(band, local - at_lo[j])
-            n_less = below[j] + at_lo[j] + int(torch.count_nonzero(band < v))
+        below = sum(c[j][0] for c in per_chunk)
+        at_lo = sum(c[j][1] for c in per_chunk)
+        band = _concat([c[j][2] for c in per_chunk if c[j][2] is not None], device)
+        local = r - below
+        if 1 <= local <= at_lo:
+            out.append(OrderStat(r, brackets[j][0], below, at_lo))
+        elif at_lo < local <= at_lo + band.numel():
+            v = _kth(band, local - at_lo)
+            n_less = below + at_lo + int(torch.count_nonzero(band < v))
             n_eq = int(torch.count_nonzero(band == v))
             out.append(OrderStat(r, v, n_less, n_eq))
         else:  # the bracket missed the rank: exact fallback on all values
             out.append(None)
             fallback.append(j)
+        del band
+    del per_chunk
     if fallback:
-        exact = _direct(torch.cat([c.reshape(-1) for c in chunks()]), [ranks[j] for j in fallback])
+        exact = _direct(everything(), [ranks[j] for j in fallback])
         for j, stat in zip(fallback, exact):
             out[j] = stat
     return out  # type: ignore[return-value]
@@ -204,13 +223,8 @@ def _direct(values: torch.Tensor, ranks: list[int]) -> list[OrderStat]:
 def kth_smallest(x: torch.Tensor, r: int) -> float:
     """Exact r-th smallest (1-based) element of ``x`` (any shape), without sorting."""
     flat = x.reshape(-1)
-    size = chunk_size(flat.device)
     return order_statistics(
-        flat.numel(),
-        [r],
-        lambda: (flat[s:e] for s, e in chunk_bounds(flat.numel(), size)),
-        lambda idx: flat[idx],
-        flat.device,
+        flat.numel(), [r], lambda s, e: flat[s:e], lambda idx: flat[idx], flat.device
     )[0].value
 
 
@@ -261,6 +275,25 @@ class RankCut:
         return new
 
     @property
+    def sequential(self) -> bool:
+        """True when the mask depends on how many threshold ties earlier chunks kept."""
+        return self.mode == "ties"
+
+    def for_chunks(self, equal_counts: list[int]) -> list[RankCut]:
+        """One independent cut per chunk, given how many elements equal to the threshold
+        each chunk (in flat order) holds: each gets the tie budget the sequential stream
+        would leave it, so chunks can then be processed in any order."""
+        out = []
+        left = self.ties_left
+        for c in equal_counts:
+            cut = self.copy()
+            if self.mode == "ties":
+                cut.ties_left = min(left, c)
+                left -= cut.ties_left
+            out.append(cut)
+        return out
+
+    @property
     def keeps_all_nonzero(self) -> bool:
         """True when pruning with this cut changes no value (nothing nonzero is dropped)."""
         return self.mode == "all" or (self.mode == "gt" and self.thr == 0.0)
@@ -296,9 +329,9 @@ class RankCut:
             return d.zero_()
         if self.mode == "ge" and self.thr > 0.0:
             # |d| >= thr  <=>  |d| > (largest float below thr): one fused op
-            return torch.nn.functional.hardshrink(d, _float_below(self.thr, d.dtype))
+            return torch.ops.aten.hardshrink.out(d, _float_below(self.thr, d.dtype), out=d)
         if self.mode == "gt" or (self.mode == "ties" and self.ties_left == 0):
-            return torch.nn.functional.hardshrink(d, self.thr)
+            return torch.ops.aten.hardshrink.out(d, self.thr, out=d)
         return d.mul_(self.keep_float(d.abs()))
 
 
@@ -314,14 +347,8 @@ def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     r = RankCut.rank_for(n, k)
     stat = None
     if r is not None:
-        size = chunk_size(flat.device)
-        stat = order_statistics(
-            n,
-            [r],
-            lambda: (flat[s:e] for s, e in chunk_bounds(n, size)),
-            lambda idx: flat[idx],
-            flat.device,
-        )[0]
+        stat = order_statistics(n, [r], lambda s, e: flat[s:e], lambda idx: flat[idx],
+                                flat.device)[0]
     cut = RankCut(n, k, stat)
     return cut.keep(flat).reshape(score.shape)
 
@@ -373,6 +400,8 @@ class UniformField:
     def __init__(self, seed: int, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        self._seed = seed
+        self._pos = 0  # CUDA: the next flat position (draws are sequential there)
         if self.device.type == "cpu":
             self._bits = np.random.PCG64(seed)
             self._pending: np.ndarray | None = None  # a leftover 32-bit draw
@@ -393,21 +422,53 @@ class UniformField:
         parts.append(words)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _raw_at(self, s: int, e: int) -> np.ndarray:
+        """The uint32 draws of flat positions ``[s, e)`` of the stream (draw ``i`` is half
+        ``i % 2`` of 64-bit word ``i // 2``), from a generator jumped to word ``s // 2``:
+        the same values as consuming the stream in order, in any chunk order."""
+        bits = np.random.PCG64(self._seed)
+        bits.advance(s // 2)
+        words = bits.random_raw((e + 1) // 2 - s // 2).view(np.uint32)
+        off = s - 2 * (s // 2)
+        return words[off:off + (e - s)]
+
     def keep(self, n: int, density: float) -> torch.Tensor:
         """Float 0/1 mask of the next ``n`` entries: 1 where the draw is below ``density``."""
         if self.device.type == "cpu":
-            limit = min(2**32 - 1, max(0, round(density * 2**32)))
-            out = np.empty(n, dtype=np.float32)
-            np.less(self._raw(n), np.uint32(limit), out=out, casting="unsafe")
-            return torch.from_numpy(out)
+            return self._keep_cpu(self._raw(n), density)
         u = torch.rand(n, generator=self._gen, device=self.device)
         return torch.lt(u, density, out=u)
+
+    def keep_at(self, s: int, e: int, density: float) -> torch.Tensor:
+        """:meth:`keep` for flat positions ``[s, e)`` (CPU: any order; CUDA: in order)."""
+        if self.device.type == "cpu":
+            return self._keep_cpu(self._raw_at(s, e), density)
+        self._check_order(s, e)
+        return self.keep(e - s, density)
+
+    @staticmethod
+    def _keep_cpu(raw: np.ndarray, density: float) -> torch.Tensor:
+        limit = min(2**32 - 1, max(0, round(density * 2**32)))
+        out = np.empty(raw.size, dtype=np.float32)
+        np.less(raw, np.uint32(limit), out=out, casting="unsafe")
+        return torch.from_numpy(out)
 
     def uniform(self, n: int) -> torch.Tensor:
         """The next ``n`` draws as float32 in [0, 1]."""
         if self.device.type == "cpu":
             return torch.from_numpy(self._raw(n).astype(np.float32)).mul_(2.0**-32)
         return torch.rand(n, generator=self._gen, device=self.device)
+
+    def uniform_at(self, s: int, e: int) -> torch.Tensor:
+        """:meth:`uniform` for flat positions ``[s, e)`` (CPU: any order; CUDA: in order)."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self._raw_at(s, e).astype(np.float32)).mul_(2.0**-32)
+        self._check_order(s, e)
+        return self.uniform(e - s)
+
+    def _check_order(self, s: int, e: int) -> None:
+        assert s == self._pos, "CUDA draws must be taken in flat order"
+        self._pos = e
 
 
 def random_mask(

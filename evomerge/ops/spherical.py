@@ -116,7 +116,11 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict,
         return a.clone()
     if t == 1.0:
         return b.clone()
-    dot, na, nb = _dot_norms(a, b)
+    if ctx.stats is not None and ctx.input_keys is not None:  # genome-independent: reuse
+        dot, na, nb = ctx.stats.dot_norms(ctx.input_keys[0], ctx.input_keys[1],
+                                          lambda: _dot_norms(a, b))
+    else:
+        dot, na, nb = _dot_norms(a, b)
     ca, cb = mergekit_slerp_coefficients(dot, na, nb, t)
     return _combine(a, b, ca, cb)
 
