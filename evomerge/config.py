@@ -115,6 +115,14 @@ class RacingConfig(_Strict):
     bound: Literal["hoeffding", "bernstein"] = "hoeffding"
 
 
+class ObjectiveConfig(_Strict):
+    """One objective of a multi-objective run (maximized): the weighted mean (task weights)
+    of the named tasks' mean scores. No ``objectives`` means one objective per task."""
+
+    name: str
+    tasks: list[str] = Field(min_length=1)
+
+
 class RunConfig(_Strict):
     name: str
     models: dict[str, str]
@@ -127,6 +135,8 @@ class RunConfig(_Strict):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     racing: RacingConfig = Field(default_factory=RacingConfig)
+    # multi-objective: several objectives besides the weighted sum (default: one per task)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
     seed: int = 0
     dtype: str | None = None  # output dtype of merged weights (default: the sources')
     # refuse (default) a search task whose search split is data a report task holds out
@@ -167,6 +177,8 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for key in ("name", "budget", "executor", "allow_tuning_on_report_split"):
             d.pop(key, None)
+        if not d.get("objectives"):  # runs made before objectives existed keep their hash
+            d.pop("objectives", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
