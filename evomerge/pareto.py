@@ -36,15 +36,25 @@ def dominates(a, b) -> bool:
 
 
 def nondominated(points) -> np.ndarray:
-    """Boolean mask of the points that no other point dominates."""
+    """Boolean mask of the points that no other point dominates.
+
+    Points are visited by decreasing coordinate sum (a point can only be dominated by one
+    with a larger sum, or an equal sum and no difference), each checked against the front
+    found so far: O(n f) for a front of f points."""
     p = _as_points(points)
     n = p.shape[0]
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        ge = np.all(p >= p[i], axis=1)
-        gt = np.any(p > p[i], axis=1)
-        if np.any(ge & gt):
-            mask[i] = False
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    order = np.lexsort(tuple(-p[:, k] for k in range(p.shape[1] - 1, -1, -1)) + (-p.sum(axis=1),))
+    front = np.empty((0, p.shape[1]))
+    for i in order:
+        if front.shape[0]:
+            ge = np.all(front >= p[i], axis=1)
+            if np.any(ge & np.any(front > p[i], axis=1)):
+                continue
+        mask[i] = True
+        front = np.vstack([front, p[i]])
     return mask
 
 
