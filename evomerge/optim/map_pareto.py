@@ -36,8 +36,16 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..pareto import nondominated, spread_select
-from .base import Candidate, Optimizer, Result, check_box, check_options, int_option, is_failed
-from .base import register_optimizer
+from .base import (
+    Candidate,
+    Optimizer,
+    Result,
+    check_box,
+    check_options,
+    int_option,
+    is_failed,
+    register_optimizer,
+)
 from .state import CandidateBook, as_array, check_header, rng_state, set_rng_state, settings_of
 
 STATE_VERSION = 1
