@@ -21,3 +21,26 @@ def test_multiobjective_optimizer_runs_and_front_comes_from_the_log(test_zoo, tm
     front = run_front(tmp_path / "run")
     assert front.split == "search" and front.objectives.names == ["cipher_a", "cipher_b"]
     assert front.members and front.hypervolume() >= 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nsga2", "map"])
+def test_sigkill_then_resume_gives_the_same_run(test_zoo, tmp_path, name):
+    import yaml
+
+    from tests.test_search import _log, _run_cli
+
+    cfg = _cfg(test_zoo, budget=10, optimizer={"name": name, "popsize": 4, "seed": 3})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref = _run_cli(["run", str(path), "--runs-dir", str(tmp_path / "ref"), "--no-progress"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    want = [(r["id"], r["genome"], r["fitness"]) for r in _log(tmp_path / "ref/t")]
+    for point in ("after_log:3", "after_tell:6"):
+        runs = tmp_path / point.replace(":", "_")
+        crashed = _run_cli(["run", str(path), "--runs-dir", str(runs), "--no-progress"],
+                           env={"EVOMERGE_CRASH_AT": point})
+        assert crashed.returncode == -9, (point, crashed.stderr[-2000:])
+        res = _run_cli(["resume", str(runs / "t"), "--no-progress"])
+        assert res.returncode == 0, (point, res.stderr[-2000:])
+        assert [(r["id"], r["genome"], r["fitness"]) for r in _log(runs / "t")] == want, point
