@@ -152,6 +152,14 @@ class SelectionConfig(_Strict):
     heldout: bool = True  # score the final and the baselines on held-out + report tasks
 
 
+class ObjectiveConfig(_Strict):
+    """One objective of a multi-objective run (maximized): the weighted mean (task weights)
+    of the named tasks' mean scores. No ``objectives`` means one objective per task."""
+
+    name: str
+    tasks: list[str] = Field(min_length=1)
+
+
 class RunConfig(_Strict):
     name: str
     models: dict[str, str]
@@ -166,6 +174,8 @@ class RunConfig(_Strict):
     racing: RacingConfig = Field(default_factory=RacingConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    # multi-objective: several objectives besides the weighted sum (default: one per task)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
     seed: int = 0
     dtype: str | None = None  # output dtype of merged weights (default: the sources')
     # refuse (default) a search task whose search split is data a report task holds out
@@ -212,6 +222,8 @@ class RunConfig(_Strict):
         for key in ("name", "budget", "executor", "allow_tuning_on_report_split", "baselines"):
             d.pop(key, None)
         d["selection"] = {"validation_fraction": d["selection"]["validation_fraction"]}
+        if not d.get("objectives"):  # runs made before objectives existed keep their hash
+            d.pop("objectives", None)
         return d
 
 

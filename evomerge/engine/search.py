@@ -33,6 +33,7 @@ from .evaluator import EvalSpec, Outcome
 from .executor import Executor, make_executor
 from .faults import maybe_crash
 from .models import resolve_models_full
+from .objectives import Objectives
 from .store import RunStore
 from .tasks_info import TaskInfo
 
@@ -47,7 +48,8 @@ class Search:
         self.models = {k: r.path for k, r in self.resolved.items()}
         self.space = make_space(cfg.space, self.models, cfg.base_model, seed=cfg.seed, dtype=cfg.dtype)
         self.tasks = TaskInfo.load(cfg.tasks, validation_fraction=cfg.selection.validation_fraction or None)
-        self.optimizer = build_optimizer(cfg, self.space)
+        self.objectives = Objectives.build(cfg.objectives, self.tasks.names, self.tasks.weights)
+        self.optimizer = build_optimizer(cfg, self.space, self.objectives.m)
         if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
             raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
         if cfg.racing.enabled:
@@ -134,7 +136,11 @@ class Search:
         if rec.get("per_example"):
             per_example = np.concatenate([np.asarray(rec["per_example"][t], dtype=float)
                                           for t in self.tasks.names])
-        return Result(cid, float(rec["fitness"]), per_example, bool(rec.get("failed")))
+        objectives = None
+        if not rec.get("failed") and not rec.get("racing_cut") and rec.get("scores"):
+            objectives = self.objectives.values(rec["scores"])
+        return Result(cid, float(rec["fitness"]), per_example, bool(rec.get("failed")),
+                      objectives)
 
     # -- the loop ----------------------------------------------------------------------
     def start(self) -> None:
@@ -284,7 +290,7 @@ def outcome_fields(recipe: dict[str, Any], plan_hash: str, fitness: float, means
             "seconds": seconds, "worker": worker, "time": time.time()}
 
 
-def build_optimizer(cfg: RunConfig, space: Any):
+def build_optimizer(cfg: RunConfig, space: Any, n_objectives: int | None = None):
     o = cfg.optimizer
     kwargs: dict[str, Any] = dict(
         lower=space.lower, upper=space.upper, x0=space.initial(),
@@ -296,6 +302,8 @@ def build_optimizer(cfg: RunConfig, space: Any):
     cls = optimizer_class(o.name)
     if cls is not None and cls.needs_budget:
         kwargs["budget"] = cfg.budget
+    if cls is not None and getattr(cls, "multi_objective", False):
+        kwargs["n_objectives"] = n_objectives or len(cfg.objectives) or len(cfg.tasks)
     if o.name == "nevergrad" or o.name.startswith(("ng:", "nevergrad:")):
         # NGOpt's choice of algorithm depends on the budget and the parallelism
         cap = cfg.executor.max_inflight or cfg.executor.workers or 1

@@ -46,6 +46,9 @@ class Result:
     # per-example scores in [0, 1], concatenated over tasks in a fixed order; M2N2 needs them
     per_example: np.ndarray | None = None
     failed: bool = False
+    # multi-objective runs: the objective vector (each maximized; per-task means or groups);
+    # None when failed or cut by racing (a partial estimate is never a point of a front)
+    objectives: np.ndarray | None = None
 
 
 def is_failed(result: Result) -> bool:

@@ -6,4 +6,4 @@ optimizer is built.
 
 from __future__ import annotations
 
-from . import cmaes, evo_merging, lorahub, m2n2, ng, random_search, subspace  # noqa: F401
+from . import cmaes, evo_merging, lorahub, m2n2, map_pareto, ng, nsga2, random_search, subspace  # noqa: F401,E501
