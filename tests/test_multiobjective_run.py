@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from test_search import _cfg
 
 from evomerge.config import parse_config
 from evomerge.engine.runner import run_search
 from evomerge.engine.store import RunStore
 from evomerge.report.front import run_front
-from tests.test_search import _cfg
 
 
 @pytest.mark.slow
@@ -27,8 +27,7 @@ def test_multiobjective_optimizer_runs_and_front_comes_from_the_log(test_zoo, tm
 @pytest.mark.parametrize("name", ["nsga2", "map"])
 def test_sigkill_then_resume_gives_the_same_run(test_zoo, tmp_path, name):
     import yaml
-
-    from tests.test_search import _log, _run_cli
+    from test_search import _log, _run_cli
 
     cfg = _cfg(test_zoo, budget=10, optimizer={"name": name, "popsize": 4, "seed": 3})
     path = tmp_path / "run.yaml"
