@@ -274,7 +274,7 @@ def test_cli_refuses_bad_dfs_runs_in_one_line_and_leaves_nothing(sources, tmp_pa
 
     from evomerge.cli import main
 
-    (tmp_path / "t.jsonl").write_text('{"input": "abc", "target": "1"}\n')
+    (tmp_path / "t.jsonl").write_text('{"input": "abc", "target": "1"}\n' * 4)
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(
         {"name": "t", "data": "t.jsonl", "prompt": "{input}>", "scoring": "exact_match"}))
     base = {"name": "bad", "models": sources, "tasks": [{"path": str(tmp_path / "t.yaml")}],

@@ -183,7 +183,7 @@ def run_real_demo(s: RealDemoSettings | None = None, runs_dir: str | Path = "run
     table = heldout_table(run_dir, final, [f"em_{k}" for k in s.skills])
     from .export import export_final
 
-    exported = export_final(run_dir, run_dir / "export")
+    exported = export_final(run_dir, run_dir / "export", overwrite=True)  # a rerun refreshes it
     result = {"run_dir": str(run_dir), "export": str(exported), "selection_rows": final["rows"], "settings": asdict(s), "experts": {k: str(v) for k, v in experts.items()},
               "rows": table["rows"], "margin": table["margin"], "chosen_by": final["chosen_by"],
               "final": final["final"]["label"],

@@ -95,6 +95,11 @@ class LMEvalTaskSpec(BaseModel):
     # filled when the lm-eval task is built (not part of the YAML)
     _output_type: str = PrivateAttr(default="")
 
+    @property
+    def bounded(self) -> bool:
+        """lm-eval metrics are checked to be one number in [0, 1] per document (racing-safe)."""
+        return True
+
     @field_validator("include_path")
     @classmethod
     def _non_empty_paths(cls, v: str | list[str] | None) -> str | list[str] | None:
