@@ -60,7 +60,8 @@ class LocalCluster:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats",
                               f"--num-cpus={self.cpus}", f"--object-store-memory={self.store_bytes}",
-                              f"--dashboard-agent-listen-port={free_port()}", *args],
+                              f"--dashboard-agent-listen-port={free_port()}",
+                              "--node-ip-address=127.0.0.1", *args],  # loopback only
                              env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         self.procs.append(p)

@@ -76,7 +76,10 @@ def test_join_token_cluster_of_two_nodes(test_zoo, tmp_path):
         assert not any(r["failed"] for r in recs)
         stats = json.loads((runs / "t/executor_stats.json").read_text())
         workers = stats["workers"]
-        assert sum(w["evaluations"] for w in workers.values()) == 6  # each once, no retries
+        # each candidate and each distinct baseline once, no retries
+        baselines = [json.loads(x) for x in (runs / "t/baselines.jsonl").read_text().splitlines()]
+        plans = {b["plan_hash"] for b in baselines} | {r["plan_hash"] for r in recs}
+        assert sum(w["evaluations"] for w in workers.values()) == len(plans)  # each plan once
         assert stats["failures"] == 0 and stats["replacements"] == 0
         nodes = {n for w in workers.values() for n in w["nodes"]}
         assert len(nodes) == 2, workers  # one worker per node: both raylets did work
