@@ -78,8 +78,17 @@ def test_feed_tails_the_log_and_logs_candidates_best_and_baselines(tmp_path):
     assert steps[2]["candidate/seconds"] == 1.5 and steps[2]["run/evaluations_per_second"] == 0.5
     assert steps[3]["candidate/failed"] == 1.0 and "candidate/fitness" not in steps[3]
     assert steps[4]["candidate/fitness"] == 0.9 and steps[4]["best/fitness"] == 0.7
+    # the run's own baselines log (baselines.jsonl): logged once, never a candidate or best
+    (tmp_path / "baselines.jsonl").write_text(json.dumps(
+        _rec(0, 0.6, {"a": 0.5}, 15.0, baseline="TIES (density 0.5, w=1)")) + "\n")
+    assert feed.sync() == 0 and feed.sync() == 0
+    last_step, last, _ = rec.rows[-1]
+    assert last_step == 4 and last == {"baseline/TIES_density_0.5_w_1/fitness": 0.6,
+                                        "baseline/TIES_density_0.5_w_1/a": 0.5}, last
+    assert len(rec.rows) == 5 and feed.best["id"] == 1
     feed.close()
     assert rec.closed
+    (tmp_path / "baselines.jsonl").unlink()
     # a resumed run catches up without logging the old records again
     again = Recorder()
     feed = RunLogFeed(tmp_path, [again], "run", {})

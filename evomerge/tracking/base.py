@@ -35,7 +35,8 @@ class RunLogger:
         """Called once before any scalar; ``config`` is the run config as plain data."""
 
     def log_scalars(self, step: int, scalars: dict[str, float], wall_time: float | None) -> None:
-        raise NotImplementedError
+        """Called per finished candidate (and per baseline, at the step reached so far)."""
+        raise TypeError(f"{type(self).__name__} must define log_scalars")
 
     def close(self) -> None:
         """Flush and release; called once."""
@@ -83,6 +84,18 @@ def _tag(*parts: str) -> str:
     return "/".join(_SAFE.sub("_", str(p)).strip("_") or "_" for p in parts)
 
 
+def _new_lines(path: Path, offset: int) -> tuple[list[bytes], int]:
+    """The complete, non-empty lines of ``path`` after byte ``offset``, and the new offset
+    (a torn last line waits for its end)."""
+    if not path.is_file():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return [ln for ln in data[:end].splitlines() if ln.strip()], offset + end
+
+
 class RunLogFeed:
     """Tails ``evals.jsonl`` of a run directory and hands new records' scalars to loggers.
 
@@ -95,6 +108,7 @@ class RunLogFeed:
         self.run_dir = Path(run_dir)
         self.loggers = loggers
         self.offset = 0
+        self.baseline_offset = 0
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.first_time: float | None = None
@@ -105,20 +119,21 @@ class RunLogFeed:
         """Log every record appended since the last call; returns how many. ``emit=False``
         only catches up (best so far, step count) without logging: a resumed run does not
         log its old records a second time."""
-        path = self.run_dir / "evals.jsonl"
-        if not path.is_file():
-            return 0
-        with open(path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        n = 0
-        for line in data[:end].splitlines():
-            if line.strip():
-                self._emit(json.loads(line), emit)
-                n += 1
-        return n
+        # the untuned baselines (engine/baselines.py) are evaluated before any candidate
+        lines, self.baseline_offset = _new_lines(self.run_dir / "baselines.jsonl",
+                                                 self.baseline_offset)
+        for line in lines:
+            rec = json.loads(line)
+            if emit and not rec.get("failed") and rec.get("baseline"):
+                scalars = {_tag("baseline", rec["baseline"], "fitness"): float(rec["fitness"])}
+                scalars.update({_tag("baseline", rec["baseline"], t): float(v)
+                                for t, v in (rec.get("scores") or {}).items()})
+                for lg in self.loggers:
+                    lg.log_scalars(self.step, scalars, rec.get("time"))
+        lines, self.offset = _new_lines(self.run_dir / "evals.jsonl", self.offset)
+        for line in lines:
+            self._emit(json.loads(line), emit)
+        return len(lines)
 
     def scalars_of(self, rec: dict[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
