@@ -93,7 +93,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
         pts = " ".join(f"{_fmt(f.x(a))},{_fmt(f.y(b))}" for a, b in zip(xa, ya))
         if pts:
             out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{pts}"/>')
-        out.append(f'<text x="{w - 14}" y="{16 + 12 * k}" class="t" text-anchor="end" fill="{c}">{escape(name)}</text>')
+        out.append(f'<text x="{f.m + 6}" y="{16 + 12 * k}" class="t" fill="{c}">{escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -164,10 +164,10 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
     lo, hi = (float(np.nanmin(m)), float(np.nanmax(m))) if m.size else (0.0, 1.0)
     span = hi - lo if hi - lo > 1e-12 else 1.0
     left = 12 + 7 * max((len(r) for r in rows), default=1)
-    top = 40
+    top = 52
     cw = max(cell, 8 + 6 * max((len(c) for c in cols), default=1)) if len(cols) <= 12 else cell
-    w, h = left + cw * len(cols) + 10, top + cell * len(rows) + 24
-    out = [_open(w, h, title)]
+    w, h = max(220, left + cw * len(cols) + 10), top + cell * len(rows) + 24
+    out = [_open(w, h, title), f'<text x="4" y="14" class="l">{escape(title)}</text>']
     for j, c in enumerate(cols):
         out.append(f'<text x="{left + cw * j + cw / 2:.0f}" y="{top - 6}" class="t" text-anchor="middle">{escape(c)}</text>')
     for i, r in enumerate(rows):
