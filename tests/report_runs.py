@@ -16,7 +16,14 @@ MODELS = {"base": "/m/base", "math": "/m/math", "code": "/m/code", "chat": "/m/c
 
 def recipe_for(space: str, g: np.ndarray) -> dict[str, Any]:
     """A recipe shaped like the one the space's decode() logs."""
-    if space in ("parameter", "m2n2"):
+    if space == "parameter":  # mergekit-style filtered values, as spaces/parameter.py writes
+        return {"merge_method": "task_arithmetic", "base_model": "base",
+                "models": [{"model": m, "parameters": {"weight": [
+                    {"filter": "model.norm.weight", "value": round(float(g[k]), 4)},
+                    {"filter": "attn", "value": [round(float(x), 4) for x in g[k::3][:4]]},
+                    {"value": [round(float(x), 4) for x in g[k + 1::3][:4]]}]}}
+                    for k, m in enumerate(["math", "code", "chat"])]}
+    if space == "m2n2":
         return {"merge_method": "ties", "base_model": "base",
                 "models": [{"model": m, "parameters": {"weight": [round(float(x), 4) for x in g[k::3][:4]],
                                                        "density": round(float(g[k]), 4)}}

@@ -102,7 +102,7 @@ def _front(data: ReportData) -> str:
                           names[0], names[1], marks=marks)
     else:
         pairs = [svg.scatter(front.all_points[:, [a, b]], front.points[:, [a, b]], f"{names[a]} vs {names[b]}",
-                             names[a], names[b], w=300, h=250)
+                             names[a], names[b], w=300, h=250, join=False)
                  for a in range(objectives.m) for b in range(a + 1, objectives.m)][:6]
         fig = svg.parallel_coordinates(front.all_points, front.points, names,
                                        f"Pareto front, parallel coordinates ({front.split} split)") + "".join(pairs)

@@ -28,25 +28,38 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _values(v: Any) -> list[float] | None:
+    if _num(v):
+        return [float(v)]
+    if isinstance(v, list) and v and all(_num(x) for x in v):
+        return [float(x) for x in v]
+    return None
+
+
 def _param_maps(models: Sequence[Any]) -> list[str]:
+    """Rows: ``model`` (or ``model · filter`` for mergekit-style filtered values)."""
     params: dict[str, dict[str, list[float]]] = {}
     for m in models:
         if not isinstance(m, Mapping):
             continue
         name = str(m.get("model", "?"))
         for p, v in (m.get("parameters") or {}).items():
-            if _num(v):
-                params.setdefault(p, {})[name] = [float(v)]
-            elif isinstance(v, list) and v and all(_num(x) for x in v):
-                params.setdefault(p, {})[name] = [float(x) for x in v]
+            vals = _values(v)
+            if vals is not None:
+                params.setdefault(p, {})[name] = vals
+            elif isinstance(v, list) and all(isinstance(x, Mapping) for x in v):
+                for item in v:
+                    vals = _values(item.get("value"))
+                    if vals is not None:
+                        params.setdefault(p, {})[f"{name} · {item.get('filter', 'rest')}"] = vals
     out = []
-    for p, by_model in params.items():
-        width = max(len(v) for v in by_model.values())
-        mat = np.full((len(by_model), width), np.nan)
-        for i, v in enumerate(by_model.values()):
-            mat[i, : len(v)] = v if len(v) == width or len(v) > 1 else v * width
-        cols = [f"g{j}" for j in range(width)] if width > 1 else ["all layers"]
-        out.append(heatmap(mat, list(by_model), cols, f"{p} per layer group"))
+    for p, by_row in params.items():
+        width = max(len(v) for v in by_row.values())
+        mat = np.full((len(by_row), width), np.nan)
+        for i, v in enumerate(by_row.values()):
+            mat[i] = v if len(v) == width else (v * width if len(v) == 1 else v + [np.nan] * (width - len(v)))
+        cols = [f"group {j}" for j in range(width)] if width > 1 else ["all layers"]
+        out.append(heatmap(mat, list(by_row), cols, f"{p} per layer group (rows: model · tensor filter)"))
     return out
 
 

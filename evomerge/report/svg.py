@@ -41,13 +41,13 @@ class _Frame:
         self.w, self.h, self.xr, self.yr, self.m = w, h, xr, yr, m
 
     def x(self, v: float) -> float:
-        return self.m + (v - self.xr[0]) / (self.xr[1] - self.xr[0]) * (self.w - self.m - 10)
+        return self.m + (v - self.xr[0]) / (self.xr[1] - self.xr[0]) * (self.w - self.m - 24)
 
     def y(self, v: float) -> float:
         return self.h - self.m + 14 - (v - self.yr[0]) / (self.yr[1] - self.yr[0]) * (self.h - self.m - 4)
 
     def axes(self, xlabel: str, ylabel: str) -> list[str]:
-        out = [f'<rect x="{self.m}" y="4" width="{self.w - self.m - 10}" height="{self.h - self.m + 10}" '
+        out = [f'<rect x="{self.m}" y="4" width="{self.w - self.m - 24}" height="{self.h - self.m + 10}" '
                'fill="none" stroke="#999"/>']
         for k in range(5):
             xv = self.xr[0] + (self.xr[1] - self.xr[0]) * k / 4
@@ -99,9 +99,11 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
 
 
 def scatter(points: np.ndarray, front: np.ndarray, title: str, xlabel: str, ylabel: str,
-            w: int = 420, h: int = 320, marks: dict[str, tuple[float, float]] | None = None) -> str:
-    """All points grey, front points red and joined; ``marks`` are labelled extra points
-    (baselines)."""
+            w: int = 420, h: int = 320, marks: dict[str, tuple[float, float]] | None = None,
+            join: bool = True) -> str:
+    """All points grey, front points red (joined when ``join``: a 2-objective front; a
+    projection of a higher-dimensional front is not a staircase); ``marks`` are labelled extra
+    points (baselines)."""
     pts = np.asarray(points, float).reshape(-1, 2)
     fr = np.asarray(front, float).reshape(-1, 2)
     extra = np.array(list((marks or {}).values()), float).reshape(-1, 2)
@@ -112,7 +114,7 @@ def scatter(points: np.ndarray, front: np.ndarray, title: str, xlabel: str, ylab
     out = [_open(w, h, title), *f.axes(xlabel, ylabel)]
     out += [f'<circle cx="{_fmt(f.x(a))}" cy="{_fmt(f.y(b))}" r="2" fill="#aaa"/>' for a, b in pts]
     order = fr[np.argsort(fr[:, 0])] if len(fr) else fr
-    if len(order) > 1:
+    if join and len(order) > 1:
         out.append('<polyline fill="none" stroke="#d62728" stroke-dasharray="3 2" points="'
                    + " ".join(f"{_fmt(f.x(a))},{_fmt(f.y(b))}" for a, b in order) + '"/>')
     out += [f'<circle class="front" cx="{_fmt(f.x(a))}" cy="{_fmt(f.y(b))}" r="3.5" fill="#d62728"/>' for a, b in fr]
