@@ -42,6 +42,10 @@ def test_every_space_type_renders(tmp_path: Path, space: str) -> None:
     _check_page(html)
     recipe = html.split('<section id="recipe">')[1].split("</section>")[0]
     assert "<svg" in recipe and "<table" in recipe  # a heat map and the field table
+    if space == "parameter":  # filtered values: one row per model and tensor filter
+        assert "math · attn" in recipe and "chat · rest" in recipe
+    if space in ("layer_swap", "dfs"):
+        assert "source model of each output layer" in recipe
 
 
 def test_cli_failed_and_cut_candidates(tmp_path: Path) -> None:
