@@ -23,7 +23,7 @@ def _fmt(v: float) -> str:
 
 
 def _tick(v: float) -> str:
-    return f"{v:.3g}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def _range(a: np.ndarray) -> tuple[float, float]:
@@ -168,7 +168,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
     left = 12 + 7 * max((len(r) for r in rows), default=1)
     top = 52
     cw = max(cell, 8 + 6 * max((len(c) for c in cols), default=1)) if len(cols) <= 12 else cell
-    w, h = max(220, left + cw * len(cols) + 10), top + cell * len(rows) + 24
+    w, h = max(220, 7 * len(title) + 10, left + cw * len(cols) + 10), top + cell * len(rows) + 24
     out = [_open(w, h, title), f'<text x="4" y="14" class="l">{escape(title)}</text>']
     for j, c in enumerate(cols):
         out.append(f'<text x="{left + cw * j + cw / 2:.0f}" y="{top - 6}" class="t" text-anchor="middle">{escape(c)}</text>')
