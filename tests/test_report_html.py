@@ -104,3 +104,11 @@ def test_big_run_stays_small(tmp_path: Path) -> None:
 
     html = write_report(make_run(tmp_path / "big", n=5000, per_example=4, popsize=20)).read_text()
     assert len(html.encode()) < 1_000_000
+
+
+def test_generations_follow_the_optimizer_info() -> None:
+    from evomerge.report.data import generations
+
+    recs = [{"id": i, "info": {"generation": i // 3}} for i in range(7)]
+    assert [len(g) for g in generations(recs, popsize=2)] == [3, 3, 1]
+    assert [len(g) for g in generations([{"id": i} for i in range(5)], popsize=2)] == [2, 2, 1]

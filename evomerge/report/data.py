@@ -135,8 +135,18 @@ def _guess_popsize(n: int) -> int:
 
 
 def generations(records: Sequence[Mapping[str, Any]], popsize: int) -> list[list[Mapping[str, Any]]]:
-    """Records grouped into generations of ``popsize`` in log order (the log records tells in
-    order; a generation is the next ``popsize`` of them)."""
+    """Records grouped by generation: the optimizer's ``info.generation`` where every record
+    has one (CMA-ES and friends; restarts keep counting), else consecutive blocks of
+    ``popsize`` records in log order."""
+    gens = [(r.get("info") or {}).get("generation") if isinstance(r.get("info"), Mapping) else None
+            for r in records]
+    restarts = [(r.get("info") or {}).get("restart", 0) if isinstance(r.get("info"), Mapping) else 0
+                for r in records]
+    if records and all(isinstance(g, int) for g in gens):
+        keys: dict[tuple[Any, int], list[Mapping[str, Any]]] = {}
+        for r, g, rs in zip(records, gens, restarts):
+            keys.setdefault((rs, g), []).append(r)
+        return list(keys.values())
     step = max(1, popsize)
     return [list(records[i:i + step]) for i in range(0, len(records), step)]
 

@@ -126,7 +126,7 @@ def _spread(data: ReportData) -> str:
             for g in generations(data.records, data.popsize)]
     if not any(len(g) for g in gens):
         return "<p>No successful evaluation yet.</p>"
-    return (svg.spread_chart(gens, f"fitness spread per generation (popsize {data.popsize}, search split)", "fitness")
+    return (svg.spread_chart(gens, f"fitness spread per generation ({len(gens)} generations, search split)", "fitness")
             + '<p class="note">Bands: min\u2013max and inter-quartile range; line: median. '
             "Racing-cut candidates count with their partial estimate; failed ones are left out.</p>")
 
