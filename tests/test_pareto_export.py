@@ -1,0 +1,90 @@
+"""`evomerge export RUN --pareto / --prefer` on a real short NSGA-II run over the test zoo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_search import _cfg, _run_cli
+
+from evomerge.engine.objectives import Objectives
+from evomerge.engine.store import RunStore
+from evomerge.report.front import front_of_records, run_front
+
+
+@pytest.fixture(scope="module")
+def nsga_run(test_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pareto_run")
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(_cfg(test_zoo, optimizer={"name": "nsga2", "popsize": 4, "seed": 1},
+                                        budget=8)))
+    res = _run_cli(["run", str(path), "--runs-dir", str(root / "runs"), "--no-progress"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return root / "runs" / "t"
+
+
+def test_pareto_export_writes_every_member_and_front_json(nsga_run, tmp_path):
+    res = _run_cli(["export", str(nsga_run), "--pareto", "--out", str(tmp_path / "o")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "search split" in res.stdout
+    front = run_front(nsga_run)
+    doc = json.loads((tmp_path / "o/pareto/front.json").read_text())
+    assert doc["split"] == "search" and doc["objectives"] == ["cipher_a", "cipher_b"]
+    assert [m["id"] for m in doc["members"]] == [int(r["id"]) for r in front.members]
+    for m, pts in zip(doc["members"], front.points):
+        assert list(m["objectives"].values()) == pytest.approx(pts.tolist())
+        assert all(s is not None and s >= 0 for s in m["se"].values())
+        d = tmp_path / "o/pareto" / m["dir"]
+        assert (d / "config.json").exists() and list(d.glob("*.safetensors"))
+        card = (d / "README.md").read_text()
+        assert "## Trade-off" in card and "search" in card and "±" in card
+        if len(doc["members"]) > 1:
+            assert "Neighbouring front members" in card
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]  # no partial left
+    again = _run_cli(["export", str(nsga_run), "--pareto", "--out", str(tmp_path / "o")])
+    assert again.returncode != 0 and "already exists" in again.stderr
+    redo = _run_cli(["export", str(nsga_run), "--pareto", "--out", str(tmp_path / "o"), "--overwrite"])
+    assert redo.returncode == 0, redo.stderr[-2000:]
+
+
+def test_prefer_picks_the_best_member_for_each_preference(nsga_run, tmp_path):
+    front = run_front(nsga_run)
+    for pref, col in (("cipher_a=1,cipher_b=0", 0), ("cipher_a=0,cipher_b=1", 1)):
+        want = max(range(len(front.members)),
+                   key=lambda i: (front.points[i, col], -front.members[i]["id"]))
+        want_id = front.members[want]["id"]
+        out = tmp_path / f"p{col}"
+        res = _run_cli(["export", str(nsga_run), "--prefer", pref, "--out", str(out)])
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert [p.name for p in out.iterdir()] == [f"preferred-cand{want_id}"]
+        card = (out / f"preferred-cand{want_id}/README.md").read_text()
+        assert "picked for the stated preference" in card
+    res = _run_cli(["export", str(nsga_run), "--pareto", "--prefer", "cipher_b=1",
+                    "--out", str(tmp_path / "both")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((tmp_path / "both/pareto/front.json").read_text())
+    marked = [m for m in doc["members"] if m["preferred"]]
+    assert len(marked) == 1 and marked[0]["objectives"]["cipher_b"] == max(
+        m["objectives"]["cipher_b"] for m in doc["members"])
+
+
+@pytest.mark.parametrize("pref", ["nope=1", "cipher_a=-1", "cipher_a=nan", "cipher_a=x",
+                                  "cipher_a=", "=1", "cipher_a=0"])
+def test_bad_prefer_is_one_line_exit_2_and_writes_nothing(nsga_run, tmp_path, pref):
+    out = tmp_path / "o"
+    res = _run_cli(["export", str(nsga_run), "--prefer", pref, "--out", str(out)])
+    assert res.returncode == 2, (pref, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1 and "--prefer" in res.stderr
+    assert not out.exists()
+
+
+def test_a_racing_cut_candidate_is_never_on_the_front_nor_exported(nsga_run):
+    recs = RunStore(nsga_run).read_evals()
+    obj = Objectives.of_run(RunStore(nsga_run).config(), recs)
+    # a cut record whose partial scores dominate everything must still be left out
+    cut = dict(recs[0], id=999, plan_hash="cut", racing_cut=True,
+               scores={t: 10.0 for t in recs[0]["scores"]})
+    front = front_of_records([*recs, cut], obj)
+    assert 999 not in [int(r["id"]) for r in front.members] and 999 not in front.all_ids
+    assert [r["id"] for r in front.members] == [r["id"] for r in front_of_records(recs, obj).members]
