@@ -88,3 +88,36 @@ def test_a_racing_cut_candidate_is_never_on_the_front_nor_exported(nsga_run):
     front = front_of_records([*recs, cut], obj)
     assert 999 not in [int(r["id"]) for r in front.members] and 999 not in front.all_ids
     assert [r["id"] for r in front.members] == [r["id"] for r in front_of_records(recs, obj).members]
+
+
+def test_pareto_cut_only_when_dominated_on_every_objective():
+    import numpy as np
+
+    from evomerge.fitness.racing import pareto_cut
+
+    sizes, weights = {"a": 400, "b": 400}, {"a": 1.0, "b": 1.0}
+    groups = [["a"], ["b"]]
+    # 200 of 400 examples seen: bad on a (all 0), perfect on b (all 1)
+    obs = {"a": np.zeros(200), "b": np.ones(200)}
+    front_good_a = [[0.9, 0.2]]  # better on a only: the candidate may still be non-dominated
+    assert not pareto_cut(obs, sizes, weights, groups, front_good_a, 0.05)
+    # a scalar rule against the best mean (0.55) would cut it: its scalar bound is lower
+    from evomerge.fitness.racing import upper_confidence_bound
+    assert upper_confidence_bound({"a": np.zeros(200), "b": np.zeros(200)}, sizes, weights, 0.05)[1] < 0.55
+    obs_bad = {"a": np.zeros(200), "b": np.zeros(200)}
+    assert pareto_cut(obs_bad, sizes, weights, groups, [[0.9, 0.9]], 0.05)
+    assert not pareto_cut(obs_bad, sizes, weights, groups, [], 0.05)
+
+
+def test_multiobjective_racing_run_never_fronts_a_cut_candidate(test_zoo, tmp_path):
+    from evomerge.config import parse_config
+    from evomerge.engine.runner import run_search
+
+    cfg = parse_config(_cfg(test_zoo, optimizer={"name": "nsga2", "popsize": 4, "seed": 2}, budget=8,
+                            racing={"enabled": True, "first_fraction": 0.25}))
+    run_search(cfg, tmp_path / "run", progress=False)
+    recs = RunStore(tmp_path / "run").read_evals()
+    front = run_front(tmp_path / "run")
+    cut_ids = {r["id"] for r in recs if r.get("racing_cut")}
+    assert front.members and not cut_ids & {r["id"] for r in front.members}
+    assert not cut_ids & set(front.all_ids)
