@@ -72,10 +72,14 @@ def test_prefer_picks_the_best_member_for_each_preference(nsga_run, tmp_path):
 @pytest.mark.parametrize("pref", ["nope=1", "cipher_a=-1", "cipher_a=nan", "cipher_a=x",
                                   "cipher_a=", "=1", "cipher_a=0"])
 def test_bad_prefer_is_one_line_exit_2_and_writes_nothing(nsga_run, tmp_path, pref):
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
     out = tmp_path / "o"
-    res = _run_cli(["export", str(nsga_run), "--prefer", pref, "--out", str(out)])
-    assert res.returncode == 2, (pref, res.stderr)
-    assert len(res.stderr.strip().splitlines()) == 1 and "--prefer" in res.stderr
+    res = CliRunner().invoke(main, ["export", str(nsga_run), "--prefer", pref, "--out", str(out)])
+    assert res.exit_code == 2, (pref, res.output)
+    assert len(res.output.strip().splitlines()) == 1 and "--prefer" in res.output
     assert not out.exists()
 
 

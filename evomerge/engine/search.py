@@ -234,7 +234,8 @@ class Search:
         else:
             self.waiting[h] = []
             context = {"best": self.best["fitness"] if self.best else None}
-            if self.cfg.racing.enabled and self.objectives.m > 1 and self.best is not None:
+            if (self.cfg.racing.enabled and self.best is not None and self.objectives.m > 1
+                    and getattr(self.optimizer, "multi_objective", False)):
                 context.update(self._racing_front())
             self.executor.submit(cand.id, plan.to_dict(), context)
 
