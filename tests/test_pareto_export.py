@@ -13,32 +13,46 @@ from evomerge.engine.store import RunStore
 from evomerge.report.front import front_of_records, run_front
 
 
-@pytest.fixture(scope="module")
-def nsga_run(test_zoo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pareto_run")
+def _nsga_run(zoo, root, **over):
     path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(_cfg(test_zoo, optimizer={"name": "nsga2", "popsize": 4, "seed": 1},
-                                        budget=8)))
+    path.write_text(yaml.safe_dump(_cfg(zoo, optimizer={"name": "nsga2", "popsize": 4, "seed": 1},
+                                        **over)))
     res = _run_cli(["run", str(path), "--runs-dir", str(root / "runs"), "--no-progress"])
     assert res.returncode == 0, res.stderr[-2000:]
     return root / "runs" / "t"
 
 
+@pytest.fixture(scope="module")
+def nsga_run(test_zoo, tmp_path_factory):
+    """A run whose tasks have a validation carve-out (the default)."""
+    return _nsga_run(test_zoo, tmp_path_factory.mktemp("pareto_run"), budget=8)
+
+
+def _validation_front(run):
+    from evomerge.engine.export_pareto import validation_front
+
+    return validation_front(run, run_front(run))
+
+
 def test_pareto_export_writes_every_member_and_front_json(nsga_run, tmp_path):
     res = _run_cli(["export", str(nsga_run), "--pareto", "--out", str(tmp_path / "o")])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "search split" in res.stdout
-    front = run_front(nsga_run)
+    assert "search split" not in res.stdout
+    rescored = (nsga_run / "rescore.jsonl").read_text().splitlines()
+    search_ids = {int(r["id"]) for r in run_front(nsga_run).members}
+    front = _validation_front(nsga_run)  # from the cache the export wrote
+    assert (nsga_run / "rescore.jsonl").read_text().splitlines() == rescored
     doc = json.loads((tmp_path / "o/pareto/front.json").read_text())
-    assert doc["split"] == "search" and doc["objectives"] == ["cipher_a", "cipher_b"]
+    assert doc["split"] == "validation" and doc["objectives"] == ["cipher_a", "cipher_b"]
     assert [m["id"] for m in doc["members"]] == [int(r["id"]) for r in front.members]
+    assert {m["id"] for m in doc["members"]} <= search_ids
     for m, pts in zip(doc["members"], front.points):
         assert list(m["objectives"].values()) == pytest.approx(pts.tolist())
         assert all(s is not None and s >= 0 for s in m["se"].values())
         d = tmp_path / "o/pareto" / m["dir"]
         assert (d / "config.json").exists() and list(d.glob("*.safetensors"))
         card = (d / "README.md").read_text()
-        assert "## Trade-off" in card and "search" in card and "±" in card
+        assert "## Trade-off" in card and "validation" in card and "±" in card
         if len(doc["members"]) > 1:
             assert "Neighbouring front members" in card
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]  # no partial left
@@ -46,10 +60,21 @@ def test_pareto_export_writes_every_member_and_front_json(nsga_run, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
     redo = _run_cli(["export", str(nsga_run), "--pareto", "--out", str(tmp_path / "o"), "--overwrite"])
     assert redo.returncode == 0, redo.stderr[-2000:]
+    assert (nsga_run / "rescore.jsonl").read_text().splitlines() == rescored  # nothing re-scored
+
+
+def test_without_validation_the_front_is_on_the_search_split(test_zoo, tmp_path):
+    run = _nsga_run(test_zoo, tmp_path, budget=4, selection={"validation_fraction": 0.0})
+    res = _run_cli(["export", str(run), "--pareto", "--out", str(tmp_path / "o")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "front is on the search split" in res.stdout
+    doc = json.loads((tmp_path / "o/pareto/front.json").read_text())
+    assert doc["split"] == "search" and "search split" in doc["note"]
+    assert [m["id"] for m in doc["members"]] == [int(r["id"]) for r in run_front(run).members]
 
 
 def test_prefer_picks_the_best_member_for_each_preference(nsga_run, tmp_path):
-    front = run_front(nsga_run)
+    front = _validation_front(nsga_run)
     for pref, col in (("cipher_a=1,cipher_b=0", 0), ("cipher_a=0,cipher_b=1", 1)):
         want = max(range(len(front.members)),
                    key=lambda i: (front.points[i, col], -front.members[i]["id"]))

@@ -1,9 +1,11 @@
 """`evomerge export RUN --pareto / --prefer`: export a run's Pareto front (or one member).
 
 The front is :func:`evomerge.report.front.run_front`'s: complete evaluations only (a
-candidate cut by racing or a failed one is never a member), on the validation split where
-the run's records carry validation scores, else on the search split (said in the output and
-in ``front.json``). ``--pareto`` writes ``OUT/pareto/<rank>-cand<id>/`` (one HF checkpoint
+candidate cut by racing or a failed one is never a member). Where every task has a
+validation split, the search front's members are re-scored on validation
+(:class:`~evomerge.engine.selection.Rescorer`, cached in ``rescore.jsonl``) and the front
+among them on validation is exported; otherwise the front is on the search split (said in
+the output and in ``front.json``). ``--pareto`` writes ``OUT/pareto/<rank>-cand<id>/`` (one HF checkpoint
 each) plus ``OUT/pareto/front.json``, all inside one atomic directory; ``--prefer`` alone
 writes ``OUT/preferred-cand<id>/``. Each card carries a "Trade-off" section.
 """
@@ -40,6 +42,42 @@ def objective_se(rec: Mapping[str, Any], objectives: Objectives, split: str) -> 
             continue
         out.append(math.sqrt(sum((wi / sum(w)) ** 2 * s ** 2 for wi, s in zip(w, ses))))
     return out
+
+
+def validation_front(run_dir: str | Path, front: Any) -> Any | None:
+    """Re-score the search front's members on the validation split (cached in the run's
+    ``rescore.jsonl``: a second export scores nothing) and return the validation front among
+    them; ``None`` when a task of the run has no validation split.
+
+    Raises:
+        RunError: no member could be scored on validation.
+    """
+    from ..fitness import load_task
+    from ..report.front import front_of_records
+    from .selection import Rescorer, summarize_scores
+    from .store import RunStore
+
+    store = RunStore.open(run_dir)
+    cfg = store.config()
+    frac = cfg.selection.validation_fraction or None
+    if not all(load_task(t.path, validation_fraction=frac).has_split("validation") for t in cfg.tasks):
+        return None
+    rs = Rescorer(store, cfg)
+    scored = []
+    try:
+        for rec in front.members:
+            v = rs.score(rec["plan_hash"], rec["recipe"], "validation")
+            summ = summarize_scores(v["per_example"], rs.info.weights) if not v["error"] else None
+            if not summ:
+                continue
+            tasks = {t: {"mean": s["mean"], "se": s["se"]} for t, s in summ["tasks"].items()}
+            scored.append(dict(rec, validation={"scores": {t: s["mean"] for t, s in tasks.items()},
+                                                **tasks}))
+    finally:
+        rs.close()
+    if not scored:
+        raise RunError(f"run {run_dir}: no front member could be scored on validation")
+    return front_of_records(scored, front.objectives)
 
 
 def _front_doc(front: Any, preferred_id: int | None) -> dict[str, Any]:
@@ -95,6 +133,8 @@ def export_pareto(run_dir: str | Path, out_dir: str | Path, *, pareto: bool = Tr
     from .export import _export
 
     front = run_front(run_dir)
+    if front.split == "search":
+        front = validation_front(run_dir, front) or front
     if not front.members:
         raise RunError(f"run {run_dir} has an empty Pareto front")
     preferred_id = int(front.prefer(prefer)[0]["id"]) if prefer else None
