@@ -63,8 +63,15 @@ def test_pareto_export_writes_every_member_and_front_json(nsga_run, tmp_path):
     assert (nsga_run / "rescore.jsonl").read_text().splitlines() == rescored  # nothing re-scored
 
 
-def test_without_validation_the_front_is_on_the_search_split(test_zoo, tmp_path):
-    run = _nsga_run(test_zoo, tmp_path, budget=4, selection={"validation_fraction": 0.0})
+@pytest.fixture(scope="module")
+def search_run(test_zoo, tmp_path_factory):
+    """A run without a validation split."""
+    return _nsga_run(test_zoo, tmp_path_factory.mktemp("search_run"), budget=4,
+                     selection={"validation_fraction": 0.0})
+
+
+def test_without_validation_the_front_is_on_the_search_split(search_run, tmp_path):
+    run = search_run
     res = _run_cli(["export", str(run), "--pareto", "--out", str(tmp_path / "o")])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "front is on the search split" in res.stdout
@@ -150,3 +157,30 @@ def test_multiobjective_racing_run_never_fronts_a_cut_candidate(test_zoo, tmp_pa
     cut_ids = {r["id"] for r in recs if r.get("racing_cut")}
     assert front.members and not cut_ids & {r["id"] for r in front.members}
     assert not cut_ids & set(front.all_ids)
+
+
+def test_prefer_picks_different_members_of_a_spread_front(search_run, tmp_path):
+    """The test zoo's models all score alike, so give a copy of the run a spread front: its
+    log's scores rewritten (per-example scores with those means) for three candidates."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(search_run, run, ignore=shutil.ignore_patterns("tensorboard", "*.lock"))
+    want = {0: (0.9, 0.1), 1: (0.1, 0.9), 2: (0.5, 0.6)}
+    lines = []
+    for rec in RunStore(run).read_evals():
+        a, b = want.get(rec["id"], (0.0, 0.0))
+        rec["scores"] = {"cipher_a": a, "cipher_b": b}
+        rec["per_example"] = {"cipher_a": [1.0] * int(a * 10) + [0.0] * (10 - int(a * 10)),
+                              "cipher_b": [1.0] * int(b * 10) + [0.0] * (10 - int(b * 10))}
+        lines.append(json.dumps(rec))
+    (run / "evals.jsonl").write_text("\n".join(lines) + "\n")
+    assert sorted(int(r["id"]) for r in run_front(run).members) == [0, 1, 2]
+    for pref, cid in (("cipher_a=1", 0), ("cipher_b=1", 1), ("cipher_a=1,cipher_b=1", 2),
+                      ("cipher_a=3,cipher_b=1", 0)):
+        out = tmp_path / pref.replace(",", "_").replace("=", "")
+        res = _run_cli(["export", str(run), "--prefer", pref, "--out", str(out)])
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert [p.name for p in out.iterdir()] == [f"preferred-cand{cid}"], pref
+    card = (out / "preferred-cand0/README.md").read_text()
+    assert "0.9 ± 0.1" in card and "| 2 |" in card  # its scores ± SE and its neighbour
