@@ -93,7 +93,8 @@ def build_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
                      config: Mapping[str, Any], *, mergekit: bool = False) -> str:
     """The README.md text. ``card`` keys: ``name``, ``description``, ``method``,
     ``base_model`` (a source path), ``sources`` (key -> path), ``scores`` ({task: value},
-    search split), ``evaluations`` (score rows); other keys are listed under "Details"."""
+    search split), ``evaluations`` (score rows), ``tradeoff`` (a Pareto member's trade-off,
+    see :mod:`evomerge.checkpoint.tradeoff`); other keys are listed under "Details"."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     card = dict(card)
@@ -105,6 +106,7 @@ def build_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
     method = card.pop("method", None) or (recipe or {}).get("merge_method") or (recipe or {}).get("method")
     base_model = card.pop("base_model", None)
     rows = [_row(r) for r in card.pop("evaluations", None) or []]
+    tradeoff = card.pop("tradeoff", None)
     for task, value in (card.pop("scores", None) or {}).items():
         if not any(r["task"] == task and r["split"] == "search" for r in rows):
             rows.append(_row({"task": task, "split": "search", "value": value, "stderr": None}))
@@ -153,6 +155,10 @@ def build_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
             se = f"{r['stderr']:.4g}" if r["stderr"] is not None else "n/a"
             lines.append(f"| {r['task']} | {r['split']} | {r['value']:.4g} | {se} |")
         lines.append("")
+    if tradeoff:
+        from .tradeoff import tradeoff_lines
+
+        lines += tradeoff_lines(tradeoff)
     if card:
         lines += ["## Details", ""]
         lines += [f"- {k}: {json.dumps(_plain(v))}" for k, v in card.items()]

@@ -135,11 +135,32 @@ def status(run_dir, as_json, plot):
 @click.option("--device", default=None)
 @click.option("--shard-size", default="2GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace exported folders that already exist.")
-def export(run_dir, k, out_dir, device, shard_size, overwrite):
+@click.option("--pareto", is_flag=True,
+              help="Export every Pareto-front member to OUT/pareto/<rank>-cand<id>/ plus front.json.")
+@click.option("--prefer", default=None, metavar="TASK=W,...",
+              help="Export the front member maximizing the weighted objective sum "
+                   "(with --pareto: mark it in front.json).")
+def export(run_dir, k, out_dir, device, shard_size, overwrite, pareto, prefer):
     """Export RUN_DIR's final model (chosen on validation; the best by search fitness for a
-    run without selection), or with --top K the K best by search fitness, as HF checkpoints."""
+    run without selection), or with --top K the K best by search fitness, or with --pareto /
+    --prefer the Pareto front / its preferred member, as HF checkpoints."""
     from ..engine.export import export_final, export_top
 
+    if pareto or prefer is not None:
+        from ..engine.export_pareto import export_pareto
+        from ..errors import ConfigError
+        from ..report.front import parse_preference
+
+        if k is not None:
+            raise ConfigError("--top cannot be combined with --pareto/--prefer")
+        weights = parse_preference(prefer) if prefer is not None else None
+        paths, doc = export_pareto(run_dir, out_dir, pareto=pareto, prefer=weights,
+                                   device=device, shard_size=shard_size, overwrite=overwrite)
+        if doc["split"] == "search":
+            click.echo("note: the front is on the search split (the run has no validation scores)")
+        for p in paths:
+            click.echo(str(p))
+        return
     if k is None:
         click.echo(str(export_final(run_dir, out_dir, device=device, shard_size=shard_size,
                                     overwrite=overwrite)))

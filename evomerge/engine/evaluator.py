@@ -86,7 +86,8 @@ class Evaluator:
             t1 = time.perf_counter()
             best = (context or {}).get("best")
             if self.spec.racing and best is not None:
-                out = self._race(best, split or self.spec.split, t0)
+                out = self._race(best, split or self.spec.split, t0,
+                                 (context or {}).get("front"), (context or {}).get("groups"))
             else:
                 raw = self.backend.evaluate(self.tasks, split=split or self.spec.split)
                 scores = {k: [float(x) for x in v] for k, v in raw.items()}
@@ -98,12 +99,13 @@ class Evaluator:
             tb = traceback.format_exc(limit=3)
             return Outcome(None, time.perf_counter() - t0, f"{msg} | {tb.splitlines()[-1]}", self.worker)
 
-    def _race(self, best: float, split: str, t0: float) -> Outcome:
+    def _race(self, best: float, split: str, t0: float, front: Any = None, groups: Any = None) -> Outcome:
         from ..fitness.racing import evaluate_racing
 
         r = dict(self.spec.racing or {})
         r.pop("enabled", None)
-        res = evaluate_racing(self.backend, self.tasks, best, split=split, **r)
+        res = evaluate_racing(self.backend, self.tasks, best, split=split, front=front,
+                              groups=groups, **r)
         scores = {k: [float(x) for x in v] for k, v in res.scores.items()}
         return Outcome(scores, time.perf_counter() - t0, None, self.worker, complete=res.complete,
                        partial_fitness=res.fitness, evaluated=res.evaluated, total=res.total)

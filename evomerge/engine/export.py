@@ -99,6 +99,8 @@ def _export(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
             "optimizer": cfg.optimizer.name,
             "space": cfg.space.type,
         }
+        if rec.get("tradeoff"):
+            card["tradeoff"] = rec["tradeoff"]
         if rec.get("chosen_by"):
             card.update(model=rec["label"], chosen_by=rec["chosen_by"])
         if space.remote:  # black-box: the weights live with a provider or behind APIs

@@ -122,6 +122,17 @@ class Search:
         if self.best is None or rec["fitness"] > self.best["fitness"]:
             self.best = rec
 
+    def _racing_front(self) -> dict[str, Any]:
+        """Pareto-aware racing (multi-objective): the complete records' non-dominated
+        objective vectors and each objective's tasks; a candidate is cut only when one of
+        these dominates its optimistic bound on every objective."""
+        from ..pareto import nondominated
+
+        pts = np.array([self.objectives.values(r["scores"]) for r in self.cache.values()
+                        if r.get("scores")], dtype=float).reshape(-1, self.objectives.m)
+        front = pts[nondominated(pts)] if len(pts) else pts
+        return {"front": front.tolist(), "groups": [list(g) for g in self.objectives.groups]}
+
     def remember_baseline(self, rec: dict[str, Any]) -> None:
         self.baseline_records[rec["baseline"]] = rec
         if rec.get("failed"):
@@ -223,6 +234,9 @@ class Search:
         else:
             self.waiting[h] = []
             context = {"best": self.best["fitness"] if self.best else None}
+            if (self.cfg.racing.enabled and self.best is not None and self.objectives.m > 1
+                    and getattr(self.optimizer, "multi_objective", False)):
+                context.update(self._racing_front())
             self.executor.submit(cand.id, plan.to_dict(), context)
 
     def _finish(self, cid: int, outcome: Outcome | None, cached: dict[str, Any] | None = None) -> None:

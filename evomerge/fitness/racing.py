@@ -279,8 +279,15 @@ def evaluate_racing(
     seed: int = 0,
     min_examples: int = 1,
     bound: str = "hoeffding",
+    front: Sequence[Sequence[float]] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> RaceResult:
     """Score ``tasks`` with ``backend`` (weights already loaded), racing against ``best_so_far``.
+
+    Multi-objective runs pass ``front`` (the complete evaluations' non-dominated objective
+    vectors) and ``groups`` (each objective's tasks): the candidate is then cut only when a
+    front point beats its per-objective upper bound on every objective (Pareto-aware: a
+    candidate that could still be non-dominated is never cut); :func:`pareto_cut`.
 
     ``stages``: fractions of each task's examples after which to check (default
     ``[first_fraction]``); the candidate is cut at the first check whose upper confidence
@@ -340,8 +347,31 @@ def evaluate_racing(
             return RaceResult(scores, True, fit, fit, total, total, stage, best_so_far)
         observed = {name: scores[name][orders[name][: done[name]]] for name in scores}
         est, ucb = upper_confidence_bound(observed, sizes, weights, delta, bound)
-        if ucb < best_so_far:
+        if front is not None and groups:
+            cut = pareto_cut(observed, sizes, weights, groups, front, delta, bound)
+        else:
+            cut = ucb < best_so_far
+        if cut:
             return RaceResult(scores, False, est, ucb, evaluated, total, stage, best_so_far)
+
+
+def pareto_cut(observed: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+               weights: Mapping[str, float], groups: Sequence[Sequence[str]],
+               front: Sequence[Sequence[float]], delta: float, bound: str = "hoeffding") -> bool:
+    """Whether a partially scored candidate is dominated even at its optimistic bound.
+
+    Each objective (the weighted mean of its ``groups`` tasks) gets an upper confidence
+    bound at ``delta / len(groups)`` (union bound); the candidate is cut only when some
+    ``front`` point is strictly above that bound on every objective.
+    """
+    if not len(front):
+        return False
+    d = delta / max(1, len(groups))
+    ucbs = np.array([upper_confidence_bound({t: observed[t] for t in g}, sizes,
+                                            {t: weights.get(t, 1.0) for t in g}, d, bound)[1]
+                     for g in groups])
+    pts = np.asarray(front, dtype=float).reshape(-1, len(groups))
+    return bool(np.any(np.all(pts > ucbs, axis=1)))
 
 
 def check_racing_tasks(tasks: Sequence[Task]) -> None:

@@ -96,9 +96,14 @@ def parse_preference(text: str) -> dict[str, float]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         try:
-            out[name.strip()] = float(value) if value else 1.0
+            w = float(value) if value else 1.0
         except ValueError:
             raise ConfigError(f"--prefer {part!r}: expected NAME=WEIGHT") from None
+        if not name.strip() or _ == "=" and not value:
+            raise ConfigError(f"--prefer {part!r}: expected NAME=WEIGHT")
+        if not np.isfinite(w) or w < 0:
+            raise ConfigError(f"--prefer {part!r}: weights must be finite and >= 0")
+        out[name.strip()] = w
     if not out:
         raise ConfigError("--prefer: give at least one NAME=WEIGHT")
     return out
