@@ -35,7 +35,7 @@ def test_quick_pareto_benchmark_prints_three_methods_with_finite_hypervolumes(tm
     figs = json.loads(out.read_text())
     assert set(figs["summary"]) == {"cma", "nsga2", "map"}
     assert figs["reference"] == [0.0, 0.0, 0.0]
-    for method, s in figs["summary"].items():
+    for s in figs["summary"].values():
         assert s["evaluations"] == 8 and math.isfinite(s["hv_mean"]) and math.isfinite(s["heldout_hv_mean"])
     assert figs["map_design_evals"] + figs["map_confirm_evals"] == 8
 
