@@ -115,7 +115,7 @@ def one_run(cfg_dict: dict[str, Any], runs: Path) -> dict[str, Any]:
         "hv": curve[-1] if curve else 0.0, "curve": curve, "front_size": len(front.members),
         "front": [{"id": m["id"], "recipe": m["recipe"]} for m in front.members],
         "wall": wall, "eval_seconds": [float(r.get("seconds") or 0.0) for r in recs],
-        "confirmed": conf,
+        "confirmed": conf, "dim": len(recs[0]["genome"]) if recs else 0,
     }
 
 
@@ -171,18 +171,20 @@ def _bench(args: argparse.Namespace) -> int:
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="evomerge-pareto-"))
     print(f"zoo: {'test' if args.quick else 'full'} ({zoo.base.path.parent}); tasks: "
           f"{', '.join(p.stem for p in tasks)}; budget {args.budget}; seeds {args.seeds}; runs in {runs}", flush=True)
-    res: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    m = len(tasks)
+    box = SCALE ** m
+    res: dict[str, list[dict[str, Any]]] = {k: [] for k in METHODS}
     for method in METHODS:
         for seed in range(args.seeds):
             r = one_run(run_config(zoo, tasks, method, seed, args.budget, args.layer_groups, args.popsize), runs)
             res[method].append(r)
-            print(f"{method:>6} seed {seed}: {r['evaluations']} evals, hv {r['hv']:.1f} ({r['split']} split), "
+            print(f"{method:>6} seed {seed}: {r['evaluations']} evals, hv {100 * r['hv'] / box:.2f}% of box ({r['split']} split), "
                   f"front {r['front_size']}, {r['wall']:.1f} s", flush=True)
-    m = len(tasks)
     split = res["cma"][0]["split"]
     print(f"\nhypervolume, {split} split: {m} objectives ({', '.join(res['cma'][0]['objectives'])}), "
-          f"each 0..100; fixed reference point (0,...,0); max {SCALE ** m:.0f}; mean ± SE over {args.seeds} seeds")
-    print(f"{'method':>8} {'evals':>6} {'hypervolume':>22} {'front':>6} {'s/run':>7}")
+          f"each 0..100; fixed reference point (0,...,0); shown as % of the box [0,100]^{m} "
+          f"(= {box:.0f}); mean ± SE over {args.seeds} seeds")
+    print(f"{'method':>8} {'evals':>6} {'hv % of box':>17} {'front':>6} {'s/run':>7}")
     summary: dict[str, Any] = {}
     for method, rs in res.items():
         hv, se = mean_se([r["hv"] for r in rs])
@@ -192,19 +194,22 @@ def _bench(args: argparse.Namespace) -> int:
         summary[method] = {"evaluations": ev, "hv_mean": hv, "hv_se": se, "front_size": fs,
                            "seconds_per_run": wall, "hv_per_seed": [r["hv"] for r in rs],
                            "split": rs[0]["split"]}
-        print(f"{method:>8} {ev:6.0f} {hv:12.1f} ± {se:7.1f} {fs:6.1f} {wall:7.1f}")
+        print(f"{method:>8} {ev:6.0f} {100 * hv / box:8.2f} ± {100 * se / box:6.2f} {fs:6.1f} {wall:7.1f}")
     mp = res["map"][0]
     n_conf = float(np.mean([len(r["confirmed"]) for r in res["map"]]))
     n_design = float(np.mean([r["evaluations"] - len(r["confirmed"]) for r in res["map"]]))
-    print(f"MAP spent {n_design:.0f} initial-design + {n_conf:.0f} confirmation evaluations per run (mean)")
+    dim = mp["dim"]
+    print(f"MAP spent {n_design:.0f} initial-design + {n_conf:.0f} confirmation evaluations per run (mean); "
+          f"genome {dim} coefficients, so each task's quadratic has {(dim + 1) * (dim + 2) // 2} terms")
 
-    print("\nhypervolume of each run's front members re-scored on the HELD-OUT split (reference 0)")
-    print(f"{'method':>8} {'heldout hv':>22}")
+    print("\nhypervolume (% of box, reference 0) of each run's search-split front members "
+          "re-scored on the HELD-OUT split")
+    print(f"{'method':>8} {'heldout hv %':>17}")
     for method, rs in res.items():
         hvs = [heldout_hv(r) for r in rs]
         hv, se = mean_se(hvs)
         summary[method].update(heldout_hv_mean=hv, heldout_hv_se=se, heldout_hv_per_seed=hvs)
-        print(f"{method:>8} {hv:12.1f} ± {se:7.1f}")
+        print(f"{method:>8} {100 * hv / box:8.2f} ± {100 * se / box:6.2f}")
 
     print(f"\nMAP: surrogate-predicted vs measured objectives on its confirmed points ({mp['split']} split, 0..100)")
     conf = [c for r in res["map"] for c in r["confirmed"]]
@@ -231,14 +236,15 @@ def _bench(args: argparse.Namespace) -> int:
                "map_evals": got[0] if got else None, "map_seconds": got[1] if got else None}
         cost.append(row)
         if got:
-            print(f"seed {s}: NSGA-II hv {nr['hv']:.1f} in {nr['evaluations']} evals / {nsec:.1f} s; "
+            print(f"seed {s}: NSGA-II hv {100 * nr['hv'] / box:.2f}% in {nr['evaluations']} evals / {nsec:.1f} s; "
                   f"MAP reached it after {got[0]} evals / {got[1]:.1f} s (evaluation seconds)")
         else:
-            print(f"seed {s}: NSGA-II hv {nr['hv']:.1f} in {nr['evaluations']} evals / {nsec:.1f} s; "
-                  f"MAP did not reach it within {mr['evaluations']} evals (its hv {mr['hv']:.1f})")
+            print(f"seed {s}: NSGA-II hv {100 * nr['hv'] / box:.2f}% in {nr['evaluations']} evals / {nsec:.1f} s; "
+                  f"MAP did not reach it within {mr['evaluations']} evals (its hv {100 * mr['hv'] / box:.2f}%)")
     if args.json:
         out = {"budget": args.budget, "seeds": args.seeds, "quick": args.quick, "reference": [0.0] * m,
-               "scale": SCALE, "tasks": [p.stem for p in tasks], "summary": summary, "map_cost": cost,
+               "scale": SCALE, "box_volume": box, "layer_groups": args.layer_groups, "popsize": args.popsize,
+               "genome_dim": dim, "tasks": [p.stem for p in tasks], "summary": summary, "map_cost": cost,
                "map_design_evals": n_design, "map_confirm_evals": n_conf,
                "confirmed": {s: r["confirmed"] for s, r in enumerate(res["map"])}}
         atomic_write_text(Path(args.json), json.dumps(out, indent=1))
