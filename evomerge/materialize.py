@@ -39,6 +39,7 @@ from .checkpoint.resolve import portable_recipe
 from .checkpoint.writer import parse_dtype, write_checkpoint
 from .errors import CheckpointError, PlanError
 from .ops import OpContext, get_op
+from .ops.parallel import threads_for_load
 from .plan import MergePlan, TensorRef, TensorStep, step_seed
 
 GENERATION_CONFIG = "generation_config.json"
@@ -188,18 +189,20 @@ class Materializer:
         for step in plan.steps:
             spec = get_op(step.op)
             params = spec.resolve_params(step)
-            tensors = [self._load(readers[r.model], r) for r in step.inputs]
-            base = self._load(readers[step.base.model], step.base) if step.base is not None else None
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(step_seed(plan.seed, step.output))
-            ctx = OpContext(step.output, gen, self.device)
-            if self.stats is not None:
-                ctx.stats = self.stats
-                ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
-                ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
-                                if step.base is not None else None)
-            with torch.no_grad():
-                out = spec.fn(tensors, base, params, ctx)
+            with threads_for_load(self.device):  # fewer threads on cores others hold
+                tensors = [self._load(readers[r.model], r) for r in step.inputs]
+                base = (self._load(readers[step.base.model], step.base)
+                        if step.base is not None else None)
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(step_seed(plan.seed, step.output))
+                ctx = OpContext(step.output, gen, self.device)
+                if self.stats is not None:
+                    ctx.stats = self.stats
+                    ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
+                    ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
+                                    if step.base is not None else None)
+                with torch.no_grad():
+                    out = spec.fn(tensors, base, params, ctx)
             if not isinstance(out, torch.Tensor):
                 raise PlanError(
                     f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"

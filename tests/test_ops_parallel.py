@@ -133,6 +133,34 @@ def test_run_chunks_keeps_order_and_thread_choice(monkeypatch):
     assert merge_threads() <= max(1, len(os.sched_getaffinity(0)))
 
 
+
+@pytest.mark.skipif(not Path("/proc/loadavg").is_file(), reason="needs /proc/loadavg")
+def test_thread_cap_follows_cpus_other_processes_hold(monkeypatch):
+    from evomerge.ops.parallel import available_cpus, idle_cpus, threads_for_load
+
+    cpus = available_cpus()
+    original = torch.get_num_threads()
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
+    try:
+        import time
+        time.sleep(0.3)  # the neighbours are runnable now
+        assert idle_cpus() == 1  # every CPU is held by a spinning neighbour
+        torch.set_num_threads(max(2, cpus))
+        prev = torch.get_num_threads()
+        with threads_for_load("cpu"):
+            assert torch.get_num_threads() == 1
+            assert merge_threads() == 1
+        assert torch.get_num_threads() == prev  # restored
+        monkeypatch.setenv("EVOMERGE_MERGE_ADAPT", "0")
+        assert idle_cpus() is None
+        with threads_for_load("cpu"):
+            assert torch.get_num_threads() == prev
+    finally:
+        torch.set_num_threads(original)
+        for p in spin:
+            p.kill()
+            p.wait()
+
 @pytest.mark.parametrize("shape,quantize", CASES)
 @pytest.mark.parametrize("op", ["ties", "ties+rescale", "breadcrumbs", "breadcrumbs_ties"])
 def test_precomputed_stats_equal_direct_path(op, shape, quantize):

@@ -14,7 +14,12 @@ delays its own chunk while the others keep pulling work, so 2 threads are never 
 
 The thread count comes from what the process actually gets (:func:`merge_threads`): the
 CPUs in its affinity mask, capped by ``torch.get_num_threads()`` (what the caller allowed,
-e.g. 1 in a search worker) and by ``EVOMERGE_MERGE_THREADS`` when set. Results never depend
+e.g. 1 in a search worker) and by ``EVOMERGE_MERGE_THREADS`` when set. Each parallel call
+also caps it by the CPUs left idle right now (:func:`idle_cpus`: the runnable count in
+``/proc/loadavg``, less this thread): measured here on 2 oversubscribed cores (load 4-5),
+2 chunk threads ran TIES 2.5x *slower* than 1 (every small op hands the GIL over, and a
+descheduled holder stalls the other thread), while on idle cores they keep their speed-up.
+``EVOMERGE_MERGE_ADAPT=0`` turns the cap off. Results never depend
 on the thread count: every chunk is computed by the same ops on the same bounds, and
 anything order-dependent (tie budgets at a top-k threshold, random draws) is addressed by
 flat position, not by the order chunks happen to run in.
@@ -58,6 +63,22 @@ def merge_threads() -> int:
     return n
 
 
+def idle_cpus() -> int | None:
+    """CPUs of the affinity mask not taken by other runnable tasks right now, or None.
+
+    Reads the instantaneous runnable-task count of ``/proc/loadavg`` (which counts the
+    calling thread itself); None where it cannot be read or ``EVOMERGE_MERGE_ADAPT=0``.
+    """
+    if os.environ.get("EVOMERGE_MERGE_ADAPT", "1") == "0":
+        return None
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(1, available_cpus() - max(0, running - 1))
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     with _LOCK:
         pool = _POOLS.get(threads)
@@ -80,6 +101,27 @@ def torch_single_threaded() -> Iterator[None]:
         yield
         return
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+@contextlib.contextmanager
+def threads_for_load(device: torch.device | str | None = None) -> Iterator[None]:
+    """torch's thread count capped by :func:`idle_cpus` for the block (CPU only; restored after).
+
+    Covers the work around the chunked passes (loads, dtype conversions, reductions) whose
+    intra-op barriers stall on oversubscribed cores; :func:`run_chunks` inside the block
+    sees the capped count through :func:`merge_threads`.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    prev = torch.get_num_threads()
+    idle = idle_cpus() if dev.type == "cpu" and prev > 1 else None
+    if idle is None or idle >= prev:
+        yield
+        return
+    torch.set_num_threads(idle)
     try:
         yield
     finally:
@@ -115,12 +157,18 @@ def run_chunks(fn: Callable[[int, int], T], bounds: Sequence[tuple[int, int]],
 
     ``fn`` must only touch memory of its own chunk (its writes may run in any order). On
     CUDA, with one chunk, with one thread, or when called from inside a pool thread, it
-    runs in order in the calling thread.
+    runs in order in the calling thread. Without ``threads`` it uses :func:`merge_threads`
+    capped by :func:`idle_cpus`.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if threads is None:
+    auto = threads is None
+    if auto:
         threads = merge_threads() if dev.type == "cpu" else 1
     threads = min(threads, len(bounds))
+    if auto and threads > 1 and dev.type == "cpu" and not getattr(_local, "worker", False):
+        idle = idle_cpus()  # an explicit ``threads`` is taken as asked
+        if idle is not None:
+            threads = min(threads, idle)
     if threads <= 1 or getattr(_local, "worker", False):
         if dev.type == "cpu" and len(bounds) > 1:
             with torch_single_threaded():  # small regions: a barrier each is pure overhead
@@ -130,4 +178,5 @@ def run_chunks(fn: Callable[[int, int], T], bounds: Sequence[tuple[int, int]],
         return list(_pool(threads).map(lambda b: fn(b[0], b[1]), bounds))
 
 
-__all__ = ["available_cpus", "merge_threads", "run_chunks", "scratch", "torch_single_threaded"]
+__all__ = ["available_cpus", "idle_cpus", "merge_threads", "run_chunks", "scratch", "threads_for_load",
+           "torch_single_threaded"]

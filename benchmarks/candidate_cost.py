@@ -1,0 +1,64 @@
+"""Per-candidate merge vs evaluation seconds of finished (or running) search runs.
+
+Reads each run directory's ``evals.jsonl`` (``merge_seconds`` and ``eval_seconds`` that the
+evaluator logs per candidate) and prints, per run: candidates timed, mean and median merge
+and evaluation seconds, and merge as a share of candidate time against the issue-14 target
+(<= 10%). Prints the machine's load average alongside (figures are from the run's own time,
+so say which load it ran under).
+
+    .venv/bin/python benchmarks/candidate_cost.py runs/zoo-demo runs/<real-demo-run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def split(run: Path) -> dict | None:
+    """Merge/eval seconds of the candidates logged in ``run/evals.jsonl``, or None if none."""
+    merge, ev = [], []
+    for line in (run / "evals.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("merge_seconds") is not None and r.get("eval_seconds") is not None:
+            merge.append(float(r["merge_seconds"]))
+            ev.append(float(r["eval_seconds"]))
+    if not merge:
+        return None
+    m, e = statistics.mean(merge), statistics.mean(ev)
+    return {"run": str(run), "candidates": len(merge), "merge_mean": m, "eval_mean": e,
+            "merge_median": statistics.median(merge), "eval_median": statistics.median(ev),
+            "merge_share": m / max(m + e, 1e-9)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (each with evals.jsonl)")
+    args = ap.parse_args(argv)
+    print("load average now:", Path("/proc/loadavg").read_text().split()[:3])
+    rc = 0
+    for d in map(Path, args.runs):
+        if not (d / "evals.jsonl").is_file():
+            print(f"{d}: no evals.jsonl (not a run directory)", file=sys.stderr)
+            rc = 2
+            continue
+        s = split(d)
+        if s is None:
+            print(f"{d}: no candidate has merge/eval seconds logged")
+            continue
+        ok = "OK" if s["merge_share"] <= 0.10 else "OVER"
+        print(f"{d}: {s['candidates']} candidates; merge {s['merge_mean']:.2f} s "
+              f"(median {s['merge_median']:.2f}), eval {s['eval_mean']:.2f} s "
+              f"(median {s['eval_median']:.2f}); merge {100 * s['merge_share']:.1f}% of "
+              f"candidate time (target <= 10%): {ok}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
