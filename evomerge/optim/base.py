@@ -123,10 +123,20 @@ def check_options(optimizer: str, options: dict[str, Any], known: dict[str, Any]
 
 
 class Optimizer(ABC):
+    """Base class of every optimizer (the contract is the module docstring). Subclasses
+    register with :func:`register_optimizer`.
+
+    Args:
+        lower, upper: the search box (1-D, ``lower < upper``).
+        x0: a start point inside the box, or None.
+        sigma0: the initial step size in genome units.
+        seed: the optimizer's own RNG seed.
+        **options: the optimizer's ``optimizer.options`` from the config.
+    """
+
     #: True when the constructor takes ``budget`` (the run's number of evaluations), for
     #: optimizers that plan with it (nevergrad's NGOpt, staged optimizers)
     needs_budget: bool = False
-    """Base class. Subclasses register with :func:`register_optimizer`."""
 
     #: True when updates happen per generation (results buffered until complete)
     generational: bool = False

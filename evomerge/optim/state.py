@@ -282,10 +282,6 @@ class ReplayLog:
                 self.told_fitness.append(t.fitness)
                 self.told_failed.append(t.failed)
 
-    @property
-    def n_events(self) -> int:
-        return len(self.events)
-
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
