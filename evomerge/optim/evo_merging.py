@@ -93,6 +93,7 @@ class EvoMerging(ReplayOptimizer):
     needs_budget = True
     generational = True
     kind = "evo_merging"
+    space_extras = "pool_blocks"
     state_version = STATE_VERSION
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,

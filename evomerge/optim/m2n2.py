@@ -98,6 +98,10 @@ class M2N2(Optimizer):
     "slerp_segment"), ``slerp_eps`` (1e-6).
     """
 
+    needs_per_example = True
+    takes_initial_population = True
+    space_extras = "crossover"
+
     generational = False
 
     _DEFAULTS: dict[str, Any] = {

@@ -131,6 +131,7 @@ class NevergradOptimizer(ReplayOptimizer):
     needs_budget = True
     generational = False
     kind = "nevergrad"
+    takes_num_workers = True
     state_version = STATE_VERSION
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
