@@ -17,11 +17,10 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-import numpy as np
-
 from ..errors import RunError
-from .base import Candidate, Optimizer, Result, effective_fitness, is_failed
+from .base import Candidate, Result, effective_fitness, is_failed
 from .state import (
+    BookedOptimizer,
     CandidateBook,
     ReplayDivergence,
     ReplayLog,
@@ -31,7 +30,7 @@ from .state import (
 )
 
 
-class ReplayOptimizer(Optimizer):
+class ReplayOptimizer(BookedOptimizer):
     """Base of optimizers whose state is a replay log (cma, nevergrad, evo_merging).
 
     Subclasses set ``kind`` and ``state_version`` and implement the hooks named in the module
@@ -96,14 +95,6 @@ class ReplayOptimizer(Optimizer):
         told = [Told(int(r.id), effective_fitness(r), is_failed(r)) for r in results]
         self._tell(told)
         self._log.record_tell(told)
-
-    def best(self) -> tuple[np.ndarray, float] | None:
-        """The best told genome and its fitness, or None before any success."""
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        """Candidates asked and not yet told, in id order."""
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
