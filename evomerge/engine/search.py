@@ -26,7 +26,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import ConfigError, EvomergeError, RunError
 from ..optim import FAILED_FITNESS, Candidate, Result, make_optimizer
-from ..optim.base import optimizer_class
+from ..optim.base import optimizer_class, optimizer_trait
 from ..optim.state import from_jsonable, to_jsonable
 from ..spaces import make_space
 from .evaluator import EvalSpec, Outcome
@@ -39,6 +39,22 @@ from .tasks_info import TaskInfo
 
 
 class Search:
+    """One evolutionary merge run: the space, tasks, objectives and optimizer built from a
+    config, driven by :meth:`run` through an executor, with every evaluation stored in the run
+    directory so an interrupted run resumes where it stopped.
+
+    Args:
+        cfg: the validated run config.
+        store: the run directory, or None for a run that writes nothing.
+        executor: evaluates candidates (default: built from ``cfg.executor``).
+        on_progress: called after each evaluation.
+        pins: Hub model ids pinned to commits (from an earlier run of this directory).
+
+    Raises:
+        ConfigError: the config cannot run (e.g. racing with an optimizer that needs every
+            example's score).
+    """
+
     def __init__(self, cfg: RunConfig, store: RunStore | None, executor: Executor | None = None,
                  on_progress: Callable[[Search], None] | None = None,
                  pins: dict[str, Any] | None = None):
@@ -50,8 +66,9 @@ class Search:
         self.tasks = TaskInfo.load(cfg.tasks, validation_fraction=cfg.selection.validation_fraction or None)
         self.objectives = Objectives.build(cfg.objectives, self.tasks.names, self.tasks.weights)
         self.optimizer = build_optimizer(cfg, self.space, self.objectives.m)
-        if cfg.racing.enabled and cfg.optimizer.name == "m2n2":
-            raise ConfigError("racing.enabled: M2N2 needs every example's score; turn racing off")
+        if cfg.racing.enabled and optimizer_trait(cfg.optimizer.name, "needs_per_example"):
+            raise ConfigError(f"racing.enabled: {cfg.optimizer.name} needs every example's "
+                              "score; turn racing off")
         if cfg.racing.enabled:
             from ..fitness.racing import refuse_unbounded
 
@@ -316,15 +333,15 @@ def build_optimizer(cfg: RunConfig, space: Any, n_objectives: int | None = None)
     cls = optimizer_class(o.name)
     if cls is not None and cls.needs_budget:
         kwargs["budget"] = cfg.budget
-    if cls is not None and getattr(cls, "multi_objective", False):
+    if cls is not None and cls.multi_objective:
         kwargs["n_objectives"] = n_objectives or len(cfg.objectives) or len(cfg.tasks)
-    if o.name == "nevergrad" or o.name.startswith(("ng:", "nevergrad:")):
+    if cls is not None and cls.takes_num_workers:
         # NGOpt's choice of algorithm depends on the budget and the parallelism
         cap = cfg.executor.max_inflight or cfg.executor.workers or 1
         if cap > 1:
             kwargs["num_workers"] = cap
     init = space.initial_population()
-    if init is not None and o.name == "m2n2":
+    if init is not None and cls is not None and cls.takes_initial_population:
         kwargs["initial"] = init
     kwargs.update(space.optimizer_extras(o.name))
     kwargs.update(o.options)

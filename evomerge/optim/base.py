@@ -123,13 +123,38 @@ def check_options(optimizer: str, options: dict[str, Any], known: dict[str, Any]
 
 
 class Optimizer(ABC):
+    """Base class of every optimizer (the contract is the module docstring). Subclasses
+    register with :func:`register_optimizer`.
+
+    Args:
+        lower, upper: the search box (1-D, ``lower < upper``).
+        x0: a start point inside the box, or None.
+        sigma0: the initial step size in genome units.
+        seed: the optimizer's own RNG seed.
+        **options: the optimizer's ``optimizer.options`` from the config.
+    """
+
     #: True when the constructor takes ``budget`` (the run's number of evaluations), for
     #: optimizers that plan with it (nevergrad's NGOpt, staged optimizers)
     needs_budget: bool = False
-    """Base class. Subclasses register with :func:`register_optimizer`."""
 
     #: True when updates happen per generation (results buffered until complete)
     generational: bool = False
+
+    # Capabilities the engine and the spaces read through the registry (see
+    # :func:`optimizer_class`), instead of testing optimizer names.
+    #: True when the constructor takes ``n_objectives`` (multi-objective optimizers)
+    multi_objective: bool = False
+    #: True when it learns from every example's score (racing's partial estimates break it)
+    needs_per_example: bool = False
+    #: True when the constructor takes the space's ``initial_population`` as ``initial``
+    takes_initial_population: bool = False
+    #: True when the constructor takes ``num_workers`` (the engine's in-flight cap)
+    takes_num_workers: bool = False
+    #: which of a space's ``optimizer_extras`` it takes: "" (none), "crossover" (the m2n2
+    #: space's Gram crossover), "pool_blocks" (a lora_pool's alpha/beta blocks), "dims" (the
+    #: dfs space's scaling genes)
+    space_extras: str = ""
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
                  sigma0: float = 0.2, seed: int = 0, **options: Any):
@@ -201,6 +226,13 @@ def optimizer_class(name: str) -> type[Optimizer] | None:
     if name.startswith(("ng:", "nevergrad:")):
         name = "nevergrad"
     return _OPTIMIZERS.get(name)
+
+
+def optimizer_trait(name: str, trait: str) -> Any:
+    """A capability class attribute of the optimizer registered as ``name`` (e.g.
+    ``needs_per_example``), or None for an unknown name."""
+    cls = optimizer_class(name)
+    return None if cls is None else getattr(cls, trait)
 
 
 def list_optimizers() -> list[str]:

@@ -63,28 +63,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError
 from .base import (
     Candidate,
-    Optimizer,
-    Result,
     as_population,
     check_box,
     check_options,
-    effective_fitness,
     int_option,
-    is_failed,
     register_optimizer,
 )
-from .state import (
-    CandidateBook,
-    ReplayDivergence,
-    ReplayLog,
-    Told,
-    check_header,
-    check_replayed_book,
-    settings_of,
-)
+from .replay import ReplayOptimizer
+from .state import Told, settings_of
 
 STATE_VERSION = 1
 
@@ -121,11 +110,25 @@ class _Generation:
 
 
 @register_optimizer("cma")
-class CMAES(Optimizer):
-    """CMA-ES (full covariance by default). See the module docstring for the contract."""
+class CMAES(ReplayOptimizer):
+    """CMA-ES through the ``cma`` library, one generation at a time, resumed by replay.
+
+    Args:
+        lower, upper: the search box.
+        x0: the start mean (default: the box center).
+        sigma0: the initial step size in genome units.
+        seed: seeds this optimizer's own Generator (cma's sampler and restarts).
+        initial: genomes injected first (e.g. the sources).
+        **options: ``popsize``, ``diagonal``, ``step_size_rule``, ``restarts``,
+            ``incpopsize``, ``cma_options`` (see the module docstring).
+
+    Raises:
+        ConfigError: a bad box, step size or option.
+    """
 
     generational = True
     kind = "cma"
+    state_version = STATE_VERSION
     _diagonal_default = False
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
@@ -195,21 +198,14 @@ class CMAES(Optimizer):
 
     def _reset(self) -> None:
         self._rng = np.random.default_rng(self.seed)
-        self._book = CandidateBook()
-        self._log = ReplayLog()
+        self._reset_log()
         self._restart = 0
         self._generation = 0
         self._gen: _Generation | None = None
-        self._last_stop: list[str] = []
         self._es = self._new_strategy(self.mean0, self.popsize)
         self._to_inject = [g.copy() for g in self.initial]
 
     # -- ask -----------------------------------------------------------------------------
-    def ask(self, n: int) -> list[Candidate]:
-        cands = self._ask(int(n))
-        self._log.record_ask(cands)
-        return cands
-
     def _ask(self, n: int) -> list[Candidate]:
         if n <= 0:
             return []
@@ -234,13 +230,6 @@ class CMAES(Optimizer):
         return out
 
     # -- tell ----------------------------------------------------------------------------
-    def tell(self, results: list[Result]) -> None:
-        results = list(results)
-        self._book.check(results)
-        told = [Told(int(r.id), effective_fitness(r), is_failed(r)) for r in results]
-        self._tell(told)
-        self._log.record_tell(told)
-
     def _tell(self, told: list[Told]) -> None:
         for t in told:
             self._book.settle_one(t.id, t.fitness, t.failed)
@@ -258,28 +247,15 @@ class CMAES(Optimizer):
         if self._restart < self.restarts:
             stop = sorted(k for k in self._es.stop() if k not in _NOT_CONVERGENCE)
             if stop:
-                self._last_stop = stop
                 self._restart += 1
                 popsize = int(round(self.popsize * self.incpopsize ** self._restart))
                 self._es = self._new_strategy(self._rng.uniform(self.lower, self.upper), popsize)
 
     # -- inspection ----------------------------------------------------------------------
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        """Candidates asked and not yet told, in id order."""
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
-
     @property
     def generation(self) -> int:
         """Number of completed generations (over all restarts)."""
         return self._generation
-
-    @property
-    def last_stop(self) -> list[str]:
-        """cma's termination criteria that caused the latest restart (empty if none)."""
-        return list(self._last_stop)
 
     @property
     def sigma(self) -> float:
@@ -304,32 +280,14 @@ class CMAES(Optimizer):
                            cma_options=dict(self.cma_options),
                            initial=[g.copy() for g in self.initial])
 
-    def state_dict(self) -> dict[str, Any]:
+    def _library(self) -> str:
         import cma
 
-        return {
-            "kind": self.kind,
-            "version": STATE_VERSION,
-            "settings": self._settings(),
-            "library": f"cma {cma.__version__}",
-            "log": self._log.state_dict(),
-            # derived from the log; kept for checking the replay and for humans
-            "book": self._book.state_dict(),
-            "generation": self._generation,
-            "restart": self._restart,
-        }
+        return f"cma {cma.__version__}"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        import cma
-
-        check_header(state, self.kind, STATE_VERSION, self._settings())
-        self._reset()
-        try:
-            self._log.replay(state["log"], self._ask, self._tell)
-        except ReplayDivergence as err:
-            raise RunError(f"optimizer {self.kind!r}: resuming failed, {err} (state written by "
-                           f"{state.get('library')}, running cma {cma.__version__})") from None
-        check_replayed_book(self.kind, self._book, state["book"], self.dim)
+    def _extra_state(self) -> dict[str, Any]:
+        # derived from the log; kept for checking the replay and for humans
+        return {"generation": self._generation, "restart": self._restart}
 
 
 @register_optimizer("sep-cma")

@@ -38,23 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError
 from .base import (
     Candidate,
-    Optimizer,
     Result,
     check_options,
-    effective_fitness,
-    is_failed,
     register_optimizer,
 )
+from .replay import ReplayOptimizer
 from .state import (
-    CandidateBook,
-    ReplayDivergence,
-    ReplayLog,
     Told,
-    check_header,
-    check_replayed_book,
     settings_of,
 )
 from .subspace import Subspace, check_dims
@@ -83,12 +76,25 @@ def unit_value(v: Any, field: str) -> float:
 
 
 @register_optimizer("evo_merging")
-class EvoMerging(Optimizer):
-    """See the module docstring."""
+class EvoMerging(ReplayOptimizer):
+    """Evo-Merging's staged CMA-ES over a ``lora_pool`` space's alphas and betas.
+
+    Args:
+        lower, upper, x0, sigma0, seed: as for :class:`~evomerge.optim.cmaes.CMAES`.
+        budget: the run's number of evaluations, split between the stages.
+        alpha_dims, beta_dims, beta_init, beta_zero: from the ``lora_pool`` space.
+        **options: ``popsize``, ``stages``, ``stage_split``, ``sign_flips``,
+            ``step_size_rule``, ``cma_options`` (see the module docstring).
+
+    Raises:
+        ConfigError: missing pool extras, a bad budget or option.
+    """
 
     needs_budget = True
     generational = True
     kind = "evo_merging"
+    space_extras = "pool_blocks"
+    state_version = STATE_VERSION
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
                  sigma0: float = 0.2, seed: int = 0, budget: int | None = None,
@@ -149,8 +155,7 @@ class EvoMerging(Optimizer):
 
     # -- stages --------------------------------------------------------------------------
     def _reset(self) -> None:
-        self._book = CandidateBook()
-        self._log = ReplayLog()
+        self._reset_log()
         self._stage = 0
         self._anchor = self.start.copy()
         self._issued = 0  # in the current stage
@@ -188,11 +193,6 @@ class EvoMerging(Optimizer):
         return self._anchor.copy()
 
     # -- ask/tell ------------------------------------------------------------------------
-    def ask(self, n: int) -> list[Candidate]:
-        cands = self._ask(int(n))
-        self._log.record_ask(cands)
-        return cands
-
     def _ask(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
         while n > 0:
@@ -217,13 +217,6 @@ class EvoMerging(Optimizer):
             n -= len(got)
         return out
 
-    def tell(self, results: list[Result]) -> None:
-        results = list(results)
-        self._book.check(results)
-        told = [Told(int(r.id), effective_fitness(r), is_failed(r)) for r in results]
-        self._tell(told)
-        self._log.record_tell(told)
-
     def _tell(self, told: list[Told]) -> None:
         assert self._stage_opt is not None
         inner = []
@@ -231,9 +224,6 @@ class EvoMerging(Optimizer):
             self._book.settle_one(t.id, t.fitness, t.failed)
             inner.append(Result(self._inner_ids.pop(t.id), t.fitness, None, t.failed))
         self._stage_opt.tell(inner)
-
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
 
     # -- state ---------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -243,27 +233,10 @@ class EvoMerging(Optimizer):
                            stage_split=list(self.stage_split), sign_flips=self.sign_flips,
                            **{k: v for k, v in self.inner_options.items()})
 
-    def state_dict(self) -> dict[str, Any]:
+    def _library(self) -> str:
         import cma
 
-        return {
-            "kind": self.kind,
-            "version": STATE_VERSION,
-            "settings": self._settings(),
-            "library": f"cma {cma.__version__}",
-            "log": self._log.state_dict(),
-            "book": self._book.state_dict(),  # derived from the log; checked after replay
-            "stage": self._stage,
-        }
+        return f"cma {cma.__version__}"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        import cma
-
-        check_header(state, self.kind, STATE_VERSION, self._settings())
-        self._reset()
-        try:
-            self._log.replay(state["log"], self._ask, self._tell)
-        except ReplayDivergence as err:
-            raise RunError(f"optimizer {self.kind!r}: resuming failed, {err} (state written by "
-                           f"{state.get('library')}, running cma {cma.__version__})") from None
-        check_replayed_book(self.kind, self._book, state["book"], self.dim)
+    def _extra_state(self) -> dict[str, Any]:
+        return {"stage": self._stage}

@@ -43,6 +43,7 @@ class LoraHub(SubspaceDelegate):
     needs_budget = True
     generational = False
     kind = "lorahub"
+    space_extras = "pool_blocks"
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
                  sigma0: float = 0.2, seed: int = 0, budget: int | None = None,

@@ -38,7 +38,6 @@ import numpy as np
 from ..errors import ConfigError
 from .base import (
     Candidate,
-    Optimizer,
     Result,
     as_population,
     check_box,
@@ -56,7 +55,14 @@ from .m2n2_core import (
     sample_parents,
     slerp,
 )
-from .state import CandidateBook, check_header, rng_state, set_rng_state, settings_of
+from .state import (
+    BookedOptimizer,
+    CandidateBook,
+    check_header,
+    rng_state,
+    set_rng_state,
+    settings_of,
+)
 
 __all__ = ["M2N2", "Crossover", "VectorSlerpCrossover", "slerp"]
 
@@ -86,7 +92,7 @@ def _crossover_name(cx: Crossover) -> str:
 
 
 @register_optimizer("m2n2")
-class M2N2(Optimizer):
+class M2N2(BookedOptimizer):
     """Model Merging of Natural Niches (steady-state).
 
     Options: ``initial`` (list of genomes, the source models), ``archive_size`` (20),
@@ -97,6 +103,10 @@ class M2N2(Optimizer):
     random members from scratch), ``crossover`` (a :class:`Crossover`, or "slerp" /
     "slerp_segment"), ``slerp_eps`` (1e-6).
     """
+
+    needs_per_example = True
+    takes_initial_population = True
+    space_extras = "crossover"
 
     generational = False
 
@@ -268,10 +278,6 @@ class M2N2(Optimizer):
         return {"told": self._book.n_told, "failed": self._book.n_failed, **self._counts,
                 "archive": self._filled}
 
-    def pending(self) -> list[Candidate]:
-        """Candidates asked and not yet told, in id order."""
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
-
     def archive(self) -> dict[str, np.ndarray]:
         """Copies of the archive: genomes, score rows, ids, told fitness, shared fitness."""
         k = self._filled
@@ -288,10 +294,6 @@ class M2N2(Optimizer):
             return None
         i = int(np.argmax(self._member_fitness[: self._filled]))
         return self._archive[i].copy(), float(self._member_fitness[i])
-
-    def best(self) -> tuple[np.ndarray, float] | None:
-        """The best result ever told (it may have left the archive since)."""
-        return self._book.best()
 
     # ------------------------------------------------------------------ state
 

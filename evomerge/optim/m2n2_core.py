@@ -245,11 +245,6 @@ def split_position(w_s: float, n: int) -> int:
     return int(min(max(int(np.floor(float(w_s) * n)), 0), n - 1))
 
 
-def split_point_t(n: int, w_m: float, split: int) -> np.ndarray:
-    """Per-position SLERP weights: ``w_m`` before ``split``, ``1 - w_m`` from ``split`` on."""
-    return np.where(np.arange(n) < split, float(w_m), 1.0 - float(w_m))
-
-
 def split_point_crossover(a: np.ndarray, b: np.ndarray, w_m: float, split: int,
                           eps: float = SLERP_EPS, angle: str = "global") -> np.ndarray:
     """Split-point SLERP of two flat vectors.

@@ -38,7 +38,6 @@ from ..errors import ConfigError
 from ..pareto import nondominated, spread_select
 from .base import (
     Candidate,
-    Optimizer,
     Result,
     check_box,
     check_options,
@@ -46,7 +45,15 @@ from .base import (
     is_failed,
     register_optimizer,
 )
-from .state import CandidateBook, as_array, check_header, rng_state, set_rng_state, settings_of
+from .state import (
+    BookedOptimizer,
+    CandidateBook,
+    as_array,
+    check_header,
+    rng_state,
+    set_rng_state,
+    settings_of,
+)
 
 STATE_VERSION = 1
 
@@ -96,7 +103,7 @@ def latin_hypercube(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 @register_optimizer("map")
-class MAP(Optimizer):
+class MAP(BookedOptimizer):
     generational = True
     multi_objective = True
     needs_budget = True
@@ -224,12 +231,6 @@ class MAP(Optimizer):
             self._round += 1
 
     # -- inspection ----------------------------------------------------------------------
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
-
     def confirmations(self) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
         """(candidate id, surrogate-predicted objectives, measured objectives or None)."""
         return sorted(((i, p.copy(), None if y is None else y.copy()) for i, p, y in self._conf),

@@ -56,29 +56,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError
 from .base import (
     FAILED_FITNESS,
     Candidate,
-    Optimizer,
-    Result,
     as_population,
     check_box,
     check_options,
-    effective_fitness,
     int_option,
-    is_failed,
     register_optimizer,
 )
-from .state import (
-    CandidateBook,
-    ReplayDivergence,
-    ReplayLog,
-    Told,
-    check_header,
-    check_replayed_book,
-    settings_of,
-)
+from .replay import ReplayOptimizer
+from .state import Told, settings_of
 
 STATE_VERSION = 1
 
@@ -128,12 +117,22 @@ def _sequential_error(method: str, parts: list[str]) -> ConfigError:
 
 
 @register_optimizer("nevergrad")
-class NevergradOptimizer(Optimizer):
-    """A nevergrad optimizer behind the ask/tell contract. See the module docstring."""
+class NevergradOptimizer(ReplayOptimizer):
+    """A nevergrad optimizer behind the ask/tell contract, resumed by replay.
+
+    Args:
+        lower, upper, x0, sigma0, seed, initial: as for :class:`~evomerge.optim.cmaes.CMAES`.
+        **options: ``method`` (a nevergrad registry name), ``budget``, ``num_workers``.
+
+    Raises:
+        ConfigError: an unknown or sequential method, or a bad option.
+    """
 
     needs_budget = True
     generational = False
     kind = "nevergrad"
+    takes_num_workers = True
+    state_version = STATE_VERSION
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
                  sigma0: float = 0.2, seed: int = 0, initial: Any = None, **options: Any):
@@ -172,8 +171,7 @@ class NevergradOptimizer(Optimizer):
         self._rng = np.random.default_rng(self.seed)
         param_seed, global_seed = (int(s) for s in self._rng.integers(0, 2**32, size=2))
         self._global_state = np.random.RandomState(global_seed).get_state()
-        self._book = CandidateBook()
-        self._log = ReplayLog()
+        self._reset_log()
         self._ng_pending: dict[int, Any] = {}
         registry = ng.optimizers.registry
         if self.method not in registry:
@@ -212,11 +210,6 @@ class NevergradOptimizer(Optimizer):
         return str(o.name)
 
     # -- ask/tell ------------------------------------------------------------------------
-    def ask(self, n: int) -> list[Candidate]:
-        cands = self._ask(int(n))
-        self._log.record_ask(cands)
-        return cands
-
     def _ask(self, n: int) -> list[Candidate]:
         out = []
         with self._private_global_rng():
@@ -234,13 +227,6 @@ class NevergradOptimizer(Optimizer):
                 out.append(c)
         return out
 
-    def tell(self, results: list[Result]) -> None:
-        results = list(results)
-        self._book.check(results)
-        told = [Told(int(r.id), effective_fitness(r), is_failed(r)) for r in results]
-        self._tell(told)
-        self._log.record_tell(told)
-
     def _tell(self, told: list[Told]) -> None:
         with self._private_global_rng():
             for t in told:
@@ -248,38 +234,17 @@ class NevergradOptimizer(Optimizer):
                 loss = -FAILED_FITNESS if t.failed else -t.fitness  # nevergrad minimizes
                 self._opt.tell(self._ng_pending.pop(t.id), float(loss))
 
-    # -- inspection ----------------------------------------------------------------------
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        """Candidates asked and not yet told, in id order."""
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
-
     # -- state ---------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
         return settings_of(self, method=self.method, budget=self.budget,
                            num_workers=self.num_workers,
                            initial=[g.copy() for g in self.initial])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "version": STATE_VERSION,
-            "settings": self._settings(),
-            "library": f"nevergrad {_nevergrad().__version__}",
-            "log": self._log.state_dict(),
-            "book": self._book.state_dict(),  # derived from the log; checked after replay
-        }
+    def _library(self) -> str:
+        return f"nevergrad {_nevergrad().__version__}"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_header(state, self.kind, STATE_VERSION, self._settings())
-        self._reset()
-        try:
-            self._log.replay(state["log"], self._ask, self._tell)
-        except ReplayDivergence as err:
-            raise RunError(
-                f"optimizer 'ng:{self.method}': resuming failed, {err} (state written by "
-                f"{state.get('library')}, running nevergrad {_nevergrad().__version__}); "
-                "this nevergrad method is not reproducible from its seed") from None
-        check_replayed_book(f"ng:{self.method}", self._book, state["book"], self.dim)
+    def _label(self) -> str:
+        return f"ng:{self.method}"
+
+    def _divergence_hint(self) -> str:
+        return "; this nevergrad method is not reproducible from its seed"

@@ -43,7 +43,6 @@ from ..pareto import crowding_distance, nondominated, nondominated_sort
 from .base import (
     FAILED_FITNESS,
     Candidate,
-    Optimizer,
     Result,
     check_box,
     check_options,
@@ -52,6 +51,7 @@ from .base import (
     register_optimizer,
 )
 from .state import (
+    BookedOptimizer,
     CandidateBook,
     as_array,
     check_header,
@@ -100,7 +100,7 @@ def survivors(points: np.ndarray, n: int) -> np.ndarray:
 
 
 @register_optimizer("nsga2")
-class NSGA2(Optimizer):
+class NSGA2(BookedOptimizer):
     generational = True
     multi_objective = True
     kind = "nsga2"
@@ -246,12 +246,6 @@ class NSGA2(Optimizer):
         self._generation += 1
 
     # -- inspection ----------------------------------------------------------------------
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
-
     def archive(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The Pareto archive: candidate ids, genomes and objective vectors."""
         return list(self._arch_ids), self._arch_x.copy(), self._arch_obj.copy()

@@ -14,14 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Optimizer, Result, as_population, check_box, register_optimizer
-from .state import CandidateBook, check_header, rng_state, set_rng_state, settings_of
+from .base import Candidate, Result, as_population, check_box, register_optimizer
+from .state import (
+    BookedOptimizer,
+    CandidateBook,
+    check_header,
+    rng_state,
+    set_rng_state,
+    settings_of,
+)
 
 STATE_VERSION = 1
 
 
 @register_optimizer("random")
-class RandomSearch(Optimizer):
+class RandomSearch(BookedOptimizer):
     generational = False
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
@@ -58,13 +65,6 @@ class RandomSearch(Optimizer):
 
     def tell(self, results: list[Result]) -> None:
         self._book.settle(list(results))
-
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._book.best()
-
-    def pending(self) -> list[Candidate]:
-        """Candidates asked and not yet told, in id order."""
-        return [self._book.pending[i] for i in sorted(self._book.pending)]
 
     # -- state ---------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:

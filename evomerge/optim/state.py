@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Result, effective_fitness, is_failed
+from .base import Candidate, Optimizer, Result, effective_fitness, is_failed
 
 # --------------------------------------------------------------------------- RNG state
 
@@ -237,6 +237,21 @@ class CandidateBook:
         self.best_fitness = None if state["best_fitness"] is None else float(state["best_fitness"])
 
 
+class BookedOptimizer(Optimizer):
+    """An optimizer whose candidates live in a :class:`CandidateBook` at ``self._book``
+    (set by the subclass): :meth:`pending` and :meth:`best` come from the book."""
+
+    _book: CandidateBook
+
+    def best(self) -> tuple[np.ndarray, float] | None:
+        """The best result ever told (genome, fitness), or None before any success."""
+        return self._book.best()
+
+    def pending(self) -> list[Candidate]:
+        """Candidates asked and not yet told, in id order."""
+        return [self._book.pending[i] for i in sorted(self._book.pending)]
+
+
 # --------------------------------------------------------------------------- replay
 
 
@@ -281,10 +296,6 @@ class ReplayLog:
                 self.told_ids.append(t.id)
                 self.told_fitness.append(t.fitness)
                 self.told_failed.append(t.failed)
-
-    @property
-    def n_events(self) -> int:
-        return len(self.events)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -132,6 +132,7 @@ class SubspaceOptimizer(SubspaceDelegate):
 
     needs_budget = True
     kind = "subspace"
+    space_extras = "dims"
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None,
                  sigma0: float = 0.2, seed: int = 0, budget: int | None = None, **options: Any):

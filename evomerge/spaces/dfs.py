@@ -61,6 +61,7 @@ from ..checkpoint import open_checkpoint
 from ..checkpoint.compat import check_compatible
 from ..checkpoint.layout import residual_output_projections
 from ..errors import ConfigError, IncompatibleModelsError, PlanError
+from ..optim.base import optimizer_trait
 from .base import SearchSpace, register_space
 
 OPTIONS = {"repeats", "max_path_length", "length_penalty", "scale_range", "sources", "non_layer",
@@ -228,7 +229,7 @@ class DFSSpace(SearchSpace):
     def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
         # ``subspace`` without ``dims``: CMA-ES (or any inner optimizer) on the scaling genes
         # alone, the path held at ``fixed`` (e.g. the best genome of a discrete-path run)
-        if optimizer == "subspace":
+        if optimizer_trait(optimizer, "space_extras") == "dims":
             return {"dims": list(range(len(self.slots), self.dim))}
         return {}
 

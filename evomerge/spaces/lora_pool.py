@@ -32,14 +32,13 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..ops.control import ADAPTER_TENSOR, LORA_POOL_OUTPUT
+from ..optim.base import optimizer_trait
 from ..plan import MergePlan, TensorRef, TensorStep
 from .base import SearchSpace, register_space
 
 DECIMALS = 4
 POOL_PREFIX = "pool:"
 DEFAULT_BETA_RANGE = (-1.5, 1.5)
-#: the optimizers that take this space's ``optimizer_extras``
-STAGED_OPTIMIZERS = ("evo_merging", "lorahub")
 
 
 @register_space("lora_pool")
@@ -102,7 +101,7 @@ class LoraPoolSpace(SearchSpace):
         return np.concatenate([np.ones(self.n), np.full(self.n, self.beta_unit(1.0 / self.n))])
 
     def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
-        if optimizer not in STAGED_OPTIMIZERS:
+        if optimizer_trait(optimizer, "space_extras") != "pool_blocks":
             return {}
         zero = self.beta_unit(0.0) if self.beta_low <= 0.0 <= self.beta_high else 0.0
         return {"alpha_dims": self.alpha_dims, "beta_dims": self.beta_dims,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import open_checkpoint
+from ..optim.base import optimizer_trait
 from ..optim.m2n2_core import SLERP_EPS, slerp_weights
 from .base import SearchSpace, register_space
 
@@ -70,7 +71,7 @@ class M2N2Space(SearchSpace):
         return [self.member(k) for k in self.keys]
 
     def optimizer_extras(self, optimizer: str) -> dict[str, Any]:
-        if optimizer != "m2n2":
+        if optimizer_trait(optimizer, "space_extras") != "crossover":
             return {}
         return {"crossover": GramSlerpCrossover(self.gram, self.sizes)}
 
