@@ -5,7 +5,7 @@ sends a *control vector* per adapter (sparsity alpha_i in [0, 1] and signed scal
 gets back a loss and/or a score per example of a session's examples; the merged adapter itself
 is released only when the operator allows it. This module speaks that HTTP API (see the
 contract in ``evomerge/blackbox/pool_server.py``) on top of the API backend's
-:class:`~evomerge.fitness.backends.api.APIClient`, so retries with backoff, ``Retry-After``,
+:class:`~evomerge.netclient.APIClient`, so retries with backoff, ``Retry-After``,
 keep-alive connections, the key read from an environment variable *named* in the config and
 the scrubbing of that key from every message are the same code the ``api`` backend uses.
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
-from ..fitness.backends.api import APIClient, RetryPolicy, read_api_key
+from ..netclient import APIClient, RetryPolicy, read_api_key
 
 #: files of a PEFT adapter folder that an export keeps (anything else in the archive is skipped)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -45,7 +45,7 @@ from ..blackbox.mixture import (
     read_keys,
 )
 from ..errors import BackendError, ConfigError
-from ..fitness.backends.api import APIClient, RetryPolicy, read_api_key
+from ..netclient import APIClient, RetryPolicy, read_api_key
 from .server import MAX_TOP_LOGPROBS, OpenAIServer, RequestError, check_auth
 
 ENSEMBLE_FILE = "ensemble.yaml"

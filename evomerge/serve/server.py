@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..blackbox.pool_server import _GuardMiddleware, bind_socket
 from ..errors import ConfigError, EvomergeError
-from ..fitness.backends.api import Secret, read_api_key
+from ..netclient import Secret, read_api_key
 from .service import GREEDY, MAX_TOP_LOGPROBS, ModelService, RequestError, Sampling
 
 log = logging.getLogger("evomerge.serve")

@@ -25,9 +25,9 @@ import numpy as np
 
 from ...blackbox.mixture import DEFAULT_EOS_TOKENS, Endpoint, EndpointPool, MixtureDecoder
 from ...errors import BackendError
+from ...netclient import read_api_key
 from ...ops.mixture_control import MIXTURE_OUTPUT
 from ..scoring import evaluate_task
-from .api import read_api_key
 from .base import Backend, register_backend
 
 _KNOWN = ("api_key_env", "top_logprobs", "concurrency", "timeout", "max_retries", "backoff",
