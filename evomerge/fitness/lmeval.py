@@ -62,8 +62,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from ..errors import TaskError
-from .tasks import Example, Task, _format_validation_error, _resolve
+from ..errors import TaskError, format_validation_error
+from .tasks import Example, Task, _resolve
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 INSTALL_HINT = "pip install 'evomerge[lmeval]'"
@@ -372,7 +372,7 @@ def load_lmeval_task(raw: dict[str, Any], path: Path, weight: float = 1.0) -> Ta
     try:
         spec = LMEvalTaskSpec.model_validate(raw)
     except ValidationError as err:
-        raise TaskError(_format_validation_error(err, path)) from None
+        raise TaskError(format_validation_error(err, path)) from None
     require_lm_eval()
     include = _include_paths(spec, path)
     where = str(path)

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import TaskError
+from ..errors import TaskError, format_validation_error
 from .scoring import SCORERS, parse_last_number
 
 SPLITS = ("search", "validation", "heldout")
@@ -286,18 +286,6 @@ def _few_shot_prefix(spec: TaskSpec, path: Path) -> str:
     return "".join(ex.prompt + ex.target + sep for ex in shots)
 
 
-def _format_validation_error(err: ValidationError, path: Path) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif first["type"] == "missing":
-        msg = "field required"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path}: {loc}: {msg}{more}"
-
-
 def example_key(ex: Example) -> str:
     """A stable digest of one example (its prompt and reference), independent of file order."""
     return hashlib.sha256(json.dumps([ex.prompt, ex.target, ex.choices, ex.answer]).encode()).hexdigest()
@@ -358,7 +346,7 @@ def load_task(path: str | Path, weight: float = 1.0,
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
-        raise TaskError(_format_validation_error(err, path)) from None
+        raise TaskError(format_validation_error(err, path)) from None
     if spec.scoring == "regex":
         if not spec.regex:
             raise TaskError(f"{path}: regex: required when scoring is 'regex'")
