@@ -54,7 +54,7 @@ import functools
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +63,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..errors import TaskError, format_validation_error
-from .tasks import Example, Task, _resolve
+from .scoring import TASK_EVALUATORS, Generate, Loglikelihood
+from .task_types import Example, Task, resolve_path
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 INSTALL_HINT = "pip install 'evomerge[lmeval]'"
@@ -401,7 +402,7 @@ def _include_paths(spec: LMEvalTaskSpec, path: Path) -> tuple[str, ...]:
     items = [spec.include_path] if isinstance(spec.include_path, str) else spec.include_path
     out = []
     for item in items:
-        p = _resolve(path.parent, item)
+        p = resolve_path(path.parent, item)
         if not p.exists():
             raise TaskError(f"{path}: include_path: folder not found: {p}")
         out.append(str(p.resolve()))
@@ -416,10 +417,6 @@ def _loaded(task: Task) -> _Loaded:
 
 
 # -- the model lm-eval talks to ----------------------------------------------------------
-
-
-Generate = Callable[[list[str], int, Sequence[str]], list[str]]
-Loglikelihood = Callable[[list[tuple[str, str]]], list[Any]]
 
 
 def make_backend_lm(generate: Generate, loglikelihood: Loglikelihood) -> Any:
@@ -621,3 +618,6 @@ def evaluate_lmeval_task(
             f"of task {name!r} (first: {missing[0]})"
         )
     return np.array([by_id[i] for i in ids], dtype=np.float64)
+
+
+TASK_EVALUATORS["lm_eval"] = evaluate_lmeval_task  # scoring.evaluate_task dispatches lm_eval tasks here
