@@ -57,9 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
-from ..fitness.scoring import Loglik, truncate_at_stop
-from ..netclient import (
+from ...errors import BackendError
+from ...netclient import (
     APIClient,
     RetryPolicy,
     Secret,
@@ -68,6 +67,7 @@ from ..netclient import (
     run_jobs,
     token_ends,
 )
+from ..scoring import Loglik, truncate_at_stop
 
 COMBINES = ("linear", "log_linear")
 DEFAULT_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>",
