@@ -173,7 +173,7 @@ class SessionStore:
 # --------------------------------------------------------------------------------------
 # Auth + body limit, before routing
 # --------------------------------------------------------------------------------------
-class _GuardMiddleware:
+class GuardMiddleware:
     """Pure ASGI: 401 for ``/v1`` without the token, 413 for a body over the limit.
 
     The body is read here (at most ``max_body`` bytes) and replayed to the app, so a client
@@ -347,7 +347,7 @@ def create_app(
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err)
         return _error_response(500, f"internal error: {type(err).__name__}")
 
-    app.add_middleware(_GuardMiddleware, token=token, max_body=int(max_body_bytes))
+    app.add_middleware(GuardMiddleware, token=token, max_body=int(max_body_bytes))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
