@@ -52,8 +52,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..blackbox.pool_server import GuardMiddleware, bind_socket
 from ..errors import ConfigError, EvomergeError
+from ..httpserve import GuardMiddleware, bind_socket
 from ..netclient import Secret, read_api_key
 from .service import GREEDY, MAX_TOP_LOGPROBS, ModelService, RequestError, Sampling
 
