@@ -42,3 +42,26 @@ class BackendError(EvomergeError):
 
 class RunError(EvomergeError):
     """A run directory is missing, locked, or its config changed since it was created."""
+
+
+def format_validation_error(err, source) -> str:
+    """One line for a pydantic ``ValidationError``: ``<source>: <field.path>: <problem>``.
+
+    The first error is named (an unknown field, a missing required field, or pydantic's own
+    message); further errors are counted as ``(and N more)``. Shared by configs, task files and
+    lm-eval task files so every file a user writes is reported in the same words.
+
+    Args:
+        err: a ``pydantic.ValidationError`` (anything with an ``errors()`` list of dicts).
+        source: the file or name the data came from (a path or a string).
+    """
+    errors = err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"

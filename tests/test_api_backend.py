@@ -22,7 +22,7 @@ import pytest
 
 from evomerge.errors import BackendError
 from evomerge.fitness import Example, load_task, make_backend
-from evomerge.fitness.backends.api import RetryPolicy, parse_retry_after
+from evomerge.netclient import RetryPolicy, parse_retry_after
 from evomerge.plan import MergePlan, TensorRef, TensorStep
 
 KEY_ENV = "EVOMERGE_TEST_API_KEY"

@@ -255,7 +255,7 @@ def test_error_unknown_field_names_field_and_file(tmp_path):
 def test_error_missing_required_field(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("name: x\nscoring: exact_match\n")
-    assert "data: field required" in _task_error(p)
+    assert "data: required field is missing" in _task_error(p)
 
 
 def test_error_bad_field_value(tmp_path):

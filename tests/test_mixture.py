@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.blackbox.mixture import (
+from evomerge.config import SpaceConfig, parse_config
+from evomerge.errors import BackendError, ConfigError, PlanError
+from evomerge.fitness import load_task, make_backend
+from evomerge.fitness.backends.mixture_decoder import (
     EOS,
     Endpoint,
     EndpointPool,
     MixtureDecoder,
     combine_distributions,
 )
-from evomerge.config import SpaceConfig, parse_config
-from evomerge.errors import BackendError, ConfigError, PlanError
-from evomerge.fitness import load_task, make_backend
 from evomerge.serve import make_server, start_in_thread
 from evomerge.serve.ensemble import load_ensemble, make_ensemble_server, parse_ensemble
 from evomerge.spaces import make_space

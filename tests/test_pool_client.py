@@ -299,7 +299,7 @@ GOOD = [("adapter_config.json", b'{"r": 4}', "file"), ("adapter_model.safetensor
 
 
 def test_unpack_adapter_takes_only_the_adapter_files(tmp_path):
-    from evomerge.blackbox.pool_client import unpack_adapter
+    from evomerge.fitness.backends.pool_client import unpack_adapter
 
     out = tmp_path / "a"
     out.mkdir()
@@ -320,7 +320,7 @@ def test_unpack_adapter_takes_only_the_adapter_files(tmp_path):
     (GOOD + [("x/adapter_config.json", b"{}", "file")], "twice"),
 ])
 def test_unpack_adapter_refuses_unsafe_archives(tmp_path, entries, words):
-    from evomerge.blackbox.pool_client import unpack_adapter
+    from evomerge.fitness.backends.pool_client import unpack_adapter
 
     with pytest.raises(BackendError, match=words):
         unpack_adapter(_targz(entries), tmp_path)

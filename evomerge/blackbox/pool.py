@@ -39,19 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint.layout import ModelLayout
 from ..checkpoint.lora import LoraReader, resolve_base_path, save_lora_adapter
 from ..checkpoint.reader import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CheckpointReader,
-    natural_key,
     read_safetensors_header,
 )
 from ..errors import CheckpointError, EvomergeError
 from ..fitness.tasks import Example, Task, TaskSpec
-from ..materialize import GENERATION_CONFIG, Materializer, default_device
+from ..materialize import GENERATION_CONFIG, default_device
 from ..plan import MergePlan, TensorRef, TensorStep
+from .factors import FactorMaterializer, FactorReader
 
 ALPHA_RANGE = (0.0, 1.0)
 BETA_RANGE = (-1.5, 1.5)
@@ -63,82 +62,6 @@ _FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<par
 
 class PoolError(EvomergeError):
     """A LoRA pool cannot be built or a control vector is invalid (one line)."""
-
-
-# --------------------------------------------------------------------------------------
-# Factor tensors as a checkpoint reader
-# --------------------------------------------------------------------------------------
-class FactorReader:
-    """One adapter's raw LoRA factors presented with the CheckpointReader API.
-
-    Tensor names are ``<module>.lora_A.weight`` (``[r, in]``) and ``<module>.lora_B.weight``
-    (``[out, r]``) for every adapted module (``module`` = dense weight name without
-    ``.weight``). ``B`` comes with the adapter's scale (``lora_alpha / r``, or the rsLoRA
-    scale) folded in, so adapters trained with different alphas mix correctly and the
-    merged adapter has scale 1. Tensors are float32 on CPU.
-    """
-
-    def __init__(self, lora: LoraReader):
-        self.lora = lora
-        self.path = lora.path
-        self.config = lora.config
-        self._factors: dict[str, tuple[str, str]] = {}  # factor name -> (dense weight, part)
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for weight in lora.lora_modules:
-            f = lora.lora_factors(weight)
-            assert f is not None
-            module = weight[: -len(".weight")]
-            for part, t in (("A", f.A), ("B", f.B)):
-                name = f"{module}.lora_{part}.weight"
-                self._factors[name] = (weight, part)
-                self._shapes[name] = tuple(t.shape)
-        self.names = sorted(self._factors, key=natural_key)
-
-    @property
-    def layout(self) -> ModelLayout:
-        from ..checkpoint.layout import detect_layout
-
-        return detect_layout(self.names, self.config)
-
-    @property
-    def is_lora(self) -> bool:
-        return False
-
-    @property
-    def tokenizer_dir(self) -> Path | None:
-        return None
-
-    def has(self, name: str) -> bool:
-        return name in self._factors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        try:
-            return self._shapes[name]
-        except KeyError:
-            raise CheckpointError(f"adapter {self.path} has no LoRA factor {name!r}") from None
-
-    def dtype(self, name: str) -> torch.dtype:
-        self.shape(name)
-        return torch.float32
-
-    def get(self, name: str, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        self.shape(name)
-        weight, part = self._factors[name]
-        f = self.lora.lora_factors(weight)
-        assert f is not None
-        t = f.A.to(torch.float32) if part == "A" else f.B.to(torch.float32) * float(f.scale)
-        return t.to(device=device, dtype=dtype or torch.float32)
-
-
-class _FactorMaterializer(Materializer):
-    """The standard materializer with the pool's factor readers as its sources."""
-
-    def __init__(self, readers: Mapping[str, FactorReader], device: torch.device):
-        super().__init__(device=device, cache_sources=True)  # factors are small: keep them
-        self.readers = dict(readers)
-
-    def check(self, plan: MergePlan, readers: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return super().check(plan, readers if readers is not None else self.readers)
 
 
 # --------------------------------------------------------------------------------------
@@ -251,7 +174,7 @@ class LoraPool:
         self.transposed = {m: first.lora_transposed(m) for m in self.modules}
         self.fan_in_fan_out = bool(first.adapter_config.get("fan_in_fan_out", False))
         self.readers = {n: FactorReader(self.loras[n]) for n in self.names}
-        self._materializer = _FactorMaterializer(self.readers, self.device)
+        self._materializer = FactorMaterializer(self.readers, self.device)
         self._factor_buffers = {
             name: torch.empty(self.readers[self.names[0]].shape(name), dtype=torch.float32, device=self.device)
             for name in self.readers[self.names[0]].names

@@ -98,7 +98,7 @@ def _takes_root(module) -> bool:
 def serve_pool(base, adapters, pool_dir, tasks, host, port, token_env, no_auth, allow_export, max_sessions,
                max_examples, max_body_bytes, session_ttl, beta_range, device, batch_size, threads, quiet):
     """Serve a base model + LoRA adapters: clients evaluate merges by control vector only."""
-    from ..fitness.backends.api import read_api_key
+    from ..netclient import read_api_key
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port: must be 0..65535, got {port}")

@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,8 +60,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from ..errors import TaskError
-from .tasks import Example, Task, _format_validation_error, _resolve
+from ..errors import TaskError, format_validation_error
+from .lmeval_models import make_backend_lm, pick_lm, resident_hflm  # noqa: F401  (re-exported)
+from .scoring import TASK_EVALUATORS, Generate, Loglikelihood
+from .task_types import Example, Task, resolve_path
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 INSTALL_HINT = "pip install 'evomerge[lmeval]'"
@@ -372,7 +372,7 @@ def load_lmeval_task(raw: dict[str, Any], path: Path, weight: float = 1.0) -> Ta
     try:
         spec = LMEvalTaskSpec.model_validate(raw)
     except ValidationError as err:
-        raise TaskError(_format_validation_error(err, path)) from None
+        raise TaskError(format_validation_error(err, path)) from None
     require_lm_eval()
     include = _include_paths(spec, path)
     where = str(path)
@@ -401,7 +401,7 @@ def _include_paths(spec: LMEvalTaskSpec, path: Path) -> tuple[str, ...]:
     items = [spec.include_path] if isinstance(spec.include_path, str) else spec.include_path
     out = []
     for item in items:
-        p = _resolve(path.parent, item)
+        p = resolve_path(path.parent, item)
         if not p.exists():
             raise TaskError(f"{path}: include_path: folder not found: {p}")
         out.append(str(p.resolve()))
@@ -413,139 +413,6 @@ def _loaded(task: Task) -> _Loaded:
     if key not in _LOADED:  # a Task object made in another process (unpickled): build here
         load_lmeval_task(task.spec.model_dump(), Path(task.path), task.weight)
     return _LOADED[key]
-
-
-# -- the model lm-eval talks to ----------------------------------------------------------
-
-
-Generate = Callable[[list[str], int, Sequence[str]], list[str]]
-Loglikelihood = Callable[[list[tuple[str, str]]], list[Any]]
-
-
-def make_backend_lm(generate: Generate, loglikelihood: Loglikelihood) -> Any:
-    """An lm-eval ``LM`` over an evomerge backend's two primitives (see :class:`BackendLM`)."""
-    return _backend_lm_class()(generate, loglikelihood)
-
-
-@functools.lru_cache(maxsize=1)
-def _backend_lm_class() -> type:
-    from lm_eval.api.model import LM
-
-    class BackendLM(LM):
-        """lm-eval requests answered by an evomerge backend's ``generate`` and
-        ``loglikelihood`` (hf, vllm or api: whatever holds the candidate's weights).
-
-        Greedy generation only (the backend's), grouped by (max_gen_toks, until). The
-        backends return no "is the continuation greedy" flag, so a plain ``loglikelihood``
-        task's ``acc`` and rolling log-likelihood (perplexity) tasks are refused here: they
-        need ``model: hflm``.
-        """
-
-        def __init__(self, generate: Generate, loglikelihood: Loglikelihood):
-            super().__init__()
-            self._generate = generate
-            self._loglikelihood = loglikelihood
-
-        def loglikelihood(self, requests, disable_tqdm: bool = True):
-            pairs = [(str(r.args[0]), str(r.args[1])) for r in requests]
-            return [(float(ll.logprob), False) for ll in self._loglikelihood(pairs)]
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-            raise TaskError(
-                "lm-eval loglikelihood_rolling tasks need model: hflm (the hf backend): "
-                "rolling windows are counted in the model's tokens"
-            )
-
-        def generate_until(self, requests, disable_tqdm: bool = True):
-            groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-            for i, r in enumerate(requests):
-                kwargs = dict(r.args[1] or {})
-                until = kwargs.get("until") or []
-                until = (until,) if isinstance(until, str) else tuple(until)
-                max_toks = int(kwargs.get("max_gen_toks", 256))
-                groups.setdefault((max_toks, until), []).append(i)
-            out = [""] * len(requests)
-            for (max_toks, until), idx in groups.items():
-                texts = self._generate([str(requests[i].args[0]) for i in idx], max_toks, list(until))
-                for i, text in zip(idx, texts):
-                    out[i] = text
-            return out
-
-    return BackendLM
-
-
-_TOKEN_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[int, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-@functools.lru_cache(maxsize=1)
-def _hflm_class() -> type:
-    from lm_eval.models.huggingface import HFLM
-
-    class ResidentHFLM(HFLM):
-        """lm-eval's HFLM without progress bars (one set per candidate otherwise) and with
-        token ids memoized per tokenizer: every candidate is asked the same requests, and
-        re-tokenizing them was ~30% of a multiple-choice evaluation of the zoo here."""
-
-        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
-            if kwargs:
-                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
-            cache = _TOKEN_CACHE.setdefault(self.tokenizer, {})
-            key = (string, add_special_tokens, left_truncate_len)
-            ids = cache.get(key)
-            if ids is None:
-                ids = cache[key] = tuple(super().tok_encode(string, add_special_tokens, left_truncate_len))
-            return list(ids)
-
-        def loglikelihood(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = True):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return ResidentHFLM
-
-
-def _resident_hf(generate: Any) -> Any | None:
-    """The backend object owning ``generate`` when it holds a transformers model and its
-    tokenizer (the hf backend), else None."""
-    owner = getattr(generate, "__self__", None)
-    model = getattr(owner, "model", None)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a base dependency
-        return None
-    if isinstance(model, PreTrainedModel) and getattr(owner, "tokenizer", None) is not None:
-        return owner
-    return None
-
-
-def resident_hflm(model: Any, tokenizer: Any, batch_size: int = 64) -> Any:
-    """lm-eval's HFLM around an already-built (resident) model: no copy, no disk."""
-    log = logging.getLogger("lm_eval")
-    level = log.level
-    log.setLevel(logging.ERROR)  # "pretrained is not a str" warnings: intended here
-    try:
-        return _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
-    finally:
-        log.setLevel(level)
-
-
-def _pick_lm(mode: str, generate: Generate, loglikelihood: Loglikelihood, where: str) -> tuple[Any, bool]:
-    """(the lm-eval model to use, whether it is lm-eval's HFLM on the resident model)."""
-    owner = _resident_hf(generate)
-    if mode == "hflm" and owner is None:
-        raise TaskError(
-            f"{where}: model: hflm needs the hf backend (a resident transformers model); "
-            "use model: backend (or auto) with this backend"
-        )
-    if mode != "backend" and owner is not None:
-        return resident_hflm(owner.model, owner.tokenizer, getattr(owner, "batch_size", 64)), True
-    return make_backend_lm(generate, loglikelihood), False
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -585,7 +452,7 @@ def evaluate_lmeval_task(
         return np.zeros(0, dtype=np.float64)
     wanted = sorted(set(ids))
     everything = wanted == list(range(len(lm_task.eval_docs)))
-    lm, is_hflm = _pick_lm(spec.model, generate, loglikelihood, str(task.path))
+    lm, is_hflm = pick_lm(spec.model, generate, loglikelihood, str(task.path))
     if not is_hflm and loaded.output_type == "loglikelihood" and loaded.metric == "acc":
         raise TaskError(
             f"{task.path}: metric acc of an lm-eval loglikelihood task needs greedy flags, "
@@ -621,3 +488,6 @@ def evaluate_lmeval_task(
             f"of task {name!r} (first: {missing[0]})"
         )
     return np.array([by_id[i] for i in ids], dtype=np.float64)
+
+
+TASK_EVALUATORS["lm_eval"] = evaluate_lmeval_task  # scoring.evaluate_task dispatches lm_eval tasks here

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 if TYPE_CHECKING:
-    from .tasks import Example, Task, TaskSpec
+    from .task_types import Example, Task, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -203,16 +203,19 @@ def score(spec: TaskSpec, examples: Sequence[Example], data: Sequence[Any]) -> n
 Generate = Callable[[list[str], int, Sequence[str]], list[str]]
 Loglikelihood = Callable[[list[tuple[str, str]]], list[Loglik]]
 
+TASK_EVALUATORS: dict[str, Callable[..., np.ndarray]] = {}
+"""Whole-task evaluators by ``scoring`` name, for task kinds that score themselves: called as
+``fn(task, split, generate, loglikelihood)``. The module defining such a task's spec registers
+it (:mod:`.lmeval` registers ``lm_eval``), so scoring never imports the modules above it."""
+
 
 def evaluate_task(
     task: Task, split: str, generate: Generate, loglikelihood: Loglikelihood
 ) -> np.ndarray:
     """Run one task through a backend's two primitives and score it per example."""
     spec, examples = task.spec, task.examples(split)
-    if spec.scoring == "lm_eval":  # lm-eval-harness scores it, on the same primitives' model
-        from .lmeval import evaluate_lmeval_task
-
-        return evaluate_lmeval_task(task, split, generate, loglikelihood)
+    if spec.scoring in TASK_EVALUATORS:  # e.g. lm_eval: lm-eval-harness scores it, same primitives
+        return TASK_EVALUATORS[spec.scoring](task, split, generate, loglikelihood)
     if spec.needs_generation:
         mix = float(spec.loglik_mix)
         gen = np.zeros(len(examples))

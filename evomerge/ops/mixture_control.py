@@ -5,7 +5,7 @@ whose inputs name the endpoints (``[key, "next_token_logprobs"]``, sources ``api
 and whose params are the mixture weights (``weight``, one per endpoint, >= 0, summing to 1),
 ``combine`` (linear | log_linear) and ``top_logprobs``. Registering the operator lets the
 plan be validated like any other (unknown params, wrong lengths, ranges) and hashed for the
-fitness cache; the mixture itself happens at decoding time (:mod:`evomerge.blackbox.mixture`:
+fitness cache; the mixture itself happens at decoding time (:mod:`evomerge.fitness.backends.mixture_decoder`:
 the ``mixture`` fitness backend and ``evomerge serve --ensemble``), never on tensors, so the
 operator's function refuses to run (there are no weights on this machine to combine).
 """

@@ -19,7 +19,7 @@ an endpoint's key when the ensemble is served (a field called ``api_key`` is ref
 ``evomerge serve --ensemble ensemble.yaml`` serves it: :class:`EnsembleService` has
 :class:`~evomerge.serve.server.ModelService`'s interface, so the same HTTP layer, auth
 and OpenAI error shape apply. Completions and chat are greedy answers of the mixture
-(:class:`~evomerge.blackbox.mixture.MixtureDecoder`); chat messages are joined by newlines
+(:class:`~evomerge.fitness.backends.mixture_decoder.MixtureDecoder`); chat messages are joined by newlines
 (the upstream endpoints' chat templates are not known here); ``logprobs`` are refused;
 ``usage`` counts generated tokens only (no local tokenizer for prompts). An upstream
 failure (endpoint down, HTTP error after retries) answers 502 with one line naming it.
@@ -36,7 +36,8 @@ from typing import Any
 
 import yaml
 
-from ..blackbox.mixture import (
+from ..errors import BackendError, ConfigError
+from ..fitness.backends.mixture_decoder import (
     COMBINES,
     Endpoint,
     EndpointPool,
@@ -44,8 +45,7 @@ from ..blackbox.mixture import (
     normalize_weights,
     read_keys,
 )
-from ..errors import BackendError, ConfigError
-from ..fitness.backends.api import APIClient, RetryPolicy, read_api_key
+from ..netclient import APIClient, RetryPolicy, read_api_key
 from .server import MAX_TOP_LOGPROBS, OpenAIServer, RequestError, check_auth
 
 ENSEMBLE_FILE = "ensemble.yaml"

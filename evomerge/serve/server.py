@@ -52,9 +52,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..blackbox.pool_server import _GuardMiddleware, bind_socket
 from ..errors import ConfigError, EvomergeError
-from ..fitness.backends.api import Secret, read_api_key
+from ..httpserve import GuardMiddleware, bind_socket
+from ..netclient import Secret, read_api_key
 from .service import GREEDY, MAX_TOP_LOGPROBS, ModelService, RequestError, Sampling
 
 log = logging.getLogger("evomerge.serve")
@@ -63,7 +63,7 @@ MAX_BODY = 8 * 1024 * 1024
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class _Guard(_GuardMiddleware):
+class _Guard(GuardMiddleware):
     """serve-pool's auth + body-limit middleware, answering in OpenAI's error format."""
 
     def _error(self, status: int, message: str) -> dict[str, Any]:

@@ -163,7 +163,7 @@ class LoraPoolSpace(SearchSpace):
     # -- export --------------------------------------------------------------------------
     def export(self, record: dict[str, Any], target: Any, card: dict[str, Any], cfg: Any) -> Path:
         """Download the merged adapter of ``record`` from the provider into ``target``."""
-        from ..blackbox.pool_client import export_merged_adapter
+        from ..fitness.backends.pool import export_merged_adapter
 
         alpha, beta = self.control_of(record["recipe"])
         return export_merged_adapter(self.adapters, alpha, beta, record["recipe"], Path(target),

@@ -22,7 +22,6 @@ of (context, continuation) pairs, right-padded, reading only the continuation po
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,7 @@ from ...devices import check_device
 from ...errors import BackendError, CheckpointError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
 from .base import Backend, register_backend
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+from .prompting import DTYPE_NAMES, collect_eos_ids, encode_cached, encode_pair, fit_prompts
 
 
 def _resolve_dtype(dtype: Any, device: torch.device) -> Any:
@@ -53,10 +43,10 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> Any:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, DTYPE_NAMES[str(dtype).lower()])
     except KeyError:
         raise BackendError(
-            f"backend.dtype: unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}"
+            f"backend.dtype: unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPE_NAMES)}"
         ) from None
 
 
@@ -141,14 +131,8 @@ class HFBackend(Backend):
         self.model = model
         self.tokenizer = tokenizer
 
-        eos: set[int] = set()
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        for value in (gen_eos, tokenizer.eos_token_id):
-            if isinstance(value, int):
-                eos.add(value)
-            elif isinstance(value, (list, tuple)):
-                eos.update(int(v) for v in value)
-        self.eos_ids = sorted(eos)
+        self.eos_ids = collect_eos_ids(gen_eos, tokenizer.eos_token_id)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
@@ -184,11 +168,7 @@ class HFBackend(Backend):
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with the tokenizer's special tokens (BOS). Memoized: the same prompts
         are encoded for every candidate."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._encode_cache]
-        if missing:
-            ids = self.tokenizer(list(missing), add_special_tokens=True)["input_ids"]
-            self._encode_cache.update(zip(missing, ids))
-        return [self._encode_cache[t] for t in texts]
+        return encode_cached(self.tokenizer, self._encode_cache, texts)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -201,7 +181,9 @@ class HFBackend(Backend):
         """Greedy completions of ``prompts``, cut at EOS and at the first stop string."""
         if not prompts:
             return []
-        encoded = self._fit_prompts(self._encode(prompts), int(max_new_tokens))
+        encoded = fit_prompts(self._encode(prompts), int(max_new_tokens), self.max_length,
+                              f"the model's {self.max_length} positions "
+                              f"(max_position_embeddings of {self.model_dir})")
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
         outputs: list[str] = [""] * len(prompts)
         run = self._generate_loop if self.generation == "loop" else self._generate_hf
@@ -212,28 +194,6 @@ class HFBackend(Backend):
                 for i, text in zip(idx, texts):
                     outputs[i] = truncate_at_stop(text, stop)
         return outputs
-
-    def _fit_prompts(self, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Keep the last tokens of prompts that would run past the model's positions (as
-        lm-eval does), with a warning: models with learned positions fail beyond them."""
-        limit = self.max_length
-        if not limit:
-            return encoded
-        room = limit - max_new_tokens
-        if room < 1:
-            raise BackendError(
-                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                f"{limit} positions (max_position_embeddings of {self.model_dir})"
-            )
-        too_long = sum(len(ids) > room for ids in encoded)
-        if not too_long:
-            return encoded
-        warnings.warn(
-            f"{too_long} prompt(s) cut to their last {room} tokens to fit max_new_tokens "
-            f"{max_new_tokens} in {limit} positions",
-            stacklevel=3,
-        )
-        return [ids[-room:] if len(ids) > room else ids for ids in encoded]
 
     def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids in batch)
@@ -323,20 +283,9 @@ class HFBackend(Backend):
     # -- log-likelihood -------------------------------------------------------------------
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split: encode context+continuation whole and take the continuation as
-        the tokens after the context's encoding (trailing context spaces move over)."""
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped) :] + continuation
-        ctx, whole = self._encode([stripped, stripped + continuation])
-        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else []
-        if not cont:
-            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not ctx:  # nothing to condition the first token on: use EOS/BOS as lm-eval does
-            anchor = self.tokenizer.bos_token_id
-            if anchor is None:
-                anchor = self.eos_ids[0] if self.eos_ids else self.pad_id
-            ctx = [anchor]
-        return ctx, cont
+        """lm-eval's split (:func:`.prompting.encode_pair`); no BOS: EOS, else the pad id."""
+        anchor = self.eos_ids[0] if self.eos_ids else self.pad_id
+        return encode_pair(self._encode, self.tokenizer, context, continuation, anchor)
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[Loglik]:
         """Summed log p(continuation | context) and its token count, per request."""

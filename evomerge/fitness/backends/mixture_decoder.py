@@ -57,17 +57,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
-from ..fitness.backends.api import (
+from ...errors import BackendError
+from ...netclient import (
     APIClient,
     RetryPolicy,
     Secret,
-    _redact_url,
     read_api_key,
+    redact_url,
     run_jobs,
     token_ends,
 )
-from ..fitness.scoring import Loglik, truncate_at_stop
+from ..scoring import Loglik, truncate_at_stop
 
 COMBINES = ("linear", "log_linear")
 DEFAULT_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>",
@@ -181,7 +181,7 @@ class EndpointPool:
         self.steps = 0
 
     def __repr__(self) -> str:
-        return f"EndpointPool({[_redact_url(e.base_url) for e in self.endpoints]})"
+        return f"EndpointPool({[redact_url(e.base_url) for e in self.endpoints]})"
 
     def endpoint(self, name: str) -> Endpoint:
         for e in self.endpoints:

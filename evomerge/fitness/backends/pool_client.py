@@ -5,7 +5,7 @@ sends a *control vector* per adapter (sparsity alpha_i in [0, 1] and signed scal
 gets back a loss and/or a score per example of a session's examples; the merged adapter itself
 is released only when the operator allows it. This module speaks that HTTP API (see the
 contract in ``evomerge/blackbox/pool_server.py``) on top of the API backend's
-:class:`~evomerge.fitness.backends.api.APIClient`, so retries with backoff, ``Retry-After``,
+:class:`~evomerge.netclient.APIClient`, so retries with backoff, ``Retry-After``,
 keep-alive connections, the key read from an environment variable *named* in the config and
 the scrubbing of that key from every message are the same code the ``api`` backend uses.
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
-from ..fitness.backends.api import APIClient, RetryPolicy, read_api_key
+from ...errors import BackendError
+from ...netclient import APIClient, RetryPolicy, read_api_key
 
 #: files of a PEFT adapter folder that an export keeps (anything else in the archive is skipped)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -320,58 +320,3 @@ def _is_int(v: Any) -> bool:
 
 
 # -- export ---------------------------------------------------------------------------------
-
-
-def export_merged_adapter(adapters: Sequence[str], alpha: Sequence[float], beta: Sequence[float],
-                          recipe: dict[str, Any], target: Path, card: dict[str, Any],
-                          cfg: Any) -> Path:
-    """Download the merged adapter of one control vector (``adapters`` order) from the
-    provider named in ``cfg.backend`` and publish it atomically as folder ``target``:
-    the PEFT files, ``evomerge_recipe.yaml`` (the control vector) and a ``README.md`` card.
-
-    Nothing is written when the provider refuses (403) or sends a bad archive."""
-    import yaml
-
-    from ..checkpoint.writer import CARD_FILE, RECIPE_FILE, atomic_output_dir
-    from ..errors import ConfigError
-    from ..fitness.backends.pool import PoolOptions
-
-    if cfg.backend.name != "pool":
-        raise ConfigError(f"backend.name: a lora_pool run is exported through its pool provider "
-                          f"(backend pool), not {cfg.backend.name!r}")
-    opts = PoolOptions.parse(cfg.backend.options)
-    client = opts.client()
-    try:
-        info = client.info()
-        a, b = to_pool_order(adapters, info.adapters, alpha, beta)
-        data = client.merged_adapter(a, b)
-    finally:
-        client.close()
-    with atomic_output_dir(target) as tmp:
-        unpack_adapter(data, tmp)
-        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        (tmp / CARD_FILE).write_text(_adapter_card(target.name, client.url(""), info, recipe, card),
-                                     encoding="utf-8")
-    return target
-
-
-def _adapter_card(name: str, url: str, info: PoolInfo, recipe: dict[str, Any],
-                  card: dict[str, Any]) -> str:
-    import yaml
-
-    base = info.raw.get("base") if isinstance(info.raw.get("base"), dict) else {}
-    lines = ["---", "library_name: peft", "tags: [merge, evomerge, lora, evo-merging]", "---", "",
-             f"# {name}", "",
-             "A LoRA adapter merged by a pool provider (`evomerge serve-pool`) from the control "
-             "vector found by an evomerge black-box search: merged A = sum_i beta_i "
-             "TopK_alpha_i(A_i), merged B = sum_i beta_i B_i. Load it with "
-             "`peft.PeftModel.from_pretrained(<the provider's base model>, <this folder>)`.", "",
-             "## Provider", "", f"- url: `{url}`"]
-    if base:
-        lines.append(f"- base model: {base.get('model_type', '?')}, "
-                     f"{base.get('num_parameters', '?')} parameters")
-    lines += ["", "## Search", ""]
-    lines += [f"- {k}: {json.dumps(v, default=str)}" for k, v in card.items()]
-    lines += ["", "## Control vector", "", "Also saved as `evomerge_recipe.yaml`.", "", "```yaml",
-              yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
