@@ -25,7 +25,7 @@ from evomerge.checkpoint import (
     save_lora_adapter,
     write_checkpoint,
 )
-from evomerge.checkpoint import reader as reader_mod
+from evomerge.checkpoint import opener as opener_mod
 from evomerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 
 torch.set_num_threads(1)
@@ -150,14 +150,14 @@ def test_open_checkpoint_caches_per_path_and_notices_rewrites(tmp_path):
 
 
 def test_reader_cache_is_bounded(tmp_path, zoo, monkeypatch):
-    monkeypatch.setattr(reader_mod, "MAX_CACHED_READERS", 2)
+    monkeypatch.setattr(opener_mod, "MAX_CACHED_READERS", 2)
     paths = [zoo["llama"], zoo["llama_b"], zoo["gpt2"]]
     first = open_checkpoint(paths[0])
     second = open_checkpoint(paths[1])
     second.get("model.norm.weight")
     assert open_checkpoint(paths[0]) is first  # now the most recently used
     open_checkpoint(paths[2])  # evicts the least recently used: paths[1]
-    assert len(reader_mod._CACHE) == 2 and open_checkpoint(paths[0]) is first
+    assert len(opener_mod._CACHE) == 2 and open_checkpoint(paths[0]) is first
     assert open_checkpoint(paths[1]) is not second
     assert second._handles == {} and second.get("model.norm.weight").shape == (16,)  # still usable
 
