@@ -574,3 +574,23 @@ def test_writer_rejects_bad_tokenizer_dir(tmp_path, zoo):
     with pytest.raises(CheckpointError, match="holds no tokenizer files"):
         write_checkpoint(tmp_path / "o", src.iter_tensors(), src.config, tokenizer_dir=empty)
     assert not (tmp_path / "o").exists()
+
+
+def test_atomic_output_dir_keeps_a_concurrent_finished_build(tmp_path):
+    """keep_existing True drops the new folder (no partial left); False or None replaces."""
+    from evomerge.checkpoint.writer import atomic_output_dir
+
+    out = tmp_path / "build"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "who").write_text("first")
+    with atomic_output_dir(out, overwrite=True, keep_existing=lambda: (out / "who").is_file()) as tmp:
+        (tmp / "who").write_text("second")
+    assert (out / "who").read_text() == "first"
+    with atomic_output_dir(out, overwrite=True, keep_existing=lambda: False) as tmp:
+        (tmp / "who").write_text("third")
+    assert (out / "who").read_text() == "third"
+    with pytest.raises(RuntimeError), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "who").write_text("fourth")
+        raise RuntimeError("build failed")
+    assert (out / "who").read_text() == "third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,12 +97,27 @@ def make_output_parent(out: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    keep_existing: Callable[[], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``out_dir`` only if the block succeeds.
 
     The temporary directory sits next to ``out_dir`` (same filesystem, so the final rename
     is atomic) and is removed on any exception. An existing non-empty ``out_dir`` is an
     error unless ``overwrite``; then it is swapped out only after the new one is complete.
+
+    Args:
+        out_dir: the directory to create (or replace, with ``overwrite``).
+        overwrite: replace an existing non-empty ``out_dir`` instead of refusing.
+        keep_existing: asked once the block succeeded; when it returns True (another
+            process finished the same build meanwhile), the new directory is discarded and
+            the existing ``out_dir`` kept.
+
+    Raises:
+        CheckpointError: ``out_dir`` is a file, is non-empty without ``overwrite``, or its
+            folder cannot be written.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists():
@@ -118,7 +133,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     try:
         os.chmod(tmp, 0o755)
         yield tmp
-        if out.exists():
+        if keep_existing is not None and keep_existing():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             os.rename(tmp, out)

@@ -29,30 +29,20 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EvomergeError
+from ..errors import ConfigError
 from . import tasks as zoo_tasks
+from .cache import Progress, ZooError, default_root, staged_build
 from .model import ModelSpec
 from .train import LoraSpec, TrainSpec
 
 ZOO_FORMAT = 1
 MANIFEST = "zoo.json"
 VARIANTS = ("full", "test")
-
-Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: training steps done so far out of all the build's steps."""
-
-
-class ZooError(EvomergeError):
-    """The zoo cannot be built or loaded (unknown variant, missing or incomplete build)."""
-
 
 @dataclass(frozen=True)
 class ExpertSpec:
@@ -216,14 +206,6 @@ def zoo_spec(variant: str) -> ZooSpec:
             eval_items=8,
         )
     raise ConfigError(f"zoo variant: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-
-
-def default_root() -> Path:
-    """``$EVOMERGE_HOME/zoo``, else ``~/.cache/evomerge/zoo``."""
-    home = os.environ.get("EVOMERGE_HOME")
-    if home:
-        return Path(home).expanduser() / "zoo"
-    return Path.home() / ".cache" / "evomerge" / "zoo"
 
 
 # --- manifest --------------------------------------------------------------------------
@@ -406,41 +388,9 @@ def build_zoo_spec(
         base_root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ZooError(f"cannot create zoo root {base_root}: {err}") from err
-    _clear_stale_partials(base_root, spec.folder_name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder_name}.partial-", dir=base_root))
-    try:
-        _build_into(spec, tmp, final, progress)
-        if not force and _read_manifest(final, spec) is not None:
-            # another process finished the same build meanwhile: same bytes, keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_build(final, keep_existing=None if force else lambda: _read_manifest(final, spec) is not None) as tmp:
+        _build_into(spec, tmp, final, progress)  # a concurrent build that finished first is kept: same bytes
     return load_zoo_dir(final)
-
-
-def _clear_stale_partials(base_root: Path, folder_name: str, max_age_s: float = 6 * 3600) -> None:
-    """Remove ``.partial`` leftovers of interrupted builds (old enough not to be running)."""
-    now = time.time()
-    for p in base_root.glob(f".{folder_name}.partial-*"):
-        try:
-            if now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished build into place (replacing an older complete build)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 class _StepCounter:

@@ -38,7 +38,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,8 @@ from typing import Any
 
 from . import pool_tasks as pt
 from . import tasks as zt
-from .build import Progress, ZooError, _publish, _quiet_transformers, build_zoo, default_root
+from .build import _quiet_transformers, build_zoo
+from .cache import Progress, ZooError, default_root, staged_build
 from .train import LoraSpec, TrainSpec
 
 POOL_FORMAT = 1
@@ -352,23 +352,10 @@ def build_zoo_pool(
     zoo = build_zoo(variant, root=base_root, progress=(lambda s, d, t: progress(f"zoo {s}", d, t)) if progress else None)
     if zoo.config_hash != spec.zoo_hash:
         raise ZooError(f"zoo {zoo.root} has config hash {zoo.config_hash[:12]}, the pool expects {spec.zoo_hash[:12]}")
-    for p in base_root.glob(f".{spec.folder_name}.partial-*"):
-        try:
-            if time.time() - p.stat().st_mtime > 6 * 3600:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder_name}.partial-", dir=base_root))
     bars_were_on = _quiet_transformers()
     try:
-        _build_into(spec, zoo.base.path, tmp, final, progress)
-        if not force and _read_cached(final, spec) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished first: same bytes
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_build(final, keep_existing=None if force else lambda: _read_cached(final, spec) is not None) as tmp:
+            _build_into(spec, zoo.base.path, tmp, final, progress)  # a concurrent build finished first: same bytes
     finally:
         if bars_were_on:
             from transformers.utils import logging as hf_logging

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .build import Progress, ZooError, _clear_stale_partials, _publish, default_root
+from .cache import Progress, ZooError, default_root, staged_build
 from .smollm2_pool import (
     GGUF_NAME,
     GGUF_PACKAGE,
@@ -271,19 +271,13 @@ def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], mis
         parent.mkdir(parents=True, exist_ok=True)
         for name in missing:
             final = _expert_folder(base_root, name, skills, recipe).absolute()
-            _clear_stale_partials(parent, final.name)
             seed = recipe.seed + 101 * skills.index(name)
             info = runner.train(recipe.skill(name), seed, items.reserved, items.early_stop[name], on_step)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-            try:
+            with staged_build(final) as tmp:
                 _save_merged(runner, base_dir, tmp)
                 info.update(skill=name, config=expert_config(name, skills, recipe),
                             built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 (tmp / EXPERT_MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
-                _publish(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             if progress is not None:
                 progress(f"expert {name}: {info['steps']} steps, {info['seconds']} s, "
                          f"early-stop accuracy {info['val_accuracy']:.2f}", done[0], total)

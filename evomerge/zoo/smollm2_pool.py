@@ -46,16 +46,14 @@ import json
 import math
 import os
 import random
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .build import Progress, ZooError, _clear_stale_partials, _publish, default_root
+from .cache import Progress, ZooError, default_root, staged_build
 
 POOL_FORMAT = 1
 POOL_NAME = "smollm2"
@@ -334,9 +332,7 @@ def ensure_smollm2_base(root: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BASE_DIR}.partial-", dir=base_root))
-    try:
+    with staged_build(final, keep_existing=lambda: base_is_complete(final)) as tmp:  # someone else may finish first
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -351,13 +347,6 @@ def ensure_smollm2_base(root: str | os.PathLike | None = None) -> Path:
         marker = {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "gguf_bytes": gguf_path.stat().st_size, "dtype": "bfloat16"}
         (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
         del model
-        if base_is_complete(final):  # someone else finished meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -687,9 +676,7 @@ def build_smollm2_pool(root: str | os.PathLike | None = None, progress: Progress
         return cached
     t0 = time.perf_counter()
     base_dir = ensure_smollm2_base(base_root)
-    _clear_stale_partials(base_root, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=base_root))
-    try:
+    with staged_build(final, keep_existing=lambda: _read_manifest(final, chash) is not None) as tmp:
         metrics = _build_into(tmp, base_dir, recipe, progress)
         cls = _manifest_cls()
         manifest = cls(
@@ -706,13 +693,6 @@ def build_smollm2_pool(root: str | os.PathLike | None = None, progress: Progress
             built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         manifest.write(tmp)
-        if _read_manifest(final, chash) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _read_manifest(final, chash)
 
 
