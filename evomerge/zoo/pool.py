@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -496,27 +495,14 @@ def read_factors(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
 
 
 def merge_deltas(adapters: list[tuple[dict[str, tuple[Any, Any]], float]], alpha, beta) -> dict[str, Any]:
-    """Dense weight deltas of the black-box merge rule (issue 7): per module,
-    A = sum beta_i TopK_{alpha_i}(A_i) (entries of largest magnitude), B = sum beta_i
-    scale_i B_i, delta = B @ A. Used here for the pool's reference scores only."""
-    import torch
+    """Dense weight deltas ``B @ A`` of the black-box merge rule (issue 7,
+    :func:`evomerge.ops.factor.merge_lora_factors`): per module, A = sum beta_i
+    TopK_{alpha_i}(A_i), B = sum beta_i scale_i B_i. Used here for the pool's reference
+    scores only."""
+    from ..ops.factor import merge_lora_factors
 
-    out = {}
-    for module in adapters[0][0]:
-        a_sum = b_sum = None
-        for (pairs, scale), al, be in zip(adapters, alpha, beta):
-            a, b = pairs[module]
-            k = math.ceil(float(al) * a.numel())
-            if k <= 0:
-                a = torch.zeros_like(a)
-            elif k < a.numel():
-                keep = torch.zeros(a.numel(), dtype=torch.bool)
-                keep[a.abs().flatten().topk(k).indices] = True
-                a = torch.where(keep.view_as(a), a, torch.zeros_like(a))
-            a_sum = be * a if a_sum is None else a_sum + be * a
-            b_sum = be * scale * b if b_sum is None else b_sum + be * scale * b
-        out[f"{module}.weight"] = b_sum @ a_sum
-    return out
+    merged = merge_lora_factors([p for p, _ in adapters], alpha, beta, scales=[s for _, s in adapters])
+    return {f"{module}.weight": b @ a for module, (a, b) in merged.items()}
 
 
 def reference_merges(spec: PoolSpec, base_dir: Path, adapter_dirs: dict[str, Path], tasks_dir: Path) -> dict[str, Any]:

@@ -586,32 +586,12 @@ class _Runner:
 def merge_factors(
     pool: Sequence[dict[str, tuple[Any, Any]]], alpha: Sequence[float], beta: Sequence[float]
 ) -> dict[str, tuple[Any, Any]]:
-    """The pool's merge rule: ``A = sum beta_i TopK_alpha_i(A_i)``, ``B = sum beta_i B_i``.
+    """The pool's merge rule (:func:`evomerge.ops.factor.merge_lora_factors`):
+    ``A = sum beta_i TopK_alpha_i(A_i)``, ``B = sum beta_i B_i`` (``B_i`` already carries its
+    adapter's scale; alpha 0 keeps none of that adapter's A)."""
+    from ..ops.factor import merge_lora_factors
 
-    ``B_i`` already carries its adapter's scale. TopK keeps the ``ceil(alpha * numel)``
-    entries of largest magnitude of that adapter's A for that module (alpha 0 keeps none).
-    """
-    import torch
-
-    out: dict[str, tuple[Any, Any]] = {}
-    for module in pool[0]:
-        a_sum = torch.zeros_like(pool[0][module][0])
-        b_sum = torch.zeros_like(pool[0][module][1])
-        for factors, al, be in zip(pool, alpha, beta):
-            if be == 0.0:
-                continue
-            a, b = factors[module]
-            k = math.ceil(float(al) * a.numel())
-            if k <= 0:
-                a = torch.zeros_like(a)
-            elif k < a.numel():
-                keep = torch.zeros(a.numel(), dtype=torch.bool)
-                keep[torch.topk(a.abs().flatten(), k, sorted=False).indices] = True
-                a = torch.where(keep.view_as(a), a, torch.zeros_like(a))
-            a_sum += be * a
-            b_sum += be * b
-        out[module] = (a_sum, b_sum)
-    return out
+    return merge_lora_factors(pool, alpha, beta)
 
 
 # --- build / load -------------------------------------------------------------------------
