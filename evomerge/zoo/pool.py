@@ -44,9 +44,10 @@ from typing import Any
 
 from . import pool_tasks as pt
 from . import tasks as zt
-from .build import _quiet_transformers, build_zoo
+from .build import build_zoo
 from .cache import Progress, ZooError, default_root, staged_build
 from .train import LoraSpec, TrainSpec
+from .train_members import quiet_transformers
 
 POOL_FORMAT = 1
 POOL_MANIFEST = "pool.json"
@@ -155,7 +156,7 @@ class PoolSpec:
 
 def pool_spec(variant: str) -> PoolSpec:
     """The built-in pools: ``full`` over the demo zoo's base, ``test`` (tiny, seconds)."""
-    from .build import zoo_spec
+    from .spec import zoo_spec
 
     if variant not in POOL_VARIANTS:
         from ..errors import ConfigError
@@ -351,7 +352,7 @@ def build_zoo_pool(
     zoo = build_zoo(variant, root=base_root, progress=(lambda s, d, t: progress(f"zoo {s}", d, t)) if progress else None)
     if zoo.config_hash != spec.zoo_hash:
         raise ZooError(f"zoo {zoo.root} has config hash {zoo.config_hash[:12]}, the pool expects {spec.zoo_hash[:12]}")
-    bars_were_on = _quiet_transformers()
+    bars_were_on = quiet_transformers()
     try:
         with staged_build(final, keep_existing=None if force else lambda: _read_cached(final, spec) is not None) as tmp:
             _build_into(spec, zoo.base.path, tmp, final, progress)  # a concurrent build finished first: same bytes
@@ -455,14 +456,14 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
     """
     import torch
 
-    from .build import _load_base, _save_lora
     from .quick_eval import accuracy
     from .train import attach_lora, detach_lora, lora_params, lora_state_dict, train
+    from .train_members import load_base, save_lora
 
     torch.set_num_threads(spec.threads)
     adapter = next(a for a in spec.adapters if a.name == name)
     vocab, kw = _vocab_kw()
-    model = _load_base(base_dir)
+    model = load_base(base_dir)
     wrapped = attach_lora(model, spec.lora, seed=spec.lora_seed)
     mix = pt.adapter_mix(adapter.skill, adapter.replay)
     on_step = (lambda s: report(name, 1)) if report is not None else None
@@ -473,7 +474,7 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
         metrics[t] = round(accuracy(model, exs, vocab, **kw), 2)
     factors = lora_state_dict(wrapped)
     detach_lora(model, wrapped)
-    _save_lora(factors, spec.lora, Path(out_dir))
+    save_lora(factors, spec.lora, Path(out_dir))
     return metrics, {**result.to_dict(), "mix": mix.to_dict()}
 
 
@@ -511,11 +512,11 @@ def reference_merges(spec: PoolSpec, base_dir: Path, adapter_dirs: dict[str, Pat
     alone at weights 1 and at the weight in {0.2..1} best on the *search* split."""
     import torch
 
-    from .build import _load_base
     from .quick_eval import accuracy
+    from .train_members import load_base
 
     vocab, kw = _vocab_kw()
-    model = _load_base(str(base_dir))
+    model = load_base(str(base_dir))
     state0 = {k: v.clone() for k, v in model.state_dict().items()}
     names = list(adapter_dirs)
     factors = [read_factors(adapter_dirs[n]) for n in names]
@@ -555,7 +556,7 @@ def main(argv: list[str]) -> int:
 
     spec = PoolSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
     torch.set_num_threads(spec.threads)
-    _quiet_transformers()
+    quiet_transformers()
     metrics, train_info = train_adapter(spec, name, base_dir, out_dir, report=step_reporter())
     write_result(result_file, metrics, train_info)
     return 0
