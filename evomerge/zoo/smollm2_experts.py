@@ -39,11 +39,11 @@ from .smollm2_pool import (
     SKILL_BY_NAME,
     TARGET_MODULES,
     PoolRecipe,
-    _require_gguf_reader,
-    _unique_items,
     ensure_smollm2_base,
     find_gguf,
+    require_gguf_reader,
 )
+from .smollm2_recipe import unique_items
 
 EXPERTS_FORMAT = 1
 EXPERTS_DIR = "smollm2-experts"
@@ -136,13 +136,13 @@ def make_demo_items(skills: tuple[str, ...] = DEMO_SKILLS, recipe: ExpertRecipe 
         skill = SKILL_BY_NAME[name]
         rng = random.Random(recipe.task_seed + 1000 * si)
         tasks[name] = {
-            split: [{"input": p, "target": a} for p, a in _unique_items(skill, rng, n, taken)]
+            split: [{"input": p, "target": a} for p, a in unique_items(skill, rng, n, taken)]
             for split, n in SPLIT_SIZES.items()
         }
     early = {}
     for si, name in enumerate(skills):
         rng = random.Random(recipe.task_seed + 50_000 + si)
-        early[name] = _unique_items(SKILL_BY_NAME[name], rng, recipe.val_items, taken)
+        early[name] = unique_items(SKILL_BY_NAME[name], rng, recipe.val_items, taken)
     return DemoItems(tasks, early, taken)
 
 
@@ -219,7 +219,7 @@ def build_smollm2_experts(
         raise ZooError(f"demo experts: need >= 2 known skills, got {list(skills)} "
                        f"(known: {', '.join(SKILL_BY_NAME)})")
     find_gguf()
-    _require_gguf_reader()
+    require_gguf_reader()
     base_root = Path(root).expanduser() if root is not None else default_root()
     base_dir = ensure_smollm2_base(base_root)
     out: dict[str, Path] = {"base": base_dir}
@@ -252,13 +252,13 @@ def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], mis
                    recipe: ExpertRecipe, progress: Progress | None, threads: int) -> None:
     import torch
 
-    from .smollm2_pool import _Runner
+    from .smollm2_runner import Runner
 
     prev = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
         items = make_demo_items(skills, recipe)
-        runner = _Runner(base_dir, recipe.pool_recipe())
+        runner = Runner(base_dir, recipe.pool_recipe())
         total = expert_steps_cap(tuple(missing), recipe)
         done = [0]
 
