@@ -276,7 +276,7 @@ def write_checkpoint(
             apply_chat_template(tmp, chat_template)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(
-                yaml.safe_dump(_plain(recipe), sort_keys=False), encoding="utf-8"
+                yaml.safe_dump(plain_data(recipe), sort_keys=False), encoding="utf-8"
             )
         if mergekit_config is not None:
             (tmp / MERGEKIT_FILE).write_text(mergekit_config, encoding="utf-8")
@@ -294,16 +294,16 @@ def render_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
     return build_model_card(card, recipe, config, mergekit=mergekit)
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
     """numpy scalars/arrays, tuples and Paths -> plain YAML/JSON types."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if isinstance(value, os.PathLike):
         return str(value)
     if isinstance(value, torch.dtype):
         return dtype_name(value)
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _plain(value.tolist())
+        return plain_data(value.tolist())
     return value
