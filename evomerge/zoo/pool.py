@@ -46,13 +46,20 @@ from . import pool_tasks as pt
 from . import tasks as zt
 from .build import build_zoo
 from .cache import Progress, ZooError, default_root, staged_build
+from .pool_reference import (  # noqa: F401 (merge_deltas, read_factors: re-exported)
+    TARGET_TASKS,
+    merge_deltas,
+    read_factors,
+    reference_merges,
+    target_examples,
+    vocab_kw,
+)
 from .train import LoraSpec, TrainSpec
 from .train_members import quiet_transformers
 
 POOL_FORMAT = 1
 POOL_MANIFEST = "pool.json"
 POOL_VARIANTS = ("full", "test")
-TARGET_TASKS = ("combined", "cross")
 """The zoo tasks the pool is searched for (their ``search`` split) and reported on (held-out)."""
 
 POOL_ORDER = (
@@ -438,17 +445,6 @@ def _build_into(spec: PoolSpec, zoo_base: Path, out: Path, final: Path, progress
     return manifest
 
 
-def _vocab_kw():
-    from .tokenizer import build_vocab
-
-    vocab = build_vocab(zt.SYMBOLS)
-    return vocab, {"bos_id": vocab["<s>"], "eos_id": vocab["</s>"]}
-
-
-def _target_examples(tasks_dir: Path, n: int, split: str = "heldout") -> dict[str, list]:
-    return {t: zt.eval_examples(zt.load_records(tasks_dir / f"{t}.{split}.jsonl"))[:n] for t in TARGET_TASKS}
-
-
 def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report=None) -> tuple[dict, dict]:
     """Train one pool adapter from the saved base and write it as a PEFT folder.
 
@@ -462,7 +458,7 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
 
     torch.set_num_threads(spec.threads)
     adapter = next(a for a in spec.adapters if a.name == name)
-    vocab, kw = _vocab_kw()
+    vocab, kw = vocab_kw()
     model = load_base(base_dir)
     wrapped = attach_lora(model, spec.lora, seed=spec.lora_seed)
     mix = pt.adapter_mix(adapter.skill, adapter.replay)
@@ -470,77 +466,12 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
     result = train(model, lora_params(wrapped), adapter.train, mix, vocab, on_step=on_step, sample=pt.sample_batch)
     metrics = {"own": round(accuracy(model, pt.eval_items(adapter.skill, spec.eval_items), vocab, **kw), 2)}
     tasks_dir = Path(base_dir).parent / "tasks"
-    for t, exs in _target_examples(tasks_dir, spec.eval_items).items():
+    for t, exs in target_examples(tasks_dir, spec.eval_items).items():
         metrics[t] = round(accuracy(model, exs, vocab, **kw), 2)
     factors = lora_state_dict(wrapped)
     detach_lora(model, wrapped)
     save_lora(factors, spec.lora, Path(out_dir))
     return metrics, {**result.to_dict(), "mix": mix.to_dict()}
-
-
-# --- reference merges (what the search has to beat) -------------------------------------
-
-
-def read_factors(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
-    """Module -> (A, B) of a PEFT adapter folder, and its scale lora_alpha / r."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[len("base_model.model.") : -len(".lora_A.weight")]
-            pairs[module] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
-    return pairs, float(cfg["lora_alpha"]) / float(cfg["r"])
-
-
-def merge_deltas(adapters: list[tuple[dict[str, tuple[Any, Any]], float]], alpha, beta) -> dict[str, Any]:
-    """Dense weight deltas ``B @ A`` of the black-box merge rule (issue 7,
-    :func:`evomerge.ops.factor.merge_lora_factors`): per module, A = sum beta_i
-    TopK_{alpha_i}(A_i), B = sum beta_i scale_i B_i. Used here for the pool's reference
-    scores only."""
-    from ..ops.factor import merge_lora_factors
-
-    merged = merge_lora_factors([p for p, _ in adapters], alpha, beta, scales=[s for _, s in adapters])
-    return {f"{module}.weight": b @ a for module, (a, b) in merged.items()}
-
-
-def reference_merges(spec: PoolSpec, base_dir: Path, adapter_dirs: dict[str, Path], tasks_dir: Path) -> dict[str, Any]:
-    """Target scores (held-out) of the base and of control vectors a user could pick
-    without search: uniform (beta = 1/N, the LoraHub start), the relevant adapters
-    alone at weights 1 and at the weight in {0.2..1} best on the *search* split."""
-    import torch
-
-    from .quick_eval import accuracy
-    from .train_members import load_base
-
-    vocab, kw = _vocab_kw()
-    model = load_base(str(base_dir))
-    state0 = {k: v.clone() for k, v in model.state_dict().items()}
-    names = list(adapter_dirs)
-    factors = [read_factors(adapter_dirs[n]) for n in names]
-    heldout = _target_examples(tasks_dir, spec.eval_items, "heldout")
-    search = _target_examples(tasks_dir, spec.eval_items, "search")
-
-    def scores(beta: list[float], exs: dict[str, list]) -> dict[str, float]:
-        deltas = merge_deltas(factors, [1.0] * len(names), beta)
-        with torch.no_grad():
-            model.load_state_dict({k: v + deltas[k] if k in deltas else v for k, v in state0.items()})
-        out = {t: round(accuracy(model, e, vocab, **kw), 2) for t, e in exs.items()}
-        out["mean"] = round(sum(out.values()) / len(out), 2)
-        return out
-
-    relevant = [pt.POOL_SKILLS[a.skill].role == "relevant" for a in spec.adapters]
-    ref: dict[str, Any] = {"base": scores([0.0] * len(names), heldout)}
-    ref["uniform"] = {"beta": 1.0 / len(names), **scores([1.0 / len(names)] * len(names), heldout)}
-    ref["relevant_1"] = {"beta": 1.0, **scores([1.0 if r else 0.0 for r in relevant], heldout)}
-    grid = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-    tuned = {b: scores([b if r else 0.0 for r in relevant], search)["mean"] for b in grid}
-    best = max(grid, key=lambda b: (tuned[b], -abs(b - 1.0)))
-    ref["relevant_tuned"] = {"beta": best, "search_mean": tuned[best], **scores([best if r else 0.0 for r in relevant], heldout)}
-    model.load_state_dict(state0)
-    return ref
 
 
 # --- worker processes -------------------------------------------------------------------
