@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .checkpoint.layout import detect_layout
-from .checkpoint.reader import open_checkpoint
+from .checkpoint.opener import open_checkpoint
 from .checkpoint.resolve import portable_recipe
 from .checkpoint.writer import parse_dtype, write_checkpoint
 from .errors import CheckpointError, PlanError

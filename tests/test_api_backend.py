@@ -437,7 +437,7 @@ def test_retry_policy_backoff_and_retry_after_parsing():
 def test_load_plan_accepts_only_the_identity_of_the_served_checkpoint(server, tmp_path):
     import tiny_models
 
-    from evomerge.checkpoint.reader import open_checkpoint
+    from evomerge.checkpoint.opener import open_checkpoint
     from evomerge.materialize import Materializer
 
     served = tiny_models.make_tiny_llama(tmp_path / "served", hidden=16)

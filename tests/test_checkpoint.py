@@ -25,7 +25,7 @@ from evomerge.checkpoint import (
     save_lora_adapter,
     write_checkpoint,
 )
-from evomerge.checkpoint import reader as reader_mod
+from evomerge.checkpoint import opener as opener_mod
 from evomerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 
 torch.set_num_threads(1)
@@ -150,14 +150,14 @@ def test_open_checkpoint_caches_per_path_and_notices_rewrites(tmp_path):
 
 
 def test_reader_cache_is_bounded(tmp_path, zoo, monkeypatch):
-    monkeypatch.setattr(reader_mod, "MAX_CACHED_READERS", 2)
+    monkeypatch.setattr(opener_mod, "MAX_CACHED_READERS", 2)
     paths = [zoo["llama"], zoo["llama_b"], zoo["gpt2"]]
     first = open_checkpoint(paths[0])
     second = open_checkpoint(paths[1])
     second.get("model.norm.weight")
     assert open_checkpoint(paths[0]) is first  # now the most recently used
     open_checkpoint(paths[2])  # evicts the least recently used: paths[1]
-    assert len(reader_mod._CACHE) == 2 and open_checkpoint(paths[0]) is first
+    assert len(opener_mod._CACHE) == 2 and open_checkpoint(paths[0]) is first
     assert open_checkpoint(paths[1]) is not second
     assert second._handles == {} and second.get("model.norm.weight").shape == (16,)  # still usable
 
@@ -574,3 +574,23 @@ def test_writer_rejects_bad_tokenizer_dir(tmp_path, zoo):
     with pytest.raises(CheckpointError, match="holds no tokenizer files"):
         write_checkpoint(tmp_path / "o", src.iter_tensors(), src.config, tokenizer_dir=empty)
     assert not (tmp_path / "o").exists()
+
+
+def test_atomic_output_dir_keeps_a_concurrent_finished_build(tmp_path):
+    """keep_existing True drops the new folder (no partial left); False or None replaces."""
+    from evomerge.checkpoint.writer import atomic_output_dir
+
+    out = tmp_path / "build"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "who").write_text("first")
+    with atomic_output_dir(out, overwrite=True, keep_existing=lambda: (out / "who").is_file()) as tmp:
+        (tmp / "who").write_text("second")
+    assert (out / "who").read_text() == "first"
+    with atomic_output_dir(out, overwrite=True, keep_existing=lambda: False) as tmp:
+        (tmp / "who").write_text("third")
+    assert (out / "who").read_text() == "third"
+    with pytest.raises(RuntimeError), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "who").write_text("fourth")
+        raise RuntimeError("build failed")
+    assert (out / "who").read_text() == "third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_vllm_backend import ENGINE_OPTS, agreement, outputs, tasks, vllm_module, zoo  # noqa: E402,F401
 
-from evomerge.checkpoint.reader import open_checkpoint  # noqa: E402
+from evomerge.checkpoint.opener import open_checkpoint  # noqa: E402
 from evomerge.fitness import make_backend  # noqa: E402
 from evomerge.materialize import Materializer  # noqa: E402
 from evomerge.recipe import compile_recipe  # noqa: E402

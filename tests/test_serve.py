@@ -298,7 +298,7 @@ def test_cli_serve_refuses_a_missing_key_variable(tiny):
 def test_engine_evaluator_scores_the_served_checkpoint_and_refuses_merges(served, tiny, hf, tmp_path):
     """The api backend as a run config names it: the identity plan of the served checkpoint
     is scored (same as HF), any real merge is a failed candidate with a one-line reason."""
-    from evomerge.checkpoint.reader import open_checkpoint
+    from evomerge.checkpoint.opener import open_checkpoint
     from evomerge.engine.evaluator import EvalSpec, Evaluator
     from evomerge.plan import MergePlan, TensorRef, TensorStep
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.checkpoint.reader import open_checkpoint
+from evomerge.checkpoint.opener import open_checkpoint
 from evomerge.errors import BackendError, CheckpointError, PlanError
 from evomerge.fitness import load_task, make_backend
 from evomerge.materialize import Materializer

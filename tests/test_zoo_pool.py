@@ -162,3 +162,23 @@ def test_forced_rebuild_gives_identical_adapter_bytes(test_zoo_pool):
     assert not rebuilt.cache_hit and rebuilt.root == m.root
     after = {n: (p / "adapter_model.safetensors").read_bytes() for n, p in rebuilt.adapters.items()}
     assert after == before
+
+
+def test_one_merge_rule_for_both_pools():
+    """The toy pool's dense deltas and the SmolLM2 pool's factors come from one rule."""
+    from evomerge.ops.factor import merge_lora_factors
+    from evomerge.zoo.smollm2_pool import merge_factors
+
+    g = torch.Generator().manual_seed(0)
+    pools = [{"m": (torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g))} for _ in range(3)]
+    alpha, beta, scales = [0.3, 1.0, 0.0], [0.5, -1.0, 2.0], [2.0, 0.5, 1.0]
+    a, b = merge_lora_factors(pools, alpha, beta, scales)["m"]
+    a0, a1 = pools[0]["m"][0], pools[1]["m"][0]
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[a0.abs().flatten().topk(20).indices] = True  # ceil(0.3 * 64) = 20 entries of A_0
+    assert torch.allclose(a, 0.5 * torch.where(keep.view_as(a0), a0, 0.0) - a1)  # alpha 0: A_2 adds nothing
+    assert torch.allclose(b, 1.0 * pools[0]["m"][1] - 0.5 * pools[1]["m"][1] + 2.0 * pools[2]["m"][1])
+    d = merge_deltas(list(zip(pools, scales)), alpha, beta)["m.weight"]
+    assert torch.equal(d, b @ a)
+    sa, sb = merge_factors(pools, alpha, beta)["m"]
+    assert torch.equal(sa, a) and torch.allclose(sb, 0.5 * pools[0]["m"][1] - pools[1]["m"][1] + 2.0 * pools[2]["m"][1])

@@ -3,13 +3,8 @@
 from .compat import CompatReport, check_compatible
 from .layout import ModelLayout, detect_layout
 from .lora import LoraFactors, LoraReader, save_lora_adapter
-from .reader import (
-    TOKENIZER_FILES,
-    CheckpointReader,
-    clear_reader_cache,
-    open_checkpoint,
-    read_safetensors_header,
-)
+from .opener import clear_reader_cache, open_checkpoint
+from .reader import TOKENIZER_FILES, CheckpointReader, read_safetensors_header
 from .writer import atomic_output_dir, parse_size, render_model_card, write_checkpoint
 
 __all__ = [

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .resolve import hub_ref_of_path
-from .writer import MERGEKIT_FILE, RECIPE_FILE, _plain
+from .writer import MERGEKIT_FILE, RECIPE_FILE, plain_data
 
 MODEL_INDEX_SPLITS = ("validation", "heldout", "held-out", "test")
 
@@ -161,12 +161,12 @@ def build_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
         lines += tradeoff_lines(tradeoff)
     if card:
         lines += ["## Details", ""]
-        lines += [f"- {k}: {json.dumps(_plain(v))}" for k, v in card.items()]
+        lines += [f"- {k}: {json.dumps(plain_data(v))}" for k, v in card.items()]
         lines.append("")
     if recipe is not None:
         lines += ["## Recipe", "", f"Also saved as `{RECIPE_FILE}`"
                   + (f" (and for mergekit as `{MERGEKIT_FILE}`)." if mergekit else "."), "", "```yaml"]
-        lines.append(yaml.safe_dump(_plain(recipe), sort_keys=False).rstrip())
+        lines.append(yaml.safe_dump(plain_data(recipe), sort_keys=False).rstrip())
         lines += ["```", ""]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
     return str(ModelCard(text))  # parsed back strictly: invalid metadata raises here

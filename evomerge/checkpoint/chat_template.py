@@ -84,7 +84,7 @@ def resolve_chat_template(spec: Any, sources: Mapping[str, str], order: list[str
 
 
 def _template_of(path: str, key: str) -> str | None:
-    from .reader import open_checkpoint
+    from .opener import open_checkpoint
 
     tok_dir = open_checkpoint(path).tokenizer_dir  # a LoRA adapter: its base's tokenizer
     return read_chat_template(tok_dir) if tok_dir is not None else None

@@ -39,8 +39,8 @@ from .reader import (
     PICKLE_SUFFIXES,
     CheckpointReader,
     TensorInfo,
-    _stamp,
     check_model_dir,
+    files_stamp,
     load_json,
     natural_key,
     read_safetensors_header,
@@ -153,7 +153,7 @@ class LoraReader:
             if (base_path / ADAPTER_CONFIG).is_file():
                 raise CheckpointError(f"base model {base_path} of adapter {self.path} is itself an adapter")
             self.base = CheckpointReader(base_path)
-        self._base_stamp = _stamp(self.base.path)
+        self._base_stamp = files_stamp(self.base.path)
 
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
@@ -321,7 +321,7 @@ class LoraReader:
         return sorted(self._modules, key=natural_key)
 
     def base_is_current(self) -> bool:
-        return _stamp(self.base.path) == self._base_stamp
+        return files_stamp(self.base.path) == self._base_stamp
 
     def _raw(self, key: str) -> torch.Tensor:
         if self._handle is None:

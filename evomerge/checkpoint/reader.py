@@ -9,10 +9,9 @@ on first use). The OS pages weights in and out as the materializer streams throu
 Only safetensors are read. Pickled weights (``pytorch_model.bin``, ``*.pt``) can run code
 when loaded, so they are refused with a message saying how to convert them.
 
-:func:`open_checkpoint` is the entry point the rest of evomerge uses: it returns a
-:class:`CheckpointReader`, or a :class:`~evomerge.checkpoint.lora.LoraReader` for a PEFT
-adapter directory, and memoizes readers per resolved path because a plan is compiled and
-materialized once per candidate, thousands of times per run.
+:func:`evomerge.checkpoint.opener.open_checkpoint` is the entry point the rest of evomerge
+uses: it returns a :class:`CheckpointReader` (from here), or a
+:class:`~evomerge.checkpoint.lora.LoraReader` for a PEFT adapter directory.
 """
 
 from __future__ import annotations
@@ -355,14 +354,7 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self.names)} tensors)"
 
 
-# -- cached entry point -----------------------------------------------------------------
-# Readers are cheap (headers only) but each holds its shards' memory maps open.
-MAX_CACHED_READERS = 64
-_CACHE: dict[tuple[str, str | None], tuple[tuple, Any]] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def _stamp(path: Path) -> tuple:
+def files_stamp(path: Path) -> tuple:
     """Cheap fingerprint of a directory's key files: a rebuilt checkpoint is re-read."""
     out = []
     for f in (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -375,48 +367,5 @@ def _stamp(path: Path) -> tuple:
 
 
 def is_lora_dir(path: Path) -> bool:
+    """Whether ``path`` holds a PEFT adapter (an ``adapter_config.json``)."""
     return (path / ADAPTER_CONFIG).is_file()
-
-
-def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None):
-    """A reader for ``path``: a dense checkpoint, or base + LoRA adapter presented densely.
-
-    Memoized per (resolved path, resolved base); a directory whose files changed since (new
-    mtime or size of config/weights) is re-read.
-    """
-    p = check_model_dir(Path(path).expanduser().resolve())
-    b = Path(base).expanduser().resolve() if base is not None else None
-    key = (str(p), str(b) if b is not None else None)
-    stamp = _stamp(p) + (_stamp(b) if b is not None else ())
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None and hit[0] == stamp:
-            reader = hit[1]
-            if not (reader.is_lora and not reader.base_is_current()):
-                _CACHE[key] = _CACHE.pop(key)  # most recently used goes last
-                return reader
-    if is_lora_dir(p):
-        from .lora import LoraReader
-
-        reader = LoraReader(p, base=b)
-    else:
-        if b is not None:
-            raise CheckpointError(f"{p} is not a LoRA adapter (no {ADAPTER_CONFIG}), so base= does not apply")
-        if (p / ADAPTER_WEIGHTS).is_file():
-            raise CheckpointError(f"{p} has {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}")
-        reader = CheckpointReader(p)
-    with _CACHE_LOCK:
-        _CACHE.pop(key, None)
-        _CACHE[key] = (stamp, reader)
-        while len(_CACHE) > MAX_CACHED_READERS:  # least recently used first
-            _, evicted = _CACHE.pop(next(iter(_CACHE)))
-            evicted.close()  # its holders still work: handles reopen on the next get
-    return reader
-
-
-def clear_reader_cache() -> None:
-    """Forget every memoized reader (their shard handles close when unreferenced)."""
-    with _CACHE_LOCK:
-        for _, reader in _CACHE.values():
-            reader.close()
-        _CACHE.clear()

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,12 +97,27 @@ def make_output_parent(out: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    keep_existing: Callable[[], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``out_dir`` only if the block succeeds.
 
     The temporary directory sits next to ``out_dir`` (same filesystem, so the final rename
     is atomic) and is removed on any exception. An existing non-empty ``out_dir`` is an
     error unless ``overwrite``; then it is swapped out only after the new one is complete.
+
+    Args:
+        out_dir: the directory to create (or replace, with ``overwrite``).
+        overwrite: replace an existing non-empty ``out_dir`` instead of refusing.
+        keep_existing: asked once the block succeeded; when it returns True (another
+            process finished the same build meanwhile), the new directory is discarded and
+            the existing ``out_dir`` kept.
+
+    Raises:
+        CheckpointError: ``out_dir`` is a file, is non-empty without ``overwrite``, or its
+            folder cannot be written.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists():
@@ -118,7 +133,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     try:
         os.chmod(tmp, 0o755)
         yield tmp
-        if out.exists():
+        if keep_existing is not None and keep_existing():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             os.rename(tmp, out)
@@ -259,7 +276,7 @@ def write_checkpoint(
             apply_chat_template(tmp, chat_template)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(
-                yaml.safe_dump(_plain(recipe), sort_keys=False), encoding="utf-8"
+                yaml.safe_dump(plain_data(recipe), sort_keys=False), encoding="utf-8"
             )
         if mergekit_config is not None:
             (tmp / MERGEKIT_FILE).write_text(mergekit_config, encoding="utf-8")
@@ -277,16 +294,16 @@ def render_model_card(card: Mapping[str, Any], recipe: Mapping[str, Any] | None,
     return build_model_card(card, recipe, config, mergekit=mergekit)
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
     """numpy scalars/arrays, tuples and Paths -> plain YAML/JSON types."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if isinstance(value, os.PathLike):
         return str(value)
     if isinstance(value, torch.dtype):
         return dtype_name(value)
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _plain(value.tolist())
+        return plain_data(value.tolist())
     return value

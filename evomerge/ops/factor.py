@@ -15,6 +15,7 @@ on every run. There is no base tensor: the factors are already deltas.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -45,6 +46,41 @@ def topk_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(x)
     return x * topk_mask(x.abs(), k).to(x.dtype)
+
+
+def merge_lora_factors(
+    adapters: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+    alpha: Sequence[float],
+    beta: Sequence[float],
+    scales: Sequence[float] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The LoRA pool merge rule, per module: ``A = sum_i beta_i TopK_{alpha_i}(A_i)``,
+    ``B = sum_i beta_i s_i B_i`` (the one implementation; the zoo pools use it).
+
+    Args:
+        adapters: per adapter, module name -> ``(A, B)`` (every adapter has the same modules).
+        alpha: per adapter, the density of its ``A`` kept by :func:`topk_magnitude`
+            (``topk_count`` entries; 0 keeps none, 1 all).
+        beta: per adapter, its signed weight; an adapter with weight 0 adds nothing.
+        scales: per adapter, the factor ``s_i`` of its ``B`` (its ``lora_alpha / r``);
+            default 1 (``B`` already carries the scale).
+
+    Returns:
+        module name -> merged ``(A, B)``; the dense delta is ``B @ A``.
+    """
+    scales = [1.0] * len(adapters) if scales is None else scales
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in adapters[0]:
+        a_sum = torch.zeros_like(adapters[0][module][0])
+        b_sum = torch.zeros_like(adapters[0][module][1])
+        for factors, al, be, sc in zip(adapters, alpha, beta, scales):
+            if be == 0.0:
+                continue
+            a, b = factors[module]
+            a_sum += be * topk_magnitude(a, float(al))
+            b_sum += (be * sc) * b
+        out[module] = (a_sum, b_sum)
+    return out
 
 
 @register_op(

@@ -49,7 +49,7 @@ from typing import Any
 
 from ..checkpoint.compat import check_compatible
 from ..checkpoint.layout import ModelLayout
-from ..checkpoint.reader import open_checkpoint
+from ..checkpoint.opener import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError, PlanError
 from ..ops import OpSpec, get_op
 from ..plan import MergePlan, TensorRef, TensorStep

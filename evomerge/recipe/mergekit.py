@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint.layout import ModelLayout
-from ..checkpoint.reader import open_checkpoint
+from ..checkpoint.opener import open_checkpoint
 from ..errors import ConfigError
 from ..ops import get_op
 from .params import KIND_ALIASES, filters_of, to_gradient

@@ -24,207 +24,22 @@ once (one thread each): the bytes do not depend on how many run in parallel.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EvomergeError
 from . import tasks as zoo_tasks
-from .model import ModelSpec
-from .train import LoraSpec, TrainSpec
+from .cache import Progress, ZooError, default_root, staged_build
+from .spec import MANIFEST, VARIANTS, ZOO_FORMAT, ExpertSpec, ZooSpec, zoo_spec
+from .train_members import StepCounter, quiet_transformers, train_base, train_experts
 
-ZOO_FORMAT = 1
-MANIFEST = "zoo.json"
-VARIANTS = ("full", "test")
-
-Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: training steps done so far out of all the build's steps."""
-
-
-class ZooError(EvomergeError):
-    """The zoo cannot be built or loaded (unknown variant, missing or incomplete build)."""
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """One expert: fine-tuned on ``slice`` (a key of :data:`tasks.SLICES`) with replay."""
-
-    name: str
-    slice: str
-    kind: str  # "full" or "lora"
-    train: TrainSpec
-    replay: float = 0.3
-
-    @property
-    def skill(self) -> str:
-        return f"cipher_{self.slice}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "slice": self.slice,
-            "kind": self.kind,
-            "replay": self.replay,
-            "train": self.train.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExpertSpec:
-        return cls(d["name"], d["slice"], d["kind"], TrainSpec.from_dict(d["train"]), float(d["replay"]))
-
-
-@dataclass(frozen=True)
-class ZooSpec:
-    variant: str
-    model: ModelSpec
-    base_train: TrainSpec
-    experts: tuple[ExpertSpec, ...]
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    threads: int = 1
-    workers: int = 1  # expert training processes; does not change any byte (not hashed)
-    eval_items: int | None = None  # held-out items per task for the manifest's metrics
-    init_seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": ZOO_FORMAT,
-            "variant": self.variant,
-            "model": self.model.to_dict(),
-            "base_train": self.base_train.to_dict(),
-            "experts": [e.to_dict() for e in self.experts],
-            "lora": self.lora.to_dict(),
-            "threads": self.threads,
-            "eval_items": self.eval_items,
-            "init_seed": self.init_seed,
-            "tasks": _tasks_signature(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ZooSpec:
-        """The inverse of :meth:`to_dict` (``workers`` is not part of it: 1 unless given)."""
-        if d.get("format") != ZOO_FORMAT:
-            raise ZooError(f"zoo spec format {d.get('format')!r} is not {ZOO_FORMAT}")
-        return cls(
-            variant=d["variant"],
-            model=ModelSpec.from_dict(d["model"]),
-            base_train=TrainSpec.from_dict(d["base_train"]),
-            experts=tuple(ExpertSpec.from_dict(e) for e in d["experts"]),
-            lora=LoraSpec.from_dict(d["lora"]),
-            threads=int(d["threads"]),
-            workers=int(d.get("workers", 1)),
-            eval_items=d["eval_items"],
-            init_seed=int(d["init_seed"]),
-        )
-
-    def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    @property
-    def folder_name(self) -> str:
-        return f"{self.variant}-{self.config_hash()[:12]}"
-
-    def total_steps(self) -> int:
-        return self.base_train.steps + sum(e.train.steps for e in self.experts)
-
-
-def _tasks_signature() -> dict[str, Any]:
-    """What defines the zoo's skills: changing any of it changes the hash."""
-    return {
-        "symbols": zoo_tasks.SYMBOLS,
-        "slices": zoo_tasks.SLICES,
-        "table_seed": zoo_tasks.TABLE_SEED,
-        "lengths": [zoo_tasks.MIN_LEN, zoo_tasks.MAX_LEN],
-        "base_mix": zoo_tasks.BASE_MIX.to_dict(),
-        "task_seed": zoo_tasks.TASK_SEED,
-        "tasks": [[t.name, list(t.skills), t.n_search, t.n_heldout] for t in zoo_tasks.TASKS],
-    }
-
-
-def _experts(
-    kind: str, recipes: dict[str, tuple[float, int]], batch: int, prefix: str, embed_lr_mult: float = 1.0
-) -> tuple[ExpertSpec, ...]:
-    return tuple(
-        ExpertSpec(
-            name=f"{prefix}_{s}",
-            slice=s,
-            kind=kind,
-            train=TrainSpec(
-                steps=steps,
-                lr=lr,
-                batch_size=batch,
-                warmup=min(20, steps // 4),
-                embed_lr_mult=embed_lr_mult,
-                seed=101 + i,
-            ),
-        )
-        for i, (s, (lr, steps)) in enumerate(recipes.items())
-    )
-
-
-def zoo_spec(variant: str) -> ZooSpec:
-    """The built-in zoo variants.
-
-    ``full``: the demo's zoo (hidden 128, 2 layers, ~0.5 M parameters). What makes its three
-    experts mergeable, measured on this design (NOTES.md, "zoo"):
-
-    - the base already runs the cipher mechanism on letters (the ``upper`` group), so an
-      expert mostly adds table entries for its own slice;
-    - expert fine-tunes move the embedding matrix 10x faster than the layers
-      (``embed_lr_mult``): a slice's skill then sits largely in its own letters' rows,
-      which do not collide between experts (without it, merges kept two slices of three);
-    - experts use different learning rates (1e-3, 5e-4, 2.5e-4), so their task vectors
-      differ in size and the best merge weights are far from uniform.
-
-    ``test``: the same files and formats from a model small and short enough to build in
-    seconds (quality irrelevant), for the test suite.
-    """
-    if variant == "full":
-        return ZooSpec(
-            variant="full",
-            model=ModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
-            base_train=TrainSpec(steps=400, lr=3e-3, batch_size=128, warmup=20, weight_decay=0.1, seed=1),
-            experts=_experts(
-                "full", {"a": (1e-3, 100), "b": (5e-4, 100), "c": (2.5e-4, 100)}, 128, "expert", embed_lr_mult=10.0
-            )
-            + _experts("lora", {"a": (4e-3, 100), "b": (3e-3, 100), "c": (2e-3, 100)}, 128, "lora"),
-            threads=1,
-            workers=2,
-            eval_items=None,
-        )
-    if variant == "test":
-        return ZooSpec(
-            variant="test",
-            model=ModelSpec(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32),
-            base_train=TrainSpec(steps=6, lr=3e-3, batch_size=16, warmup=2, weight_decay=0.1, seed=1),
-            experts=_experts(
-                "full", {"a": (1e-3, 3), "b": (5e-4, 3), "c": (2.5e-4, 3)}, 16, "expert", embed_lr_mult=10.0
-            )
-            + _experts("lora", {"a": (4e-3, 3), "b": (3e-3, 3), "c": (2e-3, 3)}, 16, "lora"),
-            lora=LoraSpec(rank=4, alpha=8.0),
-            threads=1,
-            workers=1,
-            eval_items=8,
-        )
-    raise ConfigError(f"zoo variant: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-
-
-def default_root() -> Path:
-    """``$EVOMERGE_HOME/zoo``, else ``~/.cache/evomerge/zoo``."""
-    home = os.environ.get("EVOMERGE_HOME")
-    if home:
-        return Path(home).expanduser() / "zoo"
-    return Path.home() / ".cache" / "evomerge" / "zoo"
-
+__all__ = [
+    "MANIFEST", "VARIANTS", "ZOO_FORMAT", "ExpertSpec", "Progress", "ZooError", "ZooManifest", "ZooMember",
+    "ZooSpec", "build_zoo", "build_zoo_spec", "default_root", "load_zoo", "load_zoo_dir", "zoo_spec",
+]
 
 # --- manifest --------------------------------------------------------------------------
 
@@ -406,53 +221,9 @@ def build_zoo_spec(
         base_root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ZooError(f"cannot create zoo root {base_root}: {err}") from err
-    _clear_stale_partials(base_root, spec.folder_name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder_name}.partial-", dir=base_root))
-    try:
-        _build_into(spec, tmp, final, progress)
-        if not force and _read_manifest(final, spec) is not None:
-            # another process finished the same build meanwhile: same bytes, keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_build(final, keep_existing=None if force else lambda: _read_manifest(final, spec) is not None) as tmp:
+        _build_into(spec, tmp, final, progress)  # a concurrent build that finished first is kept: same bytes
     return load_zoo_dir(final)
-
-
-def _clear_stale_partials(base_root: Path, folder_name: str, max_age_s: float = 6 * 3600) -> None:
-    """Remove ``.partial`` leftovers of interrupted builds (old enough not to be running)."""
-    now = time.time()
-    for p in base_root.glob(f".{folder_name}.partial-*"):
-        try:
-            if now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished build into place (replacing an older complete build)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
-class _StepCounter:
-    def __init__(self, spec: ZooSpec, progress: Progress | None):
-        self.total = spec.total_steps()
-        self.done = 0
-        self.progress = progress
-
-    def advance(self, stage: str, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(stage, self.done, self.total)
 
 
 def _build_into(spec: ZooSpec, out: Path, final: Path, progress: Progress | None) -> ZooManifest:
@@ -461,10 +232,10 @@ def _build_into(spec: ZooSpec, out: Path, final: Path, progress: Progress | None
     from .tokenizer import make_tokenizer
 
     t0 = time.perf_counter()
-    counter = _StepCounter(spec, progress)
+    counter = StepCounter(spec, progress)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
-    bars_were_on = _quiet_transformers()
+    bars_were_on = quiet_transformers()
     try:
         tokenizer = make_tokenizer(zoo_tasks.SYMBOLS, model_max_length=spec.model.max_position_embeddings)
         zoo_tasks.write_task_files(out / "tasks")
@@ -472,10 +243,10 @@ def _build_into(spec: ZooSpec, out: Path, final: Path, progress: Progress | None
         if progress is not None:
             progress("base", 0, counter.total)
         base_dir = out / "base"
-        base_metrics, base_train = _train_base(spec, tokenizer, base_dir, counter)
+        base_metrics, base_train = train_base(spec, tokenizer, base_dir, counter)
         base = ZooMember("base", "base", final / "base", metrics=base_metrics, train=base_train)
 
-        results = _train_experts(spec, base_dir, out, counter)
+        results = train_experts(spec, base_dir, out, counter)
     finally:
         torch.set_num_threads(prev_threads)
         if bars_were_on:
@@ -507,138 +278,3 @@ def _build_into(spec: ZooSpec, out: Path, final: Path, progress: Progress | None
     return manifest
 
 
-def _quiet_transformers() -> bool:
-    """Turn off transformers' per-file progress bars (the build has its own); returns
-    whether they were on."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    return was_on
-
-
-def _device():
-    """The zoo always trains on CPU, even where CUDA is present: the models are tiny (a GPU
-    gains nothing) and CPU kernels at a fixed thread count make the build bit-reproducible,
-    which the config-hash cache relies on."""
-    import torch
-
-    return torch.device("cpu")
-
-
-def _train_base(spec: ZooSpec, tokenizer, base_dir: Path, counter: _StepCounter):
-    from .model import new_model
-    from .tokenizer import build_vocab
-    from .train import train
-
-    vocab = build_vocab(zoo_tasks.SYMBOLS)
-    model = new_model(spec.model, tokenizer, spec.init_seed).to(_device())
-    result = train(
-        model,
-        list(model.parameters()),
-        spec.base_train,
-        zoo_tasks.BASE_MIX,
-        vocab,
-        on_step=lambda s: counter.advance("base", 1),
-    )
-    metrics = _metrics(model, vocab, base_dir.parent / "tasks", spec.eval_items, extra=True)
-    _save_model(model, tokenizer, base_dir)
-    return metrics, {**result.to_dict(), "mix": zoo_tasks.BASE_MIX.to_dict()}
-
-
-def _save_model(model, tokenizer, directory: Path) -> None:
-    model = model.to("cpu")
-    model.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
-
-
-def _metrics(model, vocab: dict[str, int], tasks_dir: Path, eval_items: int | None, extra: bool = False) -> dict[str, float]:
-    """Held-out exact match (percent) on the zoo's tasks (+ the base's own skills)."""
-    import random
-
-    from .quick_eval import accuracy
-
-    kw = {"bos_id": vocab["<s>"], "eos_id": vocab["</s>"]}
-    out: dict[str, float] = {}
-    for t in zoo_tasks.TASKS:
-        if t.name == "combined":
-            continue
-        recs = zoo_tasks.load_records(tasks_dir / f"{t.name}.heldout.jsonl")
-        exs = zoo_tasks.eval_examples(recs)[:eval_items]
-        out[t.name] = round(accuracy(model, exs, vocab, **kw), 2)
-    slices = [out[f"cipher_{s}"] for s in zoo_tasks.SLICES]
-    out["combined"] = round(sum(slices) / len(slices), 2)
-    if extra:
-        n = eval_items or 200
-        for skill in ("copy", "cipher_digits", "cipher_upper"):
-            exs = zoo_tasks.sample_examples(skill, random.Random(f"metrics:{skill}"), n, "heldout", set())
-            out[skill] = round(accuracy(model, exs, vocab, **kw), 2)
-    return out
-
-
-def _train_one_expert(spec: ZooSpec, expert_name: str, base_dir: str, out_dir: str, report=None):
-    """Train one expert from the saved base and write it. Runs in a worker process too."""
-    import torch
-
-    from .tokenizer import build_vocab, make_tokenizer
-    from .train import attach_lora, detach_lora, lora_params, lora_state_dict, train
-
-    torch.set_num_threads(spec.threads)
-    expert = next(e for e in spec.experts if e.name == expert_name)
-    vocab = build_vocab(zoo_tasks.SYMBOLS)
-    tokenizer = make_tokenizer(zoo_tasks.SYMBOLS, model_max_length=spec.model.max_position_embeddings)
-    model = _load_base(base_dir)
-    mix = zoo_tasks.expert_mix(expert.slice, expert.replay)
-    on_step = (lambda s: report(expert.name, 1)) if report is not None else None  # one step done
-    out = Path(out_dir)
-    if expert.kind == "full":
-        result = train(model, list(model.parameters()), expert.train, mix, vocab, on_step=on_step)
-        metrics = _metrics(model, vocab, Path(base_dir).parent / "tasks", spec.eval_items)
-        _save_model(model, tokenizer, out)
-    else:
-        wrapped = attach_lora(model, spec.lora, seed=expert.train.seed)
-        result = train(model, lora_params(wrapped), expert.train, mix, vocab, on_step=on_step)
-        metrics = _metrics(model, vocab, Path(base_dir).parent / "tasks", spec.eval_items)
-        factors = lora_state_dict(wrapped)
-        detach_lora(model, wrapped)
-        _save_lora(factors, spec.lora, out)
-    return metrics, {**result.to_dict(), "mix": mix.to_dict()}
-
-
-def _load_base(base_dir: str):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype="float32")
-    return model.to(_device())
-
-
-def _save_lora(factors: dict[str, Any], lora: LoraSpec, out: Path) -> None:
-    """A PEFT adapter directory; ``base_model_name_or_path`` is relative to it."""
-    from ..checkpoint.lora import save_lora_adapter
-
-    pairs = {}
-    for key, a in factors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[len("base_model.model.") : -len(".lora_A.weight")]
-            pairs[module] = (a, factors[key.replace(".lora_A.", ".lora_B.")])
-    save_lora_adapter(out, pairs, r=lora.rank, alpha=lora.alpha, target_modules=list(lora.targets), base_model_path="../../base")
-
-
-def _train_experts(spec: ZooSpec, base_dir: Path, out: Path, counter: _StepCounter):
-    dirs = {e.name: str(out / ("experts" if e.kind == "full" else "lora") / e.name) for e in spec.experts}
-    workers = min(spec.workers, os.cpu_count() or 1, len(spec.experts))
-    if workers <= 1:
-        results: dict[str, Any] = {}
-        for e in spec.experts:
-            results[e.name] = _train_one_expert(
-                spec, e.name, str(base_dir), dirs[e.name], report=counter.advance
-            )
-        return results
-    from .worker import run_workers
-
-    scratch = out / ".workers"
-    try:
-        return run_workers("evomerge.zoo.worker", spec, {e.name: e.train.steps for e in spec.experts},
-                           str(base_dir), dirs, scratch, workers, counter.advance)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -33,12 +33,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +44,22 @@ from typing import Any
 
 from . import pool_tasks as pt
 from . import tasks as zt
-from .build import Progress, ZooError, _publish, _quiet_transformers, build_zoo, default_root
+from .build import build_zoo
+from .cache import Progress, ZooError, default_root, staged_build
+from .pool_reference import (  # noqa: F401 (merge_deltas, read_factors: re-exported)
+    TARGET_TASKS,
+    merge_deltas,
+    read_factors,
+    reference_merges,
+    target_examples,
+    vocab_kw,
+)
 from .train import LoraSpec, TrainSpec
+from .train_members import quiet_transformers
 
 POOL_FORMAT = 1
 POOL_MANIFEST = "pool.json"
 POOL_VARIANTS = ("full", "test")
-TARGET_TASKS = ("combined", "cross")
 """The zoo tasks the pool is searched for (their ``search`` split) and reported on (held-out)."""
 
 POOL_ORDER = (
@@ -156,7 +163,7 @@ class PoolSpec:
 
 def pool_spec(variant: str) -> PoolSpec:
     """The built-in pools: ``full`` over the demo zoo's base, ``test`` (tiny, seconds)."""
-    from .build import zoo_spec
+    from .spec import zoo_spec
 
     if variant not in POOL_VARIANTS:
         from ..errors import ConfigError
@@ -352,23 +359,10 @@ def build_zoo_pool(
     zoo = build_zoo(variant, root=base_root, progress=(lambda s, d, t: progress(f"zoo {s}", d, t)) if progress else None)
     if zoo.config_hash != spec.zoo_hash:
         raise ZooError(f"zoo {zoo.root} has config hash {zoo.config_hash[:12]}, the pool expects {spec.zoo_hash[:12]}")
-    for p in base_root.glob(f".{spec.folder_name}.partial-*"):
-        try:
-            if time.time() - p.stat().st_mtime > 6 * 3600:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder_name}.partial-", dir=base_root))
-    bars_were_on = _quiet_transformers()
+    bars_were_on = quiet_transformers()
     try:
-        _build_into(spec, zoo.base.path, tmp, final, progress)
-        if not force and _read_cached(final, spec) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished first: same bytes
-        else:
-            _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_build(final, keep_existing=None if force else lambda: _read_cached(final, spec) is not None) as tmp:
+            _build_into(spec, zoo.base.path, tmp, final, progress)  # a concurrent build finished first: same bytes
     finally:
         if bars_were_on:
             from transformers.utils import logging as hf_logging
@@ -451,17 +445,6 @@ def _build_into(spec: PoolSpec, zoo_base: Path, out: Path, final: Path, progress
     return manifest
 
 
-def _vocab_kw():
-    from .tokenizer import build_vocab
-
-    vocab = build_vocab(zt.SYMBOLS)
-    return vocab, {"bos_id": vocab["<s>"], "eos_id": vocab["</s>"]}
-
-
-def _target_examples(tasks_dir: Path, n: int, split: str = "heldout") -> dict[str, list]:
-    return {t: zt.eval_examples(zt.load_records(tasks_dir / f"{t}.{split}.jsonl"))[:n] for t in TARGET_TASKS}
-
-
 def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report=None) -> tuple[dict, dict]:
     """Train one pool adapter from the saved base and write it as a PEFT folder.
 
@@ -469,104 +452,26 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
     """
     import torch
 
-    from .build import _load_base, _save_lora
     from .quick_eval import accuracy
     from .train import attach_lora, detach_lora, lora_params, lora_state_dict, train
+    from .train_members import load_base, save_lora
 
     torch.set_num_threads(spec.threads)
     adapter = next(a for a in spec.adapters if a.name == name)
-    vocab, kw = _vocab_kw()
-    model = _load_base(base_dir)
+    vocab, kw = vocab_kw()
+    model = load_base(base_dir)
     wrapped = attach_lora(model, spec.lora, seed=spec.lora_seed)
     mix = pt.adapter_mix(adapter.skill, adapter.replay)
     on_step = (lambda s: report(name, 1)) if report is not None else None
     result = train(model, lora_params(wrapped), adapter.train, mix, vocab, on_step=on_step, sample=pt.sample_batch)
     metrics = {"own": round(accuracy(model, pt.eval_items(adapter.skill, spec.eval_items), vocab, **kw), 2)}
     tasks_dir = Path(base_dir).parent / "tasks"
-    for t, exs in _target_examples(tasks_dir, spec.eval_items).items():
+    for t, exs in target_examples(tasks_dir, spec.eval_items).items():
         metrics[t] = round(accuracy(model, exs, vocab, **kw), 2)
     factors = lora_state_dict(wrapped)
     detach_lora(model, wrapped)
-    _save_lora(factors, spec.lora, Path(out_dir))
+    save_lora(factors, spec.lora, Path(out_dir))
     return metrics, {**result.to_dict(), "mix": mix.to_dict()}
-
-
-# --- reference merges (what the search has to beat) -------------------------------------
-
-
-def read_factors(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
-    """Module -> (A, B) of a PEFT adapter folder, and its scale lora_alpha / r."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[len("base_model.model.") : -len(".lora_A.weight")]
-            pairs[module] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
-    return pairs, float(cfg["lora_alpha"]) / float(cfg["r"])
-
-
-def merge_deltas(adapters: list[tuple[dict[str, tuple[Any, Any]], float]], alpha, beta) -> dict[str, Any]:
-    """Dense weight deltas of the black-box merge rule (issue 7): per module,
-    A = sum beta_i TopK_{alpha_i}(A_i) (entries of largest magnitude), B = sum beta_i
-    scale_i B_i, delta = B @ A. Used here for the pool's reference scores only."""
-    import torch
-
-    out = {}
-    for module in adapters[0][0]:
-        a_sum = b_sum = None
-        for (pairs, scale), al, be in zip(adapters, alpha, beta):
-            a, b = pairs[module]
-            k = math.ceil(float(al) * a.numel())
-            if k <= 0:
-                a = torch.zeros_like(a)
-            elif k < a.numel():
-                keep = torch.zeros(a.numel(), dtype=torch.bool)
-                keep[a.abs().flatten().topk(k).indices] = True
-                a = torch.where(keep.view_as(a), a, torch.zeros_like(a))
-            a_sum = be * a if a_sum is None else a_sum + be * a
-            b_sum = be * scale * b if b_sum is None else b_sum + be * scale * b
-        out[f"{module}.weight"] = b_sum @ a_sum
-    return out
-
-
-def reference_merges(spec: PoolSpec, base_dir: Path, adapter_dirs: dict[str, Path], tasks_dir: Path) -> dict[str, Any]:
-    """Target scores (held-out) of the base and of control vectors a user could pick
-    without search: uniform (beta = 1/N, the LoraHub start), the relevant adapters
-    alone at weights 1 and at the weight in {0.2..1} best on the *search* split."""
-    import torch
-
-    from .build import _load_base
-    from .quick_eval import accuracy
-
-    vocab, kw = _vocab_kw()
-    model = _load_base(str(base_dir))
-    state0 = {k: v.clone() for k, v in model.state_dict().items()}
-    names = list(adapter_dirs)
-    factors = [read_factors(adapter_dirs[n]) for n in names]
-    heldout = _target_examples(tasks_dir, spec.eval_items, "heldout")
-    search = _target_examples(tasks_dir, spec.eval_items, "search")
-
-    def scores(beta: list[float], exs: dict[str, list]) -> dict[str, float]:
-        deltas = merge_deltas(factors, [1.0] * len(names), beta)
-        with torch.no_grad():
-            model.load_state_dict({k: v + deltas[k] if k in deltas else v for k, v in state0.items()})
-        out = {t: round(accuracy(model, e, vocab, **kw), 2) for t, e in exs.items()}
-        out["mean"] = round(sum(out.values()) / len(out), 2)
-        return out
-
-    relevant = [pt.POOL_SKILLS[a.skill].role == "relevant" for a in spec.adapters]
-    ref: dict[str, Any] = {"base": scores([0.0] * len(names), heldout)}
-    ref["uniform"] = {"beta": 1.0 / len(names), **scores([1.0 / len(names)] * len(names), heldout)}
-    ref["relevant_1"] = {"beta": 1.0, **scores([1.0 if r else 0.0 for r in relevant], heldout)}
-    grid = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-    tuned = {b: scores([b if r else 0.0 for r in relevant], search)["mean"] for b in grid}
-    best = max(grid, key=lambda b: (tuned[b], -abs(b - 1.0)))
-    ref["relevant_tuned"] = {"beta": best, "search_mean": tuned[best], **scores([best if r else 0.0 for r in relevant], heldout)}
-    model.load_state_dict(state0)
-    return ref
 
 
 # --- worker processes -------------------------------------------------------------------
@@ -582,7 +487,7 @@ def main(argv: list[str]) -> int:
 
     spec = PoolSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
     torch.set_num_threads(spec.threads)
-    _quiet_transformers()
+    quiet_transformers()
     metrics, train_info = train_adapter(spec, name, base_dir, out_dir, report=step_reporter())
     write_result(result_file, metrics, train_info)
     return 0

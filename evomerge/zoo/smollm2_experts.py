@@ -32,18 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .build import Progress, ZooError, _clear_stale_partials, _publish, default_root
+from .cache import Progress, ZooError, default_root, staged_build
 from .smollm2_pool import (
     GGUF_NAME,
     GGUF_PACKAGE,
     SKILL_BY_NAME,
     TARGET_MODULES,
     PoolRecipe,
-    _require_gguf_reader,
-    _unique_items,
     ensure_smollm2_base,
     find_gguf,
+    require_gguf_reader,
 )
+from .smollm2_recipe import unique_items
 
 EXPERTS_FORMAT = 1
 EXPERTS_DIR = "smollm2-experts"
@@ -136,13 +136,13 @@ def make_demo_items(skills: tuple[str, ...] = DEMO_SKILLS, recipe: ExpertRecipe 
         skill = SKILL_BY_NAME[name]
         rng = random.Random(recipe.task_seed + 1000 * si)
         tasks[name] = {
-            split: [{"input": p, "target": a} for p, a in _unique_items(skill, rng, n, taken)]
+            split: [{"input": p, "target": a} for p, a in unique_items(skill, rng, n, taken)]
             for split, n in SPLIT_SIZES.items()
         }
     early = {}
     for si, name in enumerate(skills):
         rng = random.Random(recipe.task_seed + 50_000 + si)
-        early[name] = _unique_items(SKILL_BY_NAME[name], rng, recipe.val_items, taken)
+        early[name] = unique_items(SKILL_BY_NAME[name], rng, recipe.val_items, taken)
     return DemoItems(tasks, early, taken)
 
 
@@ -219,7 +219,7 @@ def build_smollm2_experts(
         raise ZooError(f"demo experts: need >= 2 known skills, got {list(skills)} "
                        f"(known: {', '.join(SKILL_BY_NAME)})")
     find_gguf()
-    _require_gguf_reader()
+    require_gguf_reader()
     base_root = Path(root).expanduser() if root is not None else default_root()
     base_dir = ensure_smollm2_base(base_root)
     out: dict[str, Path] = {"base": base_dir}
@@ -252,13 +252,13 @@ def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], mis
                    recipe: ExpertRecipe, progress: Progress | None, threads: int) -> None:
     import torch
 
-    from .smollm2_pool import _Runner
+    from .smollm2_runner import Runner
 
     prev = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
         items = make_demo_items(skills, recipe)
-        runner = _Runner(base_dir, recipe.pool_recipe())
+        runner = Runner(base_dir, recipe.pool_recipe())
         total = expert_steps_cap(tuple(missing), recipe)
         done = [0]
 
@@ -271,19 +271,13 @@ def _train_missing(base_root: Path, base_dir: Path, skills: tuple[str, ...], mis
         parent.mkdir(parents=True, exist_ok=True)
         for name in missing:
             final = _expert_folder(base_root, name, skills, recipe).absolute()
-            _clear_stale_partials(parent, final.name)
             seed = recipe.seed + 101 * skills.index(name)
             info = runner.train(recipe.skill(name), seed, items.reserved, items.early_stop[name], on_step)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-            try:
+            with staged_build(final) as tmp:
                 _save_merged(runner, base_dir, tmp)
                 info.update(skill=name, config=expert_config(name, skills, recipe),
                             built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 (tmp / EXPERT_MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
-                _publish(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             if progress is not None:
                 progress(f"expert {name}: {info['steps']} steps, {info['seconds']} s, "
                          f"early-stop accuracy {info['val_accuracy']:.2f}", done[0], total)

@@ -10,8 +10,6 @@ sequences the zoo trains on. ``<pad>`` is id 0, ``<s>`` id 1, ``</s>`` id 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 
@@ -56,7 +54,3 @@ def make_tokenizer(symbols: str, model_max_length: int = 64):
         clean_up_tokenization_spaces=False,
     )
 
-
-def save_tokenizer(tokenizer, directory: str | Path) -> None:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``."""
-    tokenizer.save_pretrained(str(directory))

@@ -42,7 +42,7 @@ def run_workers(
     thread as workers report steps. Any failure (or an exception raised by ``advance``)
     kills the running workers first. Returns name -> (metrics, train info).
     """
-    from .build import ZooError
+    from .cache import ZooError
 
     scratch.mkdir(parents=True, exist_ok=True)
     spec_file = scratch / "spec.json"
@@ -131,12 +131,13 @@ def main(argv: list[str]) -> int:
     spec_file, name, base_dir, out_dir, result_file = argv
     import torch
 
-    from .build import ZooSpec, _quiet_transformers, _train_one_expert
+    from .spec import ZooSpec
+    from .train_members import quiet_transformers, train_one_expert
 
     spec = ZooSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
     torch.set_num_threads(spec.threads)
-    _quiet_transformers()
-    metrics, train = _train_one_expert(spec, name, base_dir, out_dir, report=step_reporter())
+    quiet_transformers()
+    metrics, train = train_one_expert(spec, name, base_dir, out_dir, report=step_reporter())
     write_result(result_file, metrics, train)
     return 0
 

@@ -69,7 +69,7 @@ def identity_problem(plan: Any, served_dir: str | os.PathLike) -> str | None:
     of a single input that is normalized or weighted 1), with no config overrides and no
     dtype other than the checkpoint's.
     """
-    from ...checkpoint.reader import open_checkpoint
+    from ...checkpoint.opener import open_checkpoint
     from ...ops import get_op
 
     plan.validate()  # an invalid plan is a PlanError, not an identity question

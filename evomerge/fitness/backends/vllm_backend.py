@@ -268,7 +268,7 @@ class VLLMBackend(Backend):
 
     def _checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
-            from ...checkpoint.reader import open_checkpoint
+            from ...checkpoint.opener import open_checkpoint
 
             reader = open_checkpoint(self.model_dir)
             self._shapes = {n: tuple(reader.shape(n)) for n in reader.names}
