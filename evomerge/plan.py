@@ -178,10 +178,6 @@ class MergePlan:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    @classmethod
-    def from_yaml(cls, text: str) -> MergePlan:
-        return cls.from_dict(yaml.safe_load(text))
-
     # -- helpers ------------------------------------------------------------------------
     def step_for(self, output: str) -> TensorStep:
         for s in self.steps:
