@@ -108,11 +108,3 @@ class LocalExecutor(Executor):
             self.evaluator.close()
             self.evaluator = None
 
-
-def make_executor(cfg: Any) -> Executor:
-    """From an ExecutorConfig."""
-    if cfg.name == "local":
-        return LocalExecutor(cfg.max_inflight)
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(cfg)

@@ -30,12 +30,25 @@ from ..optim.base import optimizer_class
 from ..optim.state import from_jsonable, to_jsonable
 from ..spaces import make_space
 from .evaluator import EvalSpec, Outcome
-from .executor import Executor, make_executor
+from .executor import Executor, LocalExecutor
 from .faults import maybe_crash
 from .models import resolve_models_full
 from .objectives import Objectives
 from .store import RunStore
 from .tasks_info import TaskInfo
+
+
+def make_executor(cfg: Any) -> Executor:
+    """The executor an ExecutorConfig names ("local" or "ray").
+
+    Lives here, not in executor.py, so that executor.py never imports ray_executor.py
+    (which subclasses Executor): the arrow runs one way.
+    """
+    if cfg.name == "local":
+        return LocalExecutor(cfg.max_inflight)
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(cfg)
 
 
 class Search:
