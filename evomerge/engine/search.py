@@ -236,7 +236,7 @@ class Search:
         else:
             self.waiting[h] = []
             context = {"best": self.best["fitness"] if self.best else None}
-            self.executor.submit(cand.id, plan.to_dict(), context)
+            self.executor.submit(cand.id, plan, context)
 
     def _finish(self, cid: int, outcome: Outcome | None, cached: dict[str, Any] | None = None) -> None:
         cand = self.pending[cid]
