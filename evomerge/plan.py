@@ -22,6 +22,9 @@ from typing import Any
 import yaml
 
 from .errors import PlanError
+from .ops.registry import get_op, step_seed  # torch-free; the one plan -> ops arrow
+
+__all__ = ["MergePlan", "TensorRef", "TensorStep", "step_seed"]
 
 PLAN_FORMAT = 1
 
@@ -104,8 +107,6 @@ class MergePlan:
     # -- checks -------------------------------------------------------------------------
     def validate(self) -> None:
         """Structural checks plus each operator's parameter checks (PlanError on failure)."""
-        from .ops import get_op  # local import: ops imports torch, plan must not need it
-
         if not self.sources:
             raise PlanError("plan has no sources")
         for key in (self.base, self.config_source, self.tokenizer_source):
@@ -178,10 +179,6 @@ class MergePlan:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    @classmethod
-    def from_yaml(cls, text: str) -> MergePlan:
-        return cls.from_dict(yaml.safe_load(text))
-
     # -- helpers ------------------------------------------------------------------------
     def step_for(self, output: str) -> TensorStep:
         for s in self.steps:
@@ -192,16 +189,6 @@ class MergePlan:
     @property
     def output_names(self) -> list[str]:
         return [s.output for s in self.steps]
-
-
-def step_seed(plan_seed: int, tensor_name: str) -> int:
-    """Seed of the random stream for one output tensor (DARE masks etc.).
-
-    Depends only on the plan seed and the tensor name, so a plan materializes identically
-    every time, in any order, on any device.
-    """
-    h = hashlib.sha256(f"{int(plan_seed)}:{tensor_name}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _plain(value: Any) -> Any:

@@ -71,7 +71,7 @@ def run_baselines(search: Search) -> None:
             i, b, recipe = groups[h][0]
             cid = -(i + 1)
             inflight[cid] = h
-            search.executor.submit(cid, search.space.compile(recipe).to_dict(), {"best": None})
+            search.executor.submit(cid, search.space.compile(recipe), {"best": None})
         for cid, outcome in search.executor.poll(timeout=1.0):
             h = inflight.pop(cid)
             first = True

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 from ..errors import RunError
+from ..plan import MergePlan
 from .evaluator import EvalSpec, Evaluator, Outcome
 
 
@@ -42,8 +43,16 @@ class Executor(ABC):
     def capacity(self) -> int: ...
 
     @abstractmethod
-    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
-        """Queue one candidate; ``context`` travels with it (e.g. the best fitness for racing)."""
+    def submit(self, cid: int, plan: MergePlan | dict[str, Any],
+               context: dict[str, Any] | None = None) -> None:
+        """Queue one candidate; ``context`` travels with it (e.g. the best fitness for racing).
+
+        Args:
+            cid: the candidate's id, returned with its outcome by :meth:`poll`.
+            plan: the typed plan; an executor that crosses a process boundary turns it into
+                a dict there (the local executor hands the object over as it is).
+            context: plain data for the worker (``{"best": fitness or None}``).
+        """
 
     @abstractmethod
     def poll(self, timeout: float | None = None) -> list[tuple[int, Outcome]]: ...
@@ -82,7 +91,8 @@ class LocalExecutor(Executor):
     def in_flight(self) -> int:
         return len(self._queue)
 
-    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
+    def submit(self, cid: int, plan: MergePlan | dict[str, Any],
+               context: dict[str, Any] | None = None) -> None:
         self._queue.append((cid, plan, context))
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
@@ -108,11 +118,3 @@ class LocalExecutor(Executor):
             self.evaluator.close()
             self.evaluator = None
 
-
-def make_executor(cfg: Any) -> Executor:
-    """From an ExecutorConfig."""
-    if cfg.name == "local":
-        return LocalExecutor(cfg.max_inflight)
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(cfg)

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..plan import MergePlan
 from .evaluator import EvalSpec, Evaluator, Outcome
 from .executor import Executor
 from .ray_connect import NodeWatch, join, start_local
@@ -156,7 +157,10 @@ class RayExecutor(Executor):
     def in_flight(self) -> int:
         return len(self.queue) + sum(1 for s in self.slots if s.job is not None)
 
-    def submit(self, cid: int, plan: dict[str, Any], context: dict[str, Any] | None = None) -> None:
+    def submit(self, cid: int, plan: MergePlan | dict[str, Any],
+               context: dict[str, Any] | None = None) -> None:
+        if isinstance(plan, MergePlan):  # the process boundary: actors get plain data
+            plan = plan.to_dict()
         self.queue.append((cid, plan, context))
         self._assign()
 

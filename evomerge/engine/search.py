@@ -30,12 +30,25 @@ from ..optim.base import optimizer_class, optimizer_trait
 from ..optim.state import from_jsonable, to_jsonable
 from ..spaces import make_space
 from .evaluator import EvalSpec, Outcome
-from .executor import Executor, make_executor
+from .executor import Executor, LocalExecutor
 from .faults import maybe_crash
 from .models import resolve_models_full
 from .objectives import Objectives
 from .store import RunStore
 from .tasks_info import TaskInfo
+
+
+def make_executor(cfg: Any) -> Executor:
+    """The executor an ExecutorConfig names ("local" or "ray").
+
+    Lives here, not in executor.py, so that executor.py never imports ray_executor.py
+    (which subclasses Executor): the arrow runs one way.
+    """
+    if cfg.name == "local":
+        return LocalExecutor(cfg.max_inflight)
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(cfg)
 
 
 class Search:
@@ -254,7 +267,7 @@ class Search:
             if (self.cfg.racing.enabled and self.best is not None and self.objectives.m > 1
                     and getattr(self.optimizer, "multi_objective", False)):
                 context.update(self._racing_front())
-            self.executor.submit(cand.id, plan.to_dict(), context)
+            self.executor.submit(cand.id, plan, context)
 
     def _finish(self, cid: int, outcome: Outcome | None, cached: dict[str, Any] | None = None) -> None:
         cand = self.pending[cid]

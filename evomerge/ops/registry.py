@@ -16,6 +16,7 @@ densities out of range...).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,16 @@ if TYPE_CHECKING:  # torch is imported by the operator modules, not by the regis
     import torch
 
     from ..plan import TensorStep
+
+
+def step_seed(plan_seed: int, tensor_name: str) -> int:
+    """Seed of the random stream for one output tensor (DARE masks etc.).
+
+    Depends only on the plan seed and the tensor name, so a plan materializes identically
+    every time, in any order, on any device.
+    """
+    h = hashlib.sha256(f"{int(plan_seed)}:{tensor_name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass

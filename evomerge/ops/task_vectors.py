@@ -43,10 +43,9 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
-from ..plan import step_seed
 from .fused import fused_gta, fused_mode, gta_elementwise
 from .parallel import run_chunks, scratch
-from .registry import OpContext, check_shapes, register_op
+from .registry import OpContext, check_shapes, register_op, step_seed
 from .sparsify import (
     RankCut,
     UniformField,
