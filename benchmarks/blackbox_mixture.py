@@ -80,8 +80,8 @@ def run_mixture_benchmark(zoo_variant: str = "full", seeds: list[int] | None = N
                           search_examples: int | None = 60, progress: bool = True) -> dict[str, Any]:
     """Run the comparison; returns the table as a dict (see the module docstring)."""
     import torch
-
     from evomerge.blackbox.mixture import Endpoint, EndpointPool, MixtureDecoder
+
     from evomerge.config import parse_config
     from evomerge.engine.runner import run_search
     from evomerge.engine.store import RunStore

@@ -18,6 +18,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "evomerge"
 MAX_LINES = 500
 
+# Known violations still open in issue 17, listed so the rules hold for everything else. A
+# test fails on any violation not listed here AND on any listed one that no longer exists
+# (fixing one means deleting its line here), so this list can only shrink.
+KNOWN_BACK_EDGES = {
+    # zoo: references resolve through the zoo cache; zoo itself writes checkpoints.
+    ("evomerge.checkpoint", "evomerge.zoo"),
+}
+KNOWN_BIG_MODULES = {
+    "evomerge/ops/sparsify.py",
+    "evomerge/ops/task_vectors.py",
+    "evomerge/recipe/compile.py",
+}
+
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
@@ -144,6 +157,9 @@ def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
 
 def test_no_import_circle_between_packages():
     graph = _package_graph()
+    for a, b in KNOWN_BACK_EDGES:
+        assert b in graph.get(a, {}), f"{a} -> {b} is gone: delete it from KNOWN_BACK_EDGES"
+        del graph[a][b]
     problems = []
     for comp in _cycles(graph):
         members = set(comp)
@@ -181,8 +197,10 @@ def test_no_module_over_500_lines():
     for path in MODULES.values():
         n = len(path.read_text().splitlines())
         if n > MAX_LINES:
-            big.append(f"{path.relative_to(ROOT.parent)}: {n} lines")
-    assert not big, "\n".join(sorted(big))
+            big.append(str(path.relative_to(ROOT.parent)))
+    assert not set(big) - KNOWN_BIG_MODULES, "over 500 lines: " + ", ".join(sorted(set(big) - KNOWN_BIG_MODULES))
+    assert not KNOWN_BIG_MODULES - set(big), (
+        "now within 500 lines, delete from KNOWN_BIG_MODULES: " + ", ".join(sorted(KNOWN_BIG_MODULES - set(big))))
 
 
 def test_no_private_name_imported_across_modules():

@@ -29,7 +29,7 @@ def nsga_run(test_zoo, tmp_path_factory):
 
 
 def _validation_front(run):
-    from evomerge.engine.export_pareto import validation_front
+    from evomerge.report.pareto_export import validation_front
 
     return validation_front(run, run_front(run))
 

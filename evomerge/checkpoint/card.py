@@ -49,7 +49,7 @@ def score_rows_of_record(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     for task, v in (rec.get("scores") or {}).items():
         xs = per_ex.get(task) if isinstance(per_ex, Mapping) else None
         rows.append({"task": task, "split": "search", "value": float(v),
-                     "stderr": _stderr(xs) if xs else None, "metric": "score"})
+                     "stderr": stderr_text(xs) if xs else None, "metric": "score"})
     for split in ("validation", *MODEL_INDEX_SPLITS[1:]):
         block = rec.get(split)
         if not isinstance(block, Mapping):
@@ -66,7 +66,7 @@ def score_rows_of_record(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _stderr(xs: Iterable[float]) -> float | None:
+def stderr_text(xs: Iterable[float]) -> float | None:
     vals = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     n = len(vals)
     if n < 2:

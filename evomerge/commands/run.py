@@ -147,9 +147,9 @@ def export(run_dir, k, out_dir, device, shard_size, overwrite, pareto, prefer):
     from ..engine.export import export_final, export_top
 
     if pareto or prefer is not None:
-        from ..engine.export_pareto import export_pareto
         from ..errors import ConfigError
         from ..report.front import parse_preference
+        from ..report.pareto_export import export_pareto
 
         if k is not None:
             raise ConfigError("--top cannot be combined with --pareto/--prefer")

@@ -51,7 +51,7 @@ def export_final(run_dir: str | Path, out_dir: str | Path, device: str | None = 
            "scores": {t: v["mean"] for t, v in tasks_of("search").items()},
            "validation": tasks_of("validation"), "heldout": tasks_of("heldout"),
            "label": f["label"], "chosen_by": final["chosen_by"]}
-    return _export(run_dir, [(Path(out_dir) / "final", rec)], device, shard_size, overwrite)[0]
+    return export_records(run_dir, [(Path(out_dir) / "final", rec)], device, shard_size, overwrite)[0]
 
 
 def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | None = None,
@@ -66,11 +66,11 @@ def export_top(run_dir: str | Path, k: int, out_dir: str | Path, device: str | N
     if not best:
         raise RunError(f"run {store.dir} has no successful evaluation to export")
     out = Path(out_dir)
-    return _export(run_dir, [(out / f"rank{rank}-id{rec['id']}", rec)
+    return export_records(run_dir, [(out / f"rank{rank}-id{rec['id']}", rec)
                              for rank, rec in enumerate(best, 1)], device, shard_size, overwrite)
 
 
-def _export(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
+def export_records(run_dir: str | Path, targets: list[tuple[Path, dict[str, Any]]],
             device: str | None, shard_size: str, overwrite: bool = False) -> list[Path]:
     from ..checkpoint.card import score_rows_of_record
     from ..checkpoint.writer import make_output_parent

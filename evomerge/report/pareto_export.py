@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.card import _stderr
+from ..checkpoint.card import stderr_text
+from ..engine.objectives import Objectives
 from ..errors import RunError
-from .objectives import Objectives
 
 
 def objective_se(rec: Mapping[str, Any], objectives: Objectives, split: str) -> list[float | None]:
@@ -28,7 +28,7 @@ def objective_se(rec: Mapping[str, Any], objectives: Objectives, split: str) -> 
     the objective's task weights (``None`` where a task's SE is unknown)."""
     if split == "search":
         per_ex = rec.get("per_example") or {}
-        task_se = {t: (_stderr(xs) if xs else None) for t, xs in per_ex.items()}
+        task_se = {t: (stderr_text(xs) if xs else None) for t, xs in per_ex.items()}
     else:
         block = rec.get("validation") or {}
         task_se = {t: (v.get("stderr", v.get("se")) if isinstance(v, Mapping) else None)
@@ -52,10 +52,10 @@ def validation_front(run_dir: str | Path, front: Any) -> Any | None:
     Raises:
         RunError: no member could be scored on validation.
     """
+    from ..engine.selection import Rescorer, summarize_scores
+    from ..engine.store import RunStore
     from ..fitness import load_task
-    from ..report.front import front_of_records
-    from .selection import Rescorer, summarize_scores
-    from .store import RunStore
+    from .front import front_of_records
 
     store = RunStore.open(run_dir)
     cfg = store.config()
@@ -129,8 +129,8 @@ def export_pareto(run_dir: str | Path, out_dir: str | Path, *, pareto: bool = Tr
         RunError: the run has no complete evaluation.
     """
     from ..checkpoint.writer import atomic_output_dir
-    from ..report.front import run_front
-    from .export import _export
+    from ..engine.export import export_records
+    from .front import run_front
 
     front = run_front(run_dir)
     if front.split == "search":
@@ -151,9 +151,9 @@ def export_pareto(run_dir: str | Path, out_dir: str | Path, *, pareto: bool = Tr
     if not pareto:
         i = next(k for k, m in enumerate(doc["members"]) if m["preferred"])
         target = out / f"preferred-cand{doc['members'][i]['id']}"
-        return _export(run_dir, [(target, target_rec(i))], device, shard_size, overwrite), doc
+        return export_records(run_dir, [(target, target_rec(i))], device, shard_size, overwrite), doc
     with atomic_output_dir(out / "pareto", overwrite=overwrite) as tmp:
-        _export(run_dir, [(tmp / m["dir"], target_rec(i)) for i, m in enumerate(doc["members"])],
+        export_records(run_dir, [(tmp / m["dir"], target_rec(i)) for i, m in enumerate(doc["members"])],
                 device, shard_size, overwrite)
         (tmp / "front.json").write_text(json.dumps(doc, indent=2) + "\n")
     return [out / "pareto" / m["dir"] for m in doc["members"]], doc
