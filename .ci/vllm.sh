@@ -50,5 +50,5 @@ if [[ "${1:-}" == "--install" ]]; then
     exit 0
 fi
 
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py tests/test_dfs_vllm.py
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m pytest -q -p no:cacheprovider tests/fitness/test_vllm_backend.py tests/fitness/test_dfs_vllm.py
 echo "vllm CI step finished in $(( $(date +%s) - start )) s"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +32,18 @@ def zoo_run_config(zoo: Any, **over: Any) -> dict[str, Any]:
     }
     d.update(over)
     return d
+
+
+def read_log(run_dir: Any) -> list[dict[str, Any]]:
+    """The evaluation records of a run directory, in order."""
+    from evomerge.engine.store import RunStore
+
+    return RunStore(run_dir).read_evals()
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Any = None) -> subprocess.CompletedProcess:
+    """``python -m evomerge.cli ARGS`` in a fresh process (one torch thread), output captured."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], env=e, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ magnitude, outliers or random (DARE's masks are drawn outside, as before). Anyth
 ``EVOMERGE_FUSED=0``, or any failure to compile falls back to the eager path. Compiled
 code may contract multiply-adds differently from eager kernels, so the fused result is
 checked against eager to float32 rounding (and reported bit-for-bit where it is), on the
-CUDA machine (``tests/test_cuda_ops.py``).
+CUDA machine (``tests/ops/test_cuda_ops.py``).
 """
 
 from __future__ import annotations

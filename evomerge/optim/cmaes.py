@@ -52,7 +52,7 @@ strategy from the seed and replays the log through the same code path, checking 
 ask that the regenerated genomes are the logged ones (a digest per ask), and raises
 :class:`RunError` if not (another cma version, or nondeterminism). Cost: replaying 2,000
 evaluations in 20 dimensions took 0.3-0.5 s of CPU (0.6-1.4 s wall on a loaded 2-core
-machine; tests/test_optim.py checks it); the state of such a run is ~80 kB of JSON.
+machine; tests/optim/test_optim.py checks it); the state of such a run is ~80 kB of JSON.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from run_configs import zoo_run_config
+from run_configs import read_log, run_cli, zoo_run_config
 
 from evomerge.config import parse_config
 from evomerge.engine.runner import run_search
@@ -19,15 +19,11 @@ from evomerge.engine.store import RunStore
 from evomerge.fitness.backends import register_backend
 from evomerge.fitness.backends.hf import HFBackend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cfg(zoo, **over):
-    return zoo_run_config(zoo, **over)
-
-
-def _log(run_dir):
-    return RunStore(run_dir).read_evals()
+_cfg = zoo_run_config
+_log = read_log
 
 
 @pytest.mark.slow
@@ -70,11 +66,7 @@ def test_run_end_to_end_status_and_export(test_zoo, tmp_path):
     assert open_checkpoint(path).names
 
 
-def _run_cli(args, env=None, cwd=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], env=e, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+_run_cli = run_cli
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from evomerge.fitness import load_task, make_backend
 from evomerge.materialize import Materializer
 from evomerge.plan import MergePlan, TensorRef, TensorStep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 POSITIONS = 128
 ENGINE_OPTS = {"multiprocessing": False, "kv_cache_space": 1, "block_size": 32}

@@ -38,7 +38,7 @@ def hub(monkeypatch):
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        # lm-eval tasks (tests/test_lmeval.py, same process) switch huggingface_hub's cached
+        # lm-eval tasks (tests/fitness/test_lmeval.py, same process) switch huggingface_hub's cached
         # offline constant on for the whole process; this fake Hub is on loopback
         import huggingface_hub.constants as hub_constants
 

@@ -21,7 +21,7 @@ from evomerge.engine.store import RunStore
 from evomerge.fitness.backends import register_backend
 from evomerge.fitness.backends.hf import HFBackend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(zoo, **over):

@@ -1,7 +1,7 @@
 """mergekit's newer merge methods (nuslerp, multislerp, karcher, sce, ram, ramplus_tl,
 nearswap, arcee_fusion): results computed by hand on small tensors, invariants, and the
 one-line errors. The same operators are checked against mergekit-yaml itself in
-tests/test_recipe_mergekit_methods.py when mergekit is installed."""
+tests/recipe/test_recipe_mergekit_methods.py when mergekit is installed."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_vllm_backend import ENGINE_OPTS, agreement, outputs, tasks, vllm_module, zoo  # noqa: E402,F401
 
 from evomerge.checkpoint.opener import open_checkpoint  # noqa: E402

@@ -32,7 +32,7 @@ from evomerge.ops.parallel import merge_threads, run_chunks
 from evomerge.ops.precompute import SourceStats
 from evomerge.plan import MergePlan, TensorRef, TensorStep, step_seed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OPS = {
     "task_arithmetic": {"weight": [1.0, 0.5, -0.3]},

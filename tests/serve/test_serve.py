@@ -21,7 +21,7 @@ from evomerge.errors import BackendError
 from evomerge.fitness import load_task, make_backend
 from evomerge.serve import ModelService, make_server, start_in_thread
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def call(url: str, body: dict | bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_search import _cfg
+from run_configs import zoo_run_config as _cfg
 
 from evomerge.config import parse_config
 from evomerge.engine.runner import run_search
@@ -27,7 +27,7 @@ def test_multiobjective_optimizer_runs_and_front_comes_from_the_log(test_zoo, tm
 @pytest.mark.parametrize("name", ["nsga2", "map"])
 def test_sigkill_then_resume_gives_the_same_run(test_zoo, tmp_path, name):
     import yaml
-    from test_search import _log, _run_cli
+    from run_configs import read_log as _log, run_cli as _run_cli
 
     cfg = _cfg(test_zoo, budget=10, optimizer={"name": name, "popsize": 4, "seed": 3})
     path = tmp_path / "run.yaml"

@@ -17,7 +17,7 @@ from evomerge.recipe import compile_recipe
 from evomerge.spaces import make_space
 from evomerge.spaces.dfs import dfs_recipe
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import (  # noqa: E402
     make_tiny_expert,
     make_tiny_gpt2,
@@ -25,7 +25,7 @@ from tiny_models import (  # noqa: E402
     scale_layer_inputs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJ = ("self_attn.o_proj.", "mlp.down_proj.")
 # a path 5 layers long through three 2-layer sources, one layer used twice, scaled transitions
 PATH = [("a", 0), ("b", 1), ("c", 0), ("a", 1), ("b", 1)]

@@ -18,7 +18,7 @@ from evomerge.config import parse_config
 from evomerge.errors import ConfigError, TaskError
 from evomerge.fitness import load_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LMEVAL = ROOT / "fitness" / "lmeval"
 MC = LMEVAL / "cipher_mc.yaml"
 GEN = LMEVAL / "cipher.yaml"

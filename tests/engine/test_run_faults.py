@@ -24,7 +24,7 @@ from evomerge.engine.runner import resume_search, run_search
 from evomerge.engine.store import RunStore
 from evomerge.errors import CheckpointError, ConfigError, RunError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = str(ROOT / "fitness/zoo/cipher_a.yaml")
 
 

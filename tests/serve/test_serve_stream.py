@@ -21,7 +21,7 @@ from evomerge.errors import ConfigError
 from evomerge.fitness import make_backend
 from evomerge.serve import make_server, start_in_thread
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = ("{% for m in messages %}[{{ m['role'][0] }}]{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}[a]{% endif %}")
 

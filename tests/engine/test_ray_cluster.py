@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 from ray_cluster import LocalCluster
-from test_search import _cfg, _log
+from run_configs import zoo_run_config as _cfg, read_log as _log
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from evomerge.zoo import tasks as zt
 from evomerge.zoo.build import ZooError, build_zoo, build_zoo_spec, load_zoo, load_zoo_dir, zoo_spec
 from evomerge.zoo.tokenizer import make_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 torch.set_num_threads(1)
 

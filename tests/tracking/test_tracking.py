@@ -13,7 +13,7 @@ from evomerge.engine.progress import RateMeter, format_duration
 from evomerge.errors import ConfigError
 from evomerge.tracking import RunLogFeed, RunLogger, make_loggers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_rate_meter_counts_this_session_only():

@@ -370,7 +370,7 @@ def test_digits_benchmark_smoke(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "m2n2_digits.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "m2n2_digits.py"
     spec = importlib.util.spec_from_file_location("m2n2_digits", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -27,7 +27,7 @@ from evomerge.optim import Result, make_optimizer
 from evomerge.optim.state import from_jsonable, to_jsonable
 from evomerge.spaces import make_space
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CIPHER_A = str(ROOT / "fitness/zoo/cipher_a.yaml")
 TOKEN_ENV = "EVOMERGE_TEST_POOL_CLIENT_TOKEN"
 TOKEN = "tok-" + secrets.token_hex(16)

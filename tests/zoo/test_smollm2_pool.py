@@ -16,7 +16,7 @@ import pytest
 from evomerge.zoo import smollm2_pool as sp
 from evomerge.zoo.build import ZooError
 
-REPO_TASKS = Path(__file__).resolve().parent.parent / "fitness" / "smollm2_pool"
+REPO_TASKS = Path(__file__).resolve().parents[2] / "fitness" / "smollm2_pool"
 
 
 def test_committed_target_tasks_match_the_generator(tmp_path):
