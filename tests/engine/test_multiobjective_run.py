@@ -27,7 +27,8 @@ def test_multiobjective_optimizer_runs_and_front_comes_from_the_log(test_zoo, tm
 @pytest.mark.parametrize("name", ["nsga2", "map"])
 def test_sigkill_then_resume_gives_the_same_run(test_zoo, tmp_path, name):
     import yaml
-    from run_configs import read_log as _log, run_cli as _run_cli
+    from run_configs import read_log as _log
+    from run_configs import run_cli as _run_cli
 
     cfg = _cfg(test_zoo, budget=10, optimizer={"name": name, "popsize": 4, "seed": 3})
     path = tmp_path / "run.yaml"

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_cluster import free_port, processes
-from run_configs import zoo_run_config as _cfg, read_log as _log, run_cli as _run_cli
+from run_configs import read_log as _log
+from run_configs import run_cli as _run_cli
+from run_configs import zoo_run_config as _cfg
 
 from evomerge.config import ExecutorConfig, parse_config
 from evomerge.engine.ray_executor import RayExecutor

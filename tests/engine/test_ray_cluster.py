@@ -15,7 +15,8 @@ import time
 import pytest
 import yaml
 from ray_cluster import LocalCluster
-from run_configs import zoo_run_config as _cfg, read_log as _log
+from run_configs import read_log as _log
+from run_configs import zoo_run_config as _cfg
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import yaml
-from run_configs import zoo_run_config as _cfg, run_cli as _run_cli
+from run_configs import run_cli as _run_cli
+from run_configs import zoo_run_config as _cfg
 
 from evomerge.engine.objectives import Objectives
 from evomerge.engine.store import RunStore
