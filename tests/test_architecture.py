@@ -26,7 +26,6 @@ KNOWN_BACK_EDGES = {
     ("evomerge.checkpoint", "evomerge.zoo"),
 }
 KNOWN_BIG_MODULES = {
-    "evomerge/ops/task_vectors.py",
     "evomerge/recipe/compile.py",
 }
 
