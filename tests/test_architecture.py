@@ -25,11 +25,7 @@ KNOWN_BACK_EDGES = {
     # zoo: references resolve through the zoo cache; zoo itself writes checkpoints.
     ("evomerge.checkpoint", "evomerge.zoo"),
 }
-KNOWN_BIG_MODULES = {
-    "evomerge/ops/sparsify.py",
-    "evomerge/ops/task_vectors.py",
-    "evomerge/recipe/compile.py",
-}
+KNOWN_BIG_MODULES: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """One fused pass for the elementwise part of task-vector merges on CUDA (torch.compile).
 
-The eager chunk loop of :func:`~.task_vectors.generalized_task_arithmetic` runs about ten
+The eager chunk loop of :func:`~.task_vector_merge.generalized_task_arithmetic` runs about ten
 kernels per input (subtract, prune, mask, weight, sign election, agreement, sums), each a
 full trip through device memory. :func:`gta_elementwise` writes the same computation as one
 function of the chunk's tensors and scalars, with the same ATen ops in the same order as

@@ -37,279 +37,43 @@ with each tensor's layer position filled in: layer tensors their (output) layer 
 embeddings layer 0, the final norm and head the last layer.
 
 Search spaces compile one recipe per candidate, so the per-checkpoint work (headers,
-tensor names grouped by layer, the compatibility check) is cached per reader.
+tensor names grouped by layer, the compatibility check) is cached per reader
+(:mod:`.model_cache`). Parameter parsing and per-tensor resolution live in
+:mod:`.step_params`.
 """
 
 from __future__ import annotations
 
-import threading
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint.compat import check_compatible
 from ..checkpoint.layout import ModelLayout
 from ..checkpoint.opener import open_checkpoint
-from ..errors import CheckpointError, ConfigError, IncompatibleModelsError, PlanError
+from ..errors import CheckpointError, ConfigError
 from ..ops import OpSpec, get_op
 from ..plan import MergePlan, TensorRef, TensorStep
-from .params import (
-    Setting,
-    TensorCtx,
-    gradient_t,
-    known_param_names,
-    lookup,
-    parse_parameters,
-    warn_unused_param,
+from .model_cache import (  # noqa: F401  (re-exported for old imports)
+    ModelInfo,
+    clear_compile_cache,
+    compatible_cached,
+    model_info,
+)
+from .params import Setting, TensorCtx, gradient_t
+from .step_params import (  # noqa: F401  (re-exported for old imports)
+    COMPILER_PARAMS,
+    IGNORED_PARAMS,
+    LINES_ALIASES,
+    OpParams,
+    SourceGroup,
+    check_layer_lists,
+    validate_step,
 )
 
-# mergekit parameters that do not change the result (memory tricks): accepted, unused.
-IGNORED_PARAMS = frozenset({"int8_mask"})
-# evomerge's LiNeS knobs on task_arithmetic, and the lines operator's names for them.
-LINES_ALIASES = {"lines_alpha": "alpha", "lines_beta": "beta"}
-# parameters the compiler fills in per tensor; users cannot set them.
-COMPILER_PARAMS = {"lines": ("layer", "num_layers")}
 # operators that need whole-model statistics, which a recipe cannot give per tensor.
 NOT_IN_RECIPES = {
     "m2n2_crossover": "its coefficients and split point come from whole-model statistics; "
     "the M2N2 optimizer builds these plans itself",
 }
-
-
-# -- per-checkpoint metadata, cached ----------------------------------------------------
-@dataclass
-class ModelInfo:
-    reader: Any
-    layout: ModelLayout
-    layers: dict[int, list[str]]  # layer index -> tensor suffixes, in the reader's order
-    non_layer: list[str]
-    contexts: list[TensorCtx] | None = None  # every tensor at its own layer (models mode)
-
-    def whole_model_contexts(self) -> list[TensorCtx]:
-        if self.contexts is None:
-            n = self.layout.num_layers
-            out = []
-            for name in self.reader.names:
-                layer = self.layout.layer_of(name)
-                out.append(TensorCtx.make(name, gradient_t(layer, n) if layer is not None else 0.0, layer))
-            self.contexts = out
-        return self.contexts
-
-
-_INFO: dict[int, tuple[Any, ModelInfo]] = {}
-_COMPAT: dict[tuple, tuple] = {}
-_LOCK = threading.Lock()
-_MAX_CACHED = 512  # readers are memoized per path; a rebuilt checkpoint gets a new reader
-
-
-def model_info(reader: Any) -> ModelInfo:
-    """Names of ``reader`` grouped by layer (cached per reader object)."""
-    hit = _INFO.get(id(reader))
-    if hit is not None and hit[0] is reader:
-        return hit[1]
-    layout = reader.layout
-    layers: dict[int, list[str]] = {}
-    non_layer: list[str] = []
-    for name in reader.names:
-        i = layout.layer_of(name)
-        if i is None:
-            non_layer.append(name)
-        else:
-            layers.setdefault(i, []).append(layout.suffix_of(name))
-    info = ModelInfo(reader, layout, layers, non_layer)
-    with _LOCK:
-        if len(_INFO) > _MAX_CACHED:
-            _INFO.clear()
-        _INFO[id(reader)] = (reader, info)  # holding the reader keeps its id unique
-    return info
-
-
-def _compatible(readers: dict[str, Any], same_layer_count: bool, where: str) -> None:
-    """check_compatible, once per set of reader objects (tokenizer files are read each time)."""
-    key = (tuple((k, id(r)) for k, r in readers.items()), same_layer_count)
-    hit = _COMPAT.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit, readers.values())):
-        return
-    try:
-        check_compatible(readers, same_layer_count=same_layer_count)
-    except IncompatibleModelsError as e:
-        raise IncompatibleModelsError(f"{where}: {e}") from None
-    with _LOCK:
-        if len(_COMPAT) > _MAX_CACHED:
-            _COMPAT.clear()
-        _COMPAT[key] = tuple(readers.values())
-
-
-def clear_compile_cache() -> None:
-    with _LOCK:
-        _INFO.clear()
-        _COMPAT.clear()
-
-
-# -- parameters -------------------------------------------------------------------------
-class _Params:
-    """One operator's parameters: where each may be set, and resolution per tensor."""
-
-    def __init__(self, spec: OpSpec, label: str, aliases: dict[str, str] | None = None):
-        self.spec = spec
-        self.label = label  # the method name users wrote
-        self.aliases = dict(aliases or {})
-        fixed = COMPILER_PARAMS.get(spec.name, ())
-        self.fixed = set(fixed)
-        self.per_input = tuple(spec.per_input)
-        self.scalars = tuple(k for k in spec.defaults if k not in spec.per_input and k not in fixed)
-        # a single-input operator (passthrough) may take its scalars per model too
-        self.scalars_per_model = spec.max_inputs == 1
-
-    def names(self) -> set[str]:
-        user = {k for k in self.per_input + self.scalars}
-        rev = {v: k for k, v in self.aliases.items()}
-        return {rev.get(k, k) for k in user}
-
-    def settings(self, raw: Any, path: str, per_model: bool) -> dict[str, Setting]:
-        """Parse and check one ``parameters:`` mapping; keys renamed to the operator's names."""
-        parsed = parse_parameters(raw, path)
-        out: dict[str, Setting] = {}
-        for name, setting in parsed.items():
-            if name in IGNORED_PARAMS:
-                continue
-            op_name = self.aliases.get(name, name)
-            if op_name in self.fixed:
-                raise ConfigError(f"{path}.{name}: set by the compiler for each tensor, not in recipes")
-            if op_name not in self.per_input and op_name not in self.scalars:
-                if self.spec.name == "lines" and name == "lambda":
-                    raise ConfigError(
-                        f"{path}.lambda: cannot be combined with lines_alpha/lines_beta: LiNeS "
-                        f"sets the task-vector scale per layer (scale those instead)"
-                    )
-                if name in known_param_names(IGNORED_PARAMS | set(LINES_ALIASES)):
-                    # another method's knob (density on task_arithmetic...): mergekit
-                    # ignores it, so do we, saying so once
-                    warn_unused_param(self.label, name, f"{path}.{name}")
-                    continue
-                takes = ", ".join(sorted(self.names())) or "no parameters"
-                raise ConfigError(
-                    f"{path}.{name}: operator {self.label!r} has no parameter {name!r} (it takes {takes})"
-                )
-            if per_model and op_name not in self.per_input and not self.scalars_per_model:
-                raise ConfigError(
-                    f"{path}.{name}: {name!r} is one value for the whole merge in "
-                    f"{self.label!r}, not per model; set it under 'parameters'"
-                )
-            out[op_name] = setting
-        return out
-
-    def _range(self, name: str, value: Any, path: str | None, tensor: str) -> None:
-        rng = self.spec.ranges.get(name)
-        if rng is None or isinstance(value, (str, bool)) or value is None:
-            return
-        lo, hi = rng
-        v = float(value)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            where = path or f"{self.label} default {name}"
-            raise ConfigError(
-                f"{where}: {name}={v:g} is out of range "
-                f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}] "
-                f"for operator {self.label!r} (tensor {tensor!r})"
-            )
-
-    def resolve(self, ctx: TensorCtx, g: _Group) -> dict[str, Any]:
-        """Parameters of one step of group ``g`` (defaults filled, types and ranges checked)."""
-        out: dict[str, Any] = {}
-        defaults = self.spec.defaults
-        for name in self.per_input:
-            vals = []
-            for chain, ipath in zip(g.chains, g.paths):
-                v, path = lookup(chain, name, ctx)
-                if v is None:
-                    v = defaults.get(name)
-                    if v is None:
-                        raise ConfigError(
-                            f"{ipath}.parameters.{name}: missing; operator {self.label!r} needs "
-                            f"{name!r} for every model (tensor {ctx.name!r})"
-                        )
-                    v = float(v)
-                else:
-                    v = _number(v, path, name)
-                if name in self.spec.ranges:
-                    self._range(name, v, path, ctx.name)
-                vals.append(v)
-            out[name] = vals
-        for name in self.scalars:
-            v, path = lookup(g.scalar_chain, name, ctx)
-            default = defaults.get(name)
-            if v is None:
-                if default is None:
-                    continue
-                v = default
-            elif isinstance(default, bool):
-                if not isinstance(v, bool):
-                    if v in (0, 1) and not isinstance(v, str):
-                        v = bool(v)
-                    else:
-                        raise ConfigError(f"{path}: {name} must be true or false, got {v!r}")
-            else:
-                v = _number(v, path, name)
-            if name in self.spec.ranges:
-                self._range(name, v, path, ctx.name)
-            out[name] = v
-        return out
-
-
-def _check_layer_lists(levels: list[dict[str, Setting]], n: int, where: str) -> None:
-    for level in levels:
-        for setting in level.values():
-            for lpath, length in setting.layer_lists():
-                if length != n:
-                    raise ConfigError(
-                        f"{lpath}: {length} values for {n} layers{where} "
-                        f"(a 'layers' list needs one value per layer)"
-                    )
-
-
-def _number(v: Any, path: str | None, name: str) -> float:
-    if not isinstance(v, bool):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            pass
-    raise ConfigError(f"{path}: {name} must be a number, got {v!r}")
-
-
-@dataclass
-class _Group:
-    """How a set of sources combines for a run of tensors (one slice, or whole models)."""
-
-    params: _Params
-    inputs: list[str]
-    base: str | None
-    starts: dict[str, int]  # first source layer of each key (0 for whole models)
-    chains: list[list[dict[str, Setting]]]  # per input: model > slice > global settings
-    scalar_chain: list[dict[str, Setting]]
-    paths: list[str]  # recipe field of each input, for error messages
-    where: str
-    validated: bool = False
-
-    @property
-    def op(self) -> str:
-        return self.params.spec.name
-
-
-def _validate(g: _Group, step: TensorStep) -> None:
-    """The operator's own checks: all of them on a group's first step (input count, base,
-    parameter names), then only its cross-parameter rule, since :meth:`_Params.resolve`
-    already checked types and ranges and the rest is the same for every step of a group."""
-    spec = g.params.spec
-    try:
-        if not g.validated:
-            spec.validate(step)
-            g.validated = True
-        elif spec.check is not None:
-            problem = spec.check(step.params, len(step.inputs))
-            if problem:
-                raise PlanError(f"operator {spec.name!r} for tensor {step.output!r}: {problem}")
-    except PlanError as e:
-        raise ConfigError(f"{g.where}: {e}") from None
 
 
 # -- the compiler -----------------------------------------------------------------------
@@ -320,7 +84,7 @@ class _Compiler:
         if self.method in NOT_IN_RECIPES:
             raise ConfigError(f"merge_method: {self.method!r} cannot be used in a recipe: {NOT_IN_RECIPES[self.method]}")
         self.spec = get_op(self.method)
-        self.params = _Params(
+        self.params = OpParams(
             self.spec, self.method, aliases=LINES_ALIASES if self.method == "lines" else None
         )
         self.base: str | None = norm.get("base_model")
@@ -339,7 +103,7 @@ class _Compiler:
             if path != "parameters":
                 raise ConfigError(f"{path}: lines_alpha/lines_beta are set once, under 'parameters'")
             self.spec = get_op("lines")
-            self.params = _Params(self.spec, self.method, aliases=LINES_ALIASES)
+            self.params = OpParams(self.spec, self.method, aliases=LINES_ALIASES)
             missing = [k for k in LINES_ALIASES if k not in raw]
             if missing:
                 raise ConfigError(f"parameters.{missing[0]}: missing; LiNeS needs both lines_alpha and lines_beta")
@@ -418,7 +182,7 @@ class _Compiler:
         p["layer"] = int(layer)
         p["num_layers"] = int(max(n_layers, 1))
 
-    def _step(self, g: _Group, ctx: TensorCtx, out: str, names: dict[str, str],
+    def _step(self, g: SourceGroup, ctx: TensorCtx, out: str, names: dict[str, str],
               lines_layer: int | None, n_layers: int) -> None:
         p = g.params.resolve(ctx, g)
         if g.params is self.params:
@@ -430,7 +194,7 @@ class _Compiler:
             base=TensorRef(g.base, names[g.base]) if g.base else None,
             params=p,
         )
-        _validate(g, step)
+        validate_step(g, step)
         self.steps.append(step)
 
     # -- whole models --------------------------------------------------------------------
@@ -454,11 +218,11 @@ class _Compiler:
         if self.tok:
             fields.setdefault(self.tok, "tokenizer_source")
         infos = self._open(used, fields)
-        _compatible({k: infos[k].reader for k in used}, True, "models")
+        compatible_cached({k: infos[k].reader for k in used}, True, "models")
         ref = infos[self.base or keys[0]]
         n = ref.layout.num_layers
-        _check_layer_lists([*settings.values(), self.glob], n, "")
-        g = _Group(
+        check_layer_lists([*settings.values(), self.glob], n, "")
+        g = SourceGroup(
             params=self.params,
             inputs=inputs,
             base=base,
@@ -495,7 +259,7 @@ class _Compiler:
         if out_layout.layer_prefix is None:
             raise ConfigError(f"slices: model {cfg_key!r} has no layer stack to slice")
 
-        groups: list[_Group] = []
+        groups: list[SourceGroup] = []
         slice_sources: list[tuple[list[str], dict[str, int], int]] = []
         for i, s in enumerate(slices):
             g, keys, starts, n = self._slice_group(i, s, infos)
@@ -503,7 +267,7 @@ class _Compiler:
             slice_sources.append((keys, starts, n))
         used = [k for k in fields if any(k in g.inputs or k == g.base for g in groups)
                 or k in (nl.get("model"), cfg_key, self.tok)]
-        _compatible({k: infos[k].reader for k in used}, False, "slices")
+        compatible_cached({k: infos[k].reader for k in used}, False, "slices")
 
         out_index = 0
         layer_types: list[Any] = []
@@ -552,7 +316,7 @@ class _Compiler:
         if len(set(lengths)) != 1:
             raise ConfigError(f"{p}.sources: every source of a slice needs the same number of layers, got {lengths}")
         n = lengths[0]
-        _check_layer_lists([*per_src.values(), sl, self.glob], n, f" of {p}")
+        check_layer_lists([*per_src.values(), sl, self.glob], n, f" of {p}")
         keys = [src["model"] for src in srcs]
         starts = {src["model"]: src["layer_range"][0] for src in srcs}
         index = {k: j for j, k in enumerate(keys)}
@@ -560,9 +324,9 @@ class _Compiler:
             raise ConfigError(f"{p}.sources: passthrough takes one source per slice, got {len(keys)}")
         if len(keys) == 1:  # one source: a copy of its layers
             k = keys[0]
-            params = self.params if self.params.spec.name == "passthrough" else _Params(get_op("passthrough"), "passthrough")
+            params = self.params if self.params.spec.name == "passthrough" else OpParams(get_op("passthrough"), "passthrough")
             own = params is self.params
-            g = _Group(
+            g = SourceGroup(
                 params=params, inputs=[k], base=None, starts=starts,
                 chains=[[per_src[k], sl, self.glob] if own else []],
                 scalar_chain=[per_src[k], sl, self.glob] if own else [],
@@ -582,7 +346,7 @@ class _Compiler:
                     f"{p}: the base model {k!r} has {have} layers, fewer than the slice's "
                     f"layer_range [{starts[k]}, {starts[k] + n}] (list the base among the sources)"
                 )
-        g = _Group(
+        g = SourceGroup(
             params=self.params, inputs=inputs, base=b, starts=starts,
             chains=[[per_src.get(k, {}), sl, self.glob] for k in inputs],
             scalar_chain=[sl, self.glob],
@@ -591,12 +355,12 @@ class _Compiler:
         )
         return g, keys, starts, n
 
-    def _non_layer(self, nl: dict[str, Any], slices: list[dict[str, Any]], groups: list[_Group],
+    def _non_layer(self, nl: dict[str, Any], slices: list[dict[str, Any]], groups: list[SourceGroup],
                    infos: dict[str, ModelInfo], cfg_key: str, total: int) -> None:
         names = infos[cfg_key].non_layer
         if nl.get("model"):
             k = nl["model"]
-            g = _Group(params=_Params(get_op("passthrough"), "passthrough"), inputs=[k], base=None,
+            g = SourceGroup(params=OpParams(get_op("passthrough"), "passthrough"), inputs=[k], base=None,
                        starts={}, chains=[[]], scalar_chain=[], paths=["non_layer"], where="non_layer")
             for name in names:
                 self._step(g, TensorCtx.make(name, 0.0), name, _Same(name), None, total)
@@ -612,7 +376,7 @@ class _Compiler:
             g = groups[0] if ModelLayout.kind_of(name) == "embed" else groups[-1]
             self._step(g, TensorCtx.make(name, 0.0), name, _Same(name), None, total)
 
-    def _merge_group(self, nl: dict[str, Any], slices: list[dict[str, Any]]) -> _Group:
+    def _merge_group(self, nl: dict[str, Any], slices: list[dict[str, Any]]) -> SourceGroup:
         """``non_layer: {merge: true}``: every slice model merged (passthrough -> average)."""
         method = nl.get("merge_method") or self.method
         if method == "passthrough":
@@ -620,7 +384,7 @@ class _Compiler:
         if method in NOT_IN_RECIPES:
             raise ConfigError(f"non_layer.merge_method: {method!r} cannot be used in a recipe")
         same = method == self.method
-        params = self.params if same else _Params(get_op(method), method)
+        params = self.params if same else OpParams(get_op(method), method)
         own = params.settings(nl.get("parameters"), "non_layer.parameters", per_model=False)
         glob = [own, self.glob] if same else [own]
         keys: list[str] = []
@@ -641,7 +405,7 @@ class _Compiler:
         if spec.needs_base and self.base is None:
             raise ConfigError(f"non_layer.merge_method: {method!r} needs a base_model")
         inputs, b = self._roles(keys, self.base, "non_layer", spec=spec, add_base_input=False)
-        return _Group(
+        return SourceGroup(
             params=params, inputs=inputs, base=b, starts={},
             chains=[[per_model.get(k, {}), *glob] for k in inputs],
             scalar_chain=glob, paths=[paths.get(k, "base_model") for k in inputs],
