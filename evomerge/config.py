@@ -22,6 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, format_validation_error
 
 
+def registered_space_types() -> list[str]:
+    """The ``space.type`` names in the spaces registry (built-ins and user plug-ins).
+
+    The registry is looked up by module name, the way every registry loads its built-ins:
+    the spaces import this module, so it names their registry instead of importing it.
+    """
+    import importlib
+
+    return importlib.import_module("evomerge.spaces.base").SPACES.names()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,8 +75,16 @@ class SpaceConfig(_Strict):
                 exported as a plain checkpoint (options: see evomerge/spaces/dfs.py).
     """
 
-    type: Literal["parameter", "layer_swap", "m2n2", "lora_pool", "output_mixture", "dfs"] = "parameter"
+    type: str = "parameter"
     method: str = "task_arithmetic"
+
+    @field_validator("type")
+    @classmethod
+    def _registered_type(cls, v: str) -> str:
+        known = registered_space_types()
+        if v not in known:
+            raise ValueError(f"unknown search space {v!r}; known: {', '.join(known)}")
+        return v
     # parameter space
     layer_groups: int | Literal["layer"] = 1
     split_attn_mlp: bool = False

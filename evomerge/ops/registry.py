@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError
+from ..registry import Registry
 
 if TYPE_CHECKING:  # torch is imported by the operator modules, not by the registry
     import torch
@@ -184,34 +185,25 @@ def check_shapes(tensors: list[Any], base: Any, ctx: OpContext, need_base: bool 
             )
 
 
-_OPS: dict[str, OpSpec] = {}
+_OPS: Registry[OpSpec] = Registry("merge operator", "", PlanError, "evomerge.ops.builtin")
 
 
 def register_op(name: str, **spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering an operator function under ``name`` with its :class:`OpSpec`
+    fields (``spec``)."""
+
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _OPS:
-            raise ValueError(f"operator {name!r} registered twice")
-        _OPS[name] = OpSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), **spec)
+        _OPS.add(name, OpSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), **spec))
         return fn
 
     return deco
 
 
 def get_op(name: str) -> OpSpec:
-    _load_builtin_ops()
-    try:
-        return _OPS[name]
-    except KeyError:
-        raise PlanError(
-            f"unknown merge operator {name!r}; known: {', '.join(sorted(_OPS))}"
-        ) from None
+    """The operator registered as ``name`` (PlanError naming the known ones otherwise)."""
+    return _OPS.get(name)
 
 
 def list_ops() -> list[str]:
-    _load_builtin_ops()
-    return sorted(_OPS)
-
-
-def _load_builtin_ops() -> None:
-    # Importing the package registers every built-in operator exactly once.
-    from . import builtin  # noqa: F401
+    """Every registered operator name, sorted."""
+    return _OPS.names()

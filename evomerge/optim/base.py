@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+from ..registry import Registry
+
 FAILED_FITNESS = -1.0e9
 
 
@@ -192,40 +195,35 @@ class Optimizer(ABC):
         return np.clip(np.asarray(x, dtype=float), self.lower, self.upper)
 
 
-_OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {}
+_OPTIMIZERS: Registry[type[Optimizer]] = Registry(
+    "optimizer", "optimizer.name: ", ConfigError, "evomerge.optim.builtin",
+    hint=" (or 'ng:<NevergradName>')")
 
 
 def register_optimizer(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
-    def deco(cls: type[Optimizer]) -> type[Optimizer]:
-        if name in _OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r} registered twice")
-        _OPTIMIZERS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator registering an optimizer under the name users write in YAML."""
+    return _OPTIMIZERS.register(name)
 
 
 def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
-    from ..errors import ConfigError
-    from . import builtin  # noqa: F401  (registers the built-in optimizers)
+    """A new optimizer ``name`` (``ng:<X>`` = nevergrad's optimizer X) built with ``kwargs``.
 
-    if name in _OPTIMIZERS:
-        return _OPTIMIZERS[name](**kwargs)
-    if name.startswith("ng:") or name.startswith("nevergrad:"):
-        return _OPTIMIZERS["nevergrad"](method=name.split(":", 1)[1], **kwargs)
-    raise ConfigError(
-        f"optimizer.name: unknown optimizer {name!r}; known: {', '.join(sorted(_OPTIMIZERS))}"
-        " (or 'ng:<NevergradName>')"
-    )
+    Raises:
+        ConfigError: unknown name (one line listing the known ones).
+    """
+    cls = _OPTIMIZERS.find(name)
+    if cls is not None:
+        return cls(**kwargs)
+    if name.startswith(("ng:", "nevergrad:")):
+        return _OPTIMIZERS.get("nevergrad")(method=name.split(":", 1)[1], **kwargs)
+    return _OPTIMIZERS.get(name)(**kwargs)  # raises: unknown name
 
 
 def optimizer_class(name: str) -> type[Optimizer] | None:
     """The registered class behind ``name`` (``ng:<X>`` is the nevergrad class), or None."""
-    from . import builtin  # noqa: F401
-
     if name.startswith(("ng:", "nevergrad:")):
         name = "nevergrad"
-    return _OPTIMIZERS.get(name)
+    return _OPTIMIZERS.find(name)
 
 
 def optimizer_trait(name: str, trait: str) -> Any:
@@ -236,6 +234,5 @@ def optimizer_trait(name: str, trait: str) -> Any:
 
 
 def list_optimizers() -> list[str]:
-    from . import builtin  # noqa: F401
-
-    return sorted(_OPTIMIZERS)
+    """Every registered optimizer name, sorted."""
+    return _OPTIMIZERS.names()

@@ -10,7 +10,6 @@ what gets stored in the evaluation log and exported next to merged checkpoints, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from ..config import SpaceConfig
 from ..errors import ConfigError
 from ..plan import MergePlan
+from ..registry import Registry
 
 BASELINE_KINDS = ("initial", "experts", "task_arithmetic", "ties")
 
@@ -160,29 +160,18 @@ class SearchSpace(ABC):
         return r
 
 
-_SPACES: dict[str, Callable[..., SearchSpace]] = {}
+SPACES: Registry[type[SearchSpace]] = Registry(
+    "search space", "space.type: ", ConfigError, "evomerge.spaces.builtin")
 
 
 def register_space(name: str):
-    def deco(cls):
-        if name in _SPACES:
-            raise ValueError(f"search space {name!r} registered twice")
-        _SPACES[name] = cls
-        return cls
-
-    return deco
+    """Class decorator registering a search space under the ``space.type`` users write."""
+    return SPACES.register(name)
 
 
 def make_space(cfg: SpaceConfig, models: dict[str, str], base: str | None, seed: int = 0,
                dtype: str | None = None) -> SearchSpace:
-    from . import builtin  # noqa: F401  (registers the built-in spaces)
-
-    try:
-        cls = _SPACES[cfg.type]
-    except KeyError:
-        raise ConfigError(
-            f"space.type: unknown search space {cfg.type!r}; known: {', '.join(sorted(_SPACES))}"
-        ) from None
+    cls = SPACES.get(cfg.type)
     return cls(cfg, models, base, seed=seed, dtype=dtype)
 
 

@@ -9,10 +9,13 @@ Backends never know about genomes, optimizers or runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ...errors import ConfigError
+from ...registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -48,27 +51,14 @@ class Backend(ABC):
         """Release the resident model / engine / connections."""
 
 
-_BACKENDS: dict[str, Callable[..., Backend]] = {}
+_BACKENDS: Registry[type[Backend]] = Registry(
+    "fitness backend", "backend.name: ", ConfigError, "evomerge.fitness.backends.builtin")
 
 
 def register_backend(name: str):
-    def deco(cls):
-        if name in _BACKENDS:
-            raise ValueError(f"backend {name!r} registered twice")
-        _BACKENDS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator registering a fitness backend under the ``backend.name`` users write."""
+    return _BACKENDS.register(name)
 
 
 def make_backend(name: str, **kwargs: Any) -> Backend:
-    from ...errors import ConfigError
-    from . import builtin  # noqa: F401  (registers the built-in backends)
-
-    try:
-        cls = _BACKENDS[name]
-    except KeyError:
-        raise ConfigError(
-            f"backend.name: unknown fitness backend {name!r}; known: {', '.join(sorted(_BACKENDS))}"
-        ) from None
-    return cls(**kwargs)
+    return _BACKENDS.get(name)(**kwargs)
