@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from evomerge.checkpoint.reader import open_checkpoint  # noqa: E402
+from evomerge.checkpoint import open_checkpoint  # noqa: E402
 from evomerge.fitness import combined_fitness, load_task, make_backend  # noqa: E402
 from evomerge.fitness.racing import RaceLedger, evaluate_racing  # noqa: E402
 from evomerge.materialize import Materializer  # noqa: E402

@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from evomerge.checkpoint.reader import clear_reader_cache, open_checkpoint  # noqa: E402
+from evomerge.checkpoint import clear_reader_cache, open_checkpoint  # noqa: E402
 from evomerge.materialize import Materializer  # noqa: E402
 from evomerge.recipe import compile_recipe, recipe_to_mergekit_yaml  # noqa: E402
 

@@ -8,6 +8,7 @@ tests/report_runs.py), renders each report and prints evaluations, seconds and b
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -36,4 +37,7 @@ def main(sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [500, 5000, 20000])
+    ap = argparse.ArgumentParser(description="Time `evomerge report` on synthetic big logs.")
+    ap.add_argument("sizes", nargs="*", type=int, default=[500, 5000, 20000],
+                    help="evaluations per synthetic run (default: 500 5000 20000)")
+    main(ap.parse_args().sizes)

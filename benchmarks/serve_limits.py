@@ -12,9 +12,11 @@ one past 6.4 GB with no answer.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,8 +79,10 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min)")
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()
