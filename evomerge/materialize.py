@@ -163,8 +163,10 @@ class Materializer:
         return readers[ref.model].dtype(ref.tensor)
 
     # -- the stream ---------------------------------------------------------------------
-    def _load(self, reader: Any, ref: TensorRef) -> torch.Tensor:
-        key = (str(reader.path), ref.tensor)
+    def _load(self, reader: Any, ref: TensorRef, widen: bool = True) -> torch.Tensor:
+        """One source tensor on the compute device, widened to float32 unless ``widen`` is
+        False (operators with ``narrow_inputs`` take bf16 / fp16 as stored)."""
+        key = (str(reader.path), ref.tensor, widen)
         if self.cache_sources:
             t = self._cache.get(key)
             if t is not None:
@@ -172,7 +174,7 @@ class Materializer:
         # Move in the stored dtype (half the bytes for bf16 on the way to a GPU), then widen.
         stored = reader.get(ref.tensor, device=self.device)
         self.bytes_read += stored.numel() * stored.element_size()
-        t = stored.to(torch.float32)
+        t = stored.to(torch.float32) if widen else stored
         if self.cache_sources:
             if t is stored and t.device.type == "cpu":
                 t = t.clone()  # own the memory: do not keep a mapping of a file that may change
@@ -185,17 +187,21 @@ class Materializer:
             yield step.output, out.to(self.output_dtype(plan, step, readers))
 
     def _compute(self, plan: MergePlan, readers: Mapping[str, Any]) -> Iterator[tuple[TensorStep, torch.Tensor]]:
-        """Yields ``(step, float32 result)`` on the compute device, one step at a time."""
+        """Yields ``(step, result)`` on the compute device, one step at a time: float32, or
+        already the output dtype from operators with ``narrow_inputs``."""
         for step in plan.steps:
             spec = get_op(step.op)
             params = spec.resolve_params(step)
+            widen = not spec.narrow_inputs
             with threads_for_load(self.device):  # fewer threads on cores others hold
-                tensors = [self._load(readers[r.model], r) for r in step.inputs]
-                base = (self._load(readers[step.base.model], step.base)
+                tensors = [self._load(readers[r.model], r, widen) for r in step.inputs]
+                base = (self._load(readers[step.base.model], step.base, widen)
                         if step.base is not None else None)
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(step_seed(plan.seed, step.output))
                 ctx = OpContext(step.output, gen, self.device)
+                if not widen:
+                    ctx.out_dtype = self.output_dtype(plan, step, readers)
                 if self.stats is not None:
                     ctx.stats = self.stats
                     ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]

@@ -80,7 +80,8 @@ class SourceStats:
                 return None
             self.used_bytes += nbytes
         self.misses += 1
-        arr = torch.sub(t.reshape(-1), b.reshape(-1)).abs_().numpy()
+        cdt = torch.float64 if t.dtype == b.dtype == torch.float64 else torch.float32
+        arr = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
         arr.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
         self._sorted[k] = arr
         return arr

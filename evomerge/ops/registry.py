@@ -52,6 +52,9 @@ class OpContext:
     stats: Any = None
     input_keys: list[str] | None = None
     base_key: str | None = None
+    # the dtype the result will be stored in; an operator may return it directly (rounded
+    # once from its float32 result, as the caller's cast would); None: return float32
+    out_dtype: Any = None
 
 
 @dataclass
@@ -73,6 +76,9 @@ class OpSpec:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
+    # takes bf16 / fp16 inputs as stored (widening them chunk by chunk) and returns
+    # ``ctx.out_dtype`` when set: no full-size float32 copy of any input or of the result
+    narrow_inputs: bool = False
     doc: str = ""
     # cross-parameter check on the resolved params: check(params, n_inputs) -> problem or None
     check: Callable[[dict[str, Any], int], str | None] | None = None

@@ -106,6 +106,7 @@ def order_statistics(
     gather: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device | str | None = None,
     bounds: list[tuple[int, int]] | None = None,
+    band_fn: Callable[[int, int, float, float], tuple] | None = None,
 ) -> list[OrderStat]:
     """Exact k-th smallest values of a stream, for each 1-based rank in ``ranks``.
 
@@ -116,6 +117,11 @@ def order_statistics(
     of cheap comparisons (chunks in parallel, :func:`.parallel.run_chunks`) plus a selection
     on a band of about ``6 n / sqrt(m)`` values, instead of a selection or sort over all
     ``n``.
+
+    ``band_fn(s, e, lo, hi)``, when given (CPU only), does one chunk's counting pass in one
+    call (a compiled kernel): it returns the chunk's values, how many are ``< lo`` and
+    ``== lo``, and the uint8 0/1 mask of ``lo < value <= hi`` (:func:`.fused.band_kernel`). The counts and
+    values are the same either way.
     """
     for r in ranks:
         assert 1 <= r <= n, (r, n)
@@ -152,6 +158,13 @@ def order_statistics(
     del sample
 
     def count(s: int, e: int) -> list[tuple[int, int, object]]:
+        if band_fn is not None:
+            res = []
+            for lo, hi in brackets:
+                a, below, at_lo, inside = band_fn(s, e, lo, hi)
+                vals = a.numpy()[inside.numpy().view(bool)] if hi > lo else None
+                res.append((int(below), int(at_lo), vals))
+            return res
         a = values(s, e)
         # CPU: numpy's comparisons, counts and boolean extraction are vectorized and
         # several times faster than torch's bool kernels on CPU (measured here)
@@ -256,6 +269,7 @@ class RankCut:
         self.n, self.k = n, k
         self.thr = 0.0
         self.ties_left = 0
+        self.chunk_equal = -1  # elements equal to thr in this cut's chunk (set by for_chunks)
         if k <= 0 or k >= n:
             self.mode = "none" if k <= 0 else "all"
             return
@@ -294,6 +308,7 @@ class RankCut:
         left = self.ties_left
         for c in equal_counts:
             cut = self.copy()
+            cut.chunk_equal = c
             if self.mode == "ties":
                 cut.ties_left = min(left, c)
                 left -= cut.ties_left
@@ -336,13 +351,14 @@ class RankCut:
             return d.zero_()
         if self.mode == "ge" and self.thr > 0.0:
             # |d| >= thr  <=>  |d| > (largest float below thr): one fused op
-            return torch.ops.aten.hardshrink.out(d, _float_below(self.thr, d.dtype), out=d)
+            return torch.ops.aten.hardshrink.out(d, float_below(self.thr, d.dtype), out=d)
         if self.mode == "gt" or (self.mode == "ties" and self.ties_left == 0):
             return torch.ops.aten.hardshrink.out(d, self.thr, out=d)
         return d.mul_(self.keep_float(d.abs()))
 
 
-def _float_below(x: float, dtype: torch.dtype) -> float:
+def float_below(x: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` below ``x`` (``|d| >= x  <=>  |d| > float_below(x)``)."""
     t = torch.tensor(x, dtype=dtype)
     return torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)).item()
 

@@ -17,14 +17,23 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
-from .fused import fused_gta, fused_mode, gta_elementwise
-from .parallel import run_chunks, scratch
+from .fused import (
+    COMPILED_CPU_CHUNK,
+    InputFlags,
+    fused_mode,
+    gta_combine,
+    run_band,
+    run_kernel,
+    scalars,
+)
+from .parallel import run_chunks, scratch, torch_single_threaded
 from .random_drop import UniformField, della_row_probabilities
 from .registry import OpContext, check_shapes, step_seed
 from .sparsify import (
     RankCut,
     chunk_bounds,
     chunk_size,
+    float_below,
     magnitude_k,
     order_statistics,
     outlier_ks,
@@ -61,8 +70,27 @@ def _input_seeds(n: int, ctx: OpContext, device: torch.device) -> list[int]:
     return [int(s) for s in torch.randint(0, 2**62, (n,), generator=g, device=g.device).tolist()]
 
 
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """float64 when every tensor is float64, else float32 (bf16 / fp16 inputs are widened
+    chunk by chunk, exactly)."""
+    return torch.float64 if all(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _buf(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch vector of ``n`` elements (:func:`.parallel.scratch`)."""
+    return scratch(1, n, torch.empty(0, dtype=dtype, device=device))[0]
+
+
+def _delta(t: torch.Tensor, b: torch.Tensor, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+    """``t[s:e] - b[s:e]`` in ``out``'s dtype (inputs may be narrower: widened exactly first)."""
+    if t.dtype == out.dtype and b.dtype == out.dtype:
+        return torch.sub(t[s:e], b[s:e], out=out)
+    out.copy_(t[s:e])
+    return out.sub_(b[s:e])
+
+
 def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
-                  bounds: list[tuple[int, int]], stats_fn=None) -> None:
+                  bounds: list[tuple[int, int]], stats_fn=None, mode: str = "eager") -> None:
     """Exact thresholds for magnitude / outlier pruning of one input (one streaming pass,
     or a lookup in precomputed statistics: ``stats_fn(ranks)`` when given)."""
     n = b.numel()
@@ -78,32 +106,41 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
             return
         ks = [n_keep + n_top, n_top]
     ranks = [RankCut.rank_for(n, k) for k in ks]
-    wanted = sorted({r for r in ranks if r is not None})
+    cdt = compute_dtype(inp.flat, b)
     t = inp.flat
+    band_fn = None
+    if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
+        def band_fn(s: int, e: int, lo: float, hi: float):
+            return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
+    wanted = sorted({r for r in ranks if r is not None})
     if stats_fn is not None:
         stats = stats_fn(wanted)
     else:
         stats = order_statistics(
             n,
             wanted,
-            lambda s, e: torch.sub(t[s:e], b[s:e], out=scratch(1, e - s, b)[0]).abs_(),
-            lambda idx: torch.sub(t[idx], b[idx]).abs_(),
+            lambda s, e: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
+            lambda idx: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
             b.device,
             bounds,
+            band_fn=band_fn,
         )
     by_rank = {s.rank: s for s in stats}
     inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
     if any(c.sequential for c in inp.cuts):
-        inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds)
+        inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, band_fn)
 
 
 def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
-                bounds: list[tuple[int, int]]) -> dict[int, list[RankCut]]:
-    """Per-chunk copies of ``cuts`` with the tie budget each chunk gets in flat order."""
+                bounds: list[tuple[int, int]], band_fn=None) -> dict[int, list[RankCut]]:
+    """Per-chunk copies of ``cuts`` with the tie budget each chunk gets in flat order
+    (``band_fn``: the one-pass counting kernel of :func:`.sparsify.order_statistics`)."""
     thrs = [c.thr if c.sequential else None for c in cuts]
 
     def count(s: int, e: int) -> list[int]:
-        a = torch.sub(t[s:e], b[s:e], out=scratch(1, e - s, b)[0]).abs_()
+        if band_fn is not None:
+            return [0 if v is None else int(band_fn(s, e, v, v)[2]) for v in thrs]
+        a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device)).abs_()
         x = a.numpy() if a.device.type == "cpu" else a  # numpy's compare: faster on CPU
         nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
         return [0 if v is None else int(nz(x == v)) for v in thrs]
@@ -137,7 +174,8 @@ def _l1_rescale(inp: _Input, b: torch.Tensor, method: str,
     """mergekit's rescale of a magnitude-pruned delta: ||d||_1 / ||pruned d||_1."""
 
     def sums(s: int, e: int) -> tuple[float, float]:
-        d = torch.sub(inp.flat[s:e], b[s:e])
+        d = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=compute_dtype(inp.flat, b),
+                                                  device=b.device))
         total = float(d.abs().sum(dtype=torch.float64))
         d = _magnitude_prune(_cuts_at(inp, s, fresh=True), d, method)
         return total, float(d.abs().sum(dtype=torch.float64))
@@ -166,16 +204,20 @@ def generalized_task_arithmetic(
     if base is None:
         raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
     check_shapes(tensors, base, ctx)
-    if base.dtype not in (torch.float32, torch.float64) or any(
-        t.dtype != base.dtype for t in tensors
-    ):  # the contract is float32; anything else is computed in float32
-        base = base.float()
+    floats = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    if base.dtype not in floats or any(t.dtype not in floats for t in tensors):
+        base = base.float()  # the contract is float32: anything else is computed in float32
         tensors = [t.float() for t in tensors]
+    cdt = compute_dtype(base, *tensors)
+    if cdt == torch.float64 or (base.device.type != "cpu" and base.device.type != "cuda"):
+        base, tensors = base.to(cdt), [t.to(cdt) for t in tensors]
+    out_dtype = ctx.out_dtype or cdt
     n = base.numel()
     if n == 0:
-        return base.clone()
+        return base.to(out_dtype, copy=True)
     device = base.device
-    size = chunk_size(device)
+    mode = fused_mode(device, n)
+    size = COMPILED_CPU_CHUNK if mode == "compiled" and device.type == "cpu" else chunk_size(device)
     b = base.reshape(-1)
     weights = [float(w) for w in params["weight"]]
     densities = params.get("density") or [1.0] * len(tensors)
@@ -212,7 +254,7 @@ def generalized_task_arithmetic(
             if ctx.stats is not None and ctx.input_keys is not None:
                 stats_fn = ctx.stats.magnitude_stats_fn(ctx.input_keys[inp.pos],
                                                         ctx.base_key, inp.flat, b)
-            _prepare_cuts(inp, b, method, bounds, stats_fn)
+            _prepare_cuts(inp, b, method, bounds, stats_fn, mode)
             if rescale and not inp.dead:
                 inp.scale = _l1_rescale(inp, b, method, bounds)
         elif method == "random" and rescale:
@@ -225,116 +267,115 @@ def generalized_task_arithmetic(
         total_w = sum(weights)
         divisor = total_w if abs(total_w) >= 1e-8 else 1.0
 
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=out_dtype, device=device)
     o = out.view(-1)
-    if _fused_pass(live, pruning, method, consensus, normalize, lam, divisor, b, o, bounds,
-                   device):
+    if not live:
+        o.copy_(b)
         return out
+    ews = [inp.weight * inp.scale for inp in live]  # weight of the (rescaled) delta
+    ws = [inp.weight for inp in live]
+    lam_eff = lam if consensus else lam / divisor
+    mixed_flags = tuple(InputFlags(False, False, False, w > 0) for w in ws)
+    mixed_scal = scalars([0.0] * len(live), [0.0] * len(live), ews, ws, lam_eff, cdt, device)
 
     def chunk(s: int, e: int) -> None:
-        b_c = b[s:e]
-        bufs = scratch(len(live) + 4, e - s, b)  # per-thread buffers: no allocation per chunk
-        # 1) sparsified deltas, and their weighted sum S (the elected sign is sign(S))
-        deltas: list[tuple[_Input, torch.Tensor]] = []
-        S = None
-        for j, inp in enumerate(live):
-            d = torch.sub(inp.flat[s:e], b_c, out=bufs[j])
-            if pruning[inp.pos]:
-                d = _sparsify_chunk(inp, d, method, rescale, align, device, s, e)
-            ew = inp.weight * inp.scale  # weight of the (rescaled) delta
-            if consensus:
-                deltas.append((inp, d))
-                S = torch.mul(d, ew, out=bufs[-1]) if S is None else S.add_(d, alpha=ew)
+        if method == "della":  # row-wise drops: prune eagerly, then the same arithmetic
+            ds = []
+            for inp in live:
+                d = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=cdt, device=device))
+                if pruning[inp.pos]:
+                    d = _sparsify_chunk(inp, d, method, rescale, align, device, s, e)
+                ds.append(d)
+            res = gta_combine(b[s:e].to(cdt), ds, mixed_scal, mixed_flags, consensus, normalize)
+            o[s:e].copy_(res)
+            return
+        lows: list[float | None] = []
+        highs: list[float | None] = []
+        masks: list[torch.Tensor | None] = []
+        for inp in live:
+            lo = hi = m = None
+            if method == "random" and pruning[inp.pos]:
+                m = inp.draws.keep_at(s, e, inp.density).to(device)
             else:
-                S = d.mul_(ew) if S is None else S.add_(d, alpha=ew)
-        if S is None:
-            o[s:e].copy_(b_c)
-            return
-        if not consensus:
-            torch.add(b_c, S, alpha=lam / divisor, out=o[s:e])
-            return
-        # 2) TIES: keep the entries whose weighted delta has the elected sign (S >= 0 is +)
-        sgn = torch.ge(S, 0, out=S).mul_(2.0).sub_(1.0)  # +1 / -1, reuses S
-        mixed = bufs[-2].zero_()
-        div = bufs[-3].zero_() if normalize else None
-        agree = bufs[-4]
-        for inp, d in deltas:
-            torch.mul(d, sgn, out=agree)
-            # sign(w d) == elected sign  <=>  d * sgn has the sign of w, and is nonzero
-            (torch.gt if inp.weight > 0 else torch.lt)(agree, 0, out=agree)
-            mixed.addcmul_(d, agree, value=inp.weight * inp.scale)
-            if div is not None:
-                div.add_(agree, alpha=inp.weight)
-        if div is not None:
-            div.add_(torch.eq(div, 0, out=agree))  # mergekit: a zero divisor becomes 1
-            mixed.div_(div)
-        torch.add(b_c, mixed, alpha=lam, out=o[s:e])
+                th = _chunk_thresholds(inp, s, method, pruning[inp.pos], cdt)
+                if th is None:  # a partial tie budget here: this input's exact keep mask
+                    m = _partial_tie_mask(inp, b, s, e, method, cdt)
+                else:
+                    lo, hi = th
+            lows.append(lo)
+            highs.append(hi)
+            masks.append(m)
+        flags = tuple(InputFlags(lo is not None, hi is not None, m is not None, w > 0)
+                      for lo, hi, m, w in zip(lows, highs, masks, ws))
+        scal = scalars([lo or 0.0 for lo in lows], [hi or 0.0 for hi in highs], ews, ws,
+                       lam_eff, cdt, device)
+        res = run_kernel(mode, b[s:e], [inp.flat[s:e] for inp in live], masks, scal, flags,
+                         consensus, normalize, out_dtype)
+        o[s:e].copy_(res)
 
-    run_chunks(chunk, bounds, device)
+    # the first chunk in this thread (a new graph compiles once, not in every pool thread)
+    with torch_single_threaded():
+        chunk(*bounds[0])
+    if len(bounds) > 1:
+        run_chunks(chunk, bounds[1:], device)
     return out
 
 
-def _fused_thresholds(inp: _Input, method: str | None,
-                      pruned: bool) -> tuple[float, float] | None:
-    """(low, high) of :func:`.fused.gta_elementwise` for one input: keep ``|d| > low`` and
-    ``|d| <= high``; None when its cuts need a sequential tie budget."""
+def _chunk_thresholds(inp: _Input, s: int, method: str | None, pruned: bool,
+                      dtype: torch.dtype) -> tuple[float | None, float | None] | None:
+    """(low, high) for :func:`.fused.gta_kernel` on the chunk starting at ``s``: keep
+    ``|d| > low`` and ``|d| <= high`` (None: no such cut); None when a cut keeps only some of
+    the elements equal to its threshold in this chunk (then pruning is sequential)."""
     if not pruned or method not in ("magnitude", "outliers"):
-        return -1.0, math.inf
-    if inp.chunk_cuts is not None:
+        return None, None
+    cuts = _cuts_at(inp, s)
+    top = _plain(cuts[0])
+    if top is None:
         return None
-    top = inp.cuts[0]
-    if top.keeps_all_nonzero or (top.mode == "ge" and top.thr == 0.0):
-        low = -1.0
-    elif top.mode == "ge":
-        low = _float_below(top.thr)
-    elif top.mode == "gt":
-        low = top.thr
+    thr = cuts[0].thr
+    if top == "all" or cuts[0].keeps_all_nonzero or (top == "ge" and thr == 0.0):
+        low = None
+    elif top == "none":
+        low = math.inf
     else:
-        return None
-    high = math.inf
-    if method == "outliers":
-        cut = inp.cuts[1]
-        if cut.mode == "gt":
-            high = cut.thr
-        elif cut.mode == "ge":
-            high = _float_below(cut.thr)
-        elif cut.mode != "none":
+        low = thr if top == "gt" else float_below(thr, dtype)
+    high = None
+    if method == "outliers":  # keep what the cut of the n_top largest drops
+        out = _plain(cuts[1])
+        thr = cuts[1].thr
+        if out is None:
             return None
+        if out == "all":
+            high = -math.inf
+        elif out == "gt":
+            high = thr
+        elif out == "ge":
+            high = float_below(thr, dtype)
     return low, high
 
 
-def _float_below(x: float) -> float:
-    t = torch.tensor(x, dtype=torch.float32)
-    return torch.nextafter(t, torch.tensor(-math.inf)).item()
+def _partial_tie_mask(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """0/1 mask of what magnitude / outlier pruning keeps of this chunk, computed eagerly
+    with the chunk's tie budgets (multiplying by it is exactly the pruning)."""
+    a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device)).abs_()
+    cuts = _cuts_at(inp, s, fresh=True)
+    mask = cuts[0].keep_float(a)
+    if method == "outliers" and cuts[1].mode != "none":
+        mask.mul_(cuts[1].keep_float(a, kept=False))
+    return mask
 
 
-def _fused_pass(live: list[_Input], pruning: dict[int, bool], method: str | None,
-                consensus: bool, normalize: bool, lam: float, divisor: float,
-                b: torch.Tensor, o: torch.Tensor, bounds: list[tuple[int, int]],
-                device: torch.device) -> bool:
-    """The merge as one fused function per chunk (:mod:`.fused`); False: not applicable
-    here (then the chunk loop runs)."""
-    mode = fused_mode(device)
-    if mode is None or not live or method == "della":
-        return False
-    th = [_fused_thresholds(inp, method, pruning[inp.pos]) for inp in live]
-    if any(t is None for t in th):
-        return False
-    ews = [inp.weight * inp.scale for inp in live]
-    ws = [inp.weight for inp in live]
-    for s, e in bounds:  # CUDA: one chunk per tensor up to CUDA_CHUNK elements
-        masks = [inp.draws.keep_at(s, e, inp.density).to(device)
-                 if method == "random" and pruning[inp.pos] else None for inp in live]
-        args = (b[s:e], [inp.flat[s:e] for inp in live], masks, [t[0] for t in th],
-                [t[1] for t in th], ews, ws, consensus, normalize, lam, divisor)
-        res = fused_gta(*args) if mode == "compiled" else gta_elementwise(*args)
-        if res is None:
-            if s != 0:  # draws already taken for earlier chunks: finish eagerly here
-                res = gta_elementwise(*args)
-            else:
-                return False
-        o[s:e].copy_(res)
-    return True
+def _plain(cut: RankCut) -> str | None:
+    """The cut's mode on its chunk when it is a plain threshold ("all", "none", "gt": keep
+    above, "ge": keep at or above), None when it keeps only some ties there."""
+    if cut.mode != "ties":
+        return cut.mode
+    if cut.ties_left == 0:
+        return "gt"
+    if cut.ties_left == cut.chunk_equal:
+        return "ge"
+    return None
 
 
 def _sparsify_chunk(inp: _Input, d: torch.Tensor, method: str | None, rescale: bool,

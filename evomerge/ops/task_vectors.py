@@ -59,6 +59,7 @@ def _della_check(params: dict, n: int) -> str | None:
 
 @register_op(
     "task_arithmetic",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight",),
     defaults={"weight": 1.0, "lambda": 1.0, "normalize": False},
@@ -72,6 +73,7 @@ def task_arithmetic(tensors, base, params, ctx):
 
 @register_op(
     "ties",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight", "density"),
     defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": True,
@@ -88,6 +90,7 @@ def ties(tensors, base, params, ctx):
 
 @register_op(
     "dare_ties",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight", "density"),
     defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
@@ -104,6 +107,7 @@ def dare_ties(tensors, base, params, ctx):
 
 @register_op(
     "dare_linear",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight", "density"),
     defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
@@ -119,6 +123,7 @@ def dare_linear(tensors, base, params, ctx):
 
 @register_op(
     "breadcrumbs",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight", "density", "gamma"),
     defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
@@ -134,6 +139,7 @@ def breadcrumbs(tensors, base, params, ctx):
 
 @register_op(
     "breadcrumbs_ties",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight", "density", "gamma"),
     defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
@@ -157,6 +163,7 @@ _DELLA = dict(
 
 @register_op(
     "della",
+    narrow_inputs=True,
     defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
               "normalize": True, "rescale": True},
     **_DELLA,
@@ -172,6 +179,7 @@ def della(tensors, base, params, ctx):
 
 @register_op(
     "della_linear",
+    narrow_inputs=True,
     defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
               "normalize": False, "rescale": True},
     **_DELLA,
@@ -212,6 +220,7 @@ def _lines_check(params: dict, n: int) -> str | None:
 
 @register_op(
     "lines",
+    narrow_inputs=True,
     needs_base=True,
     per_input=("weight",),
     defaults={"weight": 1.0, "alpha": None, "beta": None, "layer": None,

@@ -271,16 +271,3 @@ def test_quantized_stats_keep_exactly_k():
         (st,) = fn([r])
         assert st.value == float(np.partition(a, r - 1)[r - 1])
         assert st.n_less == int((a < st.value).sum()) and st.n_equal == int((a == st.value).sum())
-
-
-@pytest.mark.parametrize("shape,quantize", [((1 << 18,), False), ((600, 900), True)])
-@pytest.mark.parametrize("op", ["task_arithmetic", "ties", "ties+rescale", "dare_ties",
-                                "dare_linear", "breadcrumbs", "breadcrumbs_ties"])
-def test_fused_function_run_eagerly_equals_the_chunk_loop(op, shape, quantize, monkeypatch):
-    """The function torch.compile fuses on CUDA is, run eagerly, bit-for-bit the chunk loop
-    (cuts with partial ties at the threshold take the chunk loop in both runs)."""
-    base, xs = _inputs(shape, quantize, seed=11)
-    monkeypatch.setenv("EVOMERGE_FUSED", "0")
-    ref = _run(op, base, xs, threads=1)
-    monkeypatch.setenv("EVOMERGE_FUSED", "eager")
-    assert torch.equal(_run(op, base, xs, threads=1), ref)

@@ -1,0 +1,79 @@
+"""The compiled CPU kernel of the task-vector merges gives the same bits as eager.
+
+``evomerge/ops/fused.py`` runs the elementwise part (and the counting pass of exact top-k
+selection) through ``torch.compile`` on CPU for tensors of ``FUSED_CPU_MIN`` elements and
+more, and eagerly below, with ``EVOMERGE_FUSED=0``, or when compiling fails. Which path runs
+must never change a merge: these tests run each operator both ways on bf16 sources (many
+deltas tie at the top-k threshold, so chunks with partial tie budgets are covered) and
+compare bit for bit, and check that bf16 sources handed over as stored give the bits of the
+widened float32 path rounded once.
+
+Skipped where no C++ compiler is installed (inductor needs one); then only the eager path
+exists and the other tests cover it.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from evomerge.ops import OpContext, fused, get_op
+from evomerge.plan import step_seed
+
+pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                reason="torch.compile on CPU needs a C++ compiler")
+
+N = fused.FUSED_CPU_MIN + 54_321  # compiled path; a short last chunk
+OPS = {  # one flags combination each: every compile costs seconds
+    "ties": {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.9]},
+    "dare_linear": {"weight": [1.0, 0.5, -0.7], "density": [0.5, 0.3, 0.9]},
+    "breadcrumbs_ties": {"weight": [1.0, -0.5, 0.7], "density": [0.5, 0.3, 0.9],
+                         "gamma": 0.05},
+}
+
+
+class _Step:
+    def __init__(self, params, n):
+        self.params, self.inputs, self.output = params, [None] * n, "t"
+
+
+def _sources(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g) * 0.02
+    xs = [base + torch.randn(N, generator=g) * 0.002 for _ in range(3)]
+    return base.bfloat16(), [x.bfloat16() for x in xs]
+
+
+def _run(op, base, xs, out_dtype=None):
+    spec = get_op(op)
+    params = spec.resolve_params(_Step(OPS[op], len(xs)))
+    gen = torch.Generator().manual_seed(step_seed(3, "t"))
+    ctx = OpContext("t", gen, torch.device("cpu"), out_dtype=out_dtype)
+    with torch.no_grad():
+        return spec.fn(xs, base, params, ctx)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_compiled_kernel_equals_eager_bit_for_bit(op, monkeypatch):
+    base, xs = _sources()
+    wide_base, wide_xs = base.float(), [x.float() for x in xs]
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+    eager32 = _run(op, wide_base, wide_xs)  # the widened float32 path, as before
+    eager16 = _run(op, base, xs, out_dtype=torch.bfloat16)
+    monkeypatch.setenv("EVOMERGE_FUSED", "1")
+    assert fused.fused_mode(torch.device("cpu"), N) == "compiled"
+    compiled16 = _run(op, base, xs, out_dtype=torch.bfloat16)
+    compiled32 = _run(op, wide_base, wide_xs)
+    if fused.compile_failed("cpu"):
+        pytest.fail("torch.compile failed on CPU; the eager fallback ran")
+    assert eager32.dtype == torch.float32 and compiled16.dtype == torch.bfloat16
+    assert torch.equal(compiled32, eager32)
+    assert torch.equal(eager16, eager32.bfloat16())  # narrow inputs, rounded once
+    assert torch.equal(compiled16, eager16)
+    assert not torch.equal(eager32, wide_base)  # the merge did something
+
+
+def test_small_tensors_stay_eager():
+    assert fused.fused_mode(torch.device("cpu"), fused.FUSED_CPU_MIN - 1) == "eager"
