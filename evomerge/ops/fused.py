@@ -4,12 +4,14 @@
 :func:`~.task_vector_merge.generalized_task_arithmetic` once the thresholds are known: widen
 the chunk's inputs (bf16 / fp16 / fp32) to the compute dtype, take the deltas, prune them
 (keep ``|d| > low`` and ``|d| <= high``), apply DARE masks, weight them, elect the TIES sign,
-sum the agreeing deltas, add to the base and round to the output dtype. Its arithmetic is
-written without fused multiply-adds (every product and sum rounded on its own, scalars
-handed over as tensors of the compute dtype, so no Python double enters the arithmetic):
-run eagerly or compiled by ``torch.compile`` on CPU (inductor C++, FP contraction off) it
-gives the same bits (``tests/ops/test_fused_cpu.py``). So which path runs never changes a
-result: not the size threshold, not a failed compile, not ``EVOMERGE_FUSED``.
+sum the agreeing deltas, add to the base and round to the output dtype. Every rounding step
+is explicit: scalars come as tensors of the compute dtype (no Python double enters the
+arithmetic), inductor's C++ runs with FP contraction off, and the two multiply-adds of the
+eager loop it replaces (``add`` with ``alpha`` is an FMA on CPU) are written as
+:func:`fma`: so eager and compiled give the same bits (``tests/ops/test_fused_cpu.py``), and
+the bits of the earlier chunk loop except in float64 double-rounding ties. Which path runs
+never changes a result: not the size threshold, not a failed compile, not
+``EVOMERGE_FUSED``.
 
 Compiled (``torch.compile``, inductor) it reads each input once per element instead of
 about ten eager kernels each going through memory: measured on this 2-core CPU for 11.5M
@@ -100,23 +102,37 @@ def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any],
     return ds
 
 
+def fma(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c + a * x`` rounded once, as ATen's ``add(c, a, alpha=x)`` computes it on CPU (a
+    fused multiply-add). float32: the product is exact in float64 and the sum is rounded to
+    float64 then float32, which is the FMA result except in double-rounding ties (a chance of
+    about 2**-29 per element), and the same bits eager or compiled. float64 (never
+    compiled): ATen's own ``add`` with ``alpha``."""
+    if c.dtype == torch.float64:
+        return torch.add(c, a, alpha=float(x))
+    wide = torch.float64
+    return torch.add(c.to(wide), torch.mul(a.to(wide), x.to(wide))).to(c.dtype)
+
+
 def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor,
                 flags: tuple[InputFlags, ...], consensus: bool,
                 normalize: bool) -> torch.Tensor:
-    """``base + lam * mix(weighted deltas)`` in the compute dtype, no multiply-add fused.
+    """``base + lam * mix(weighted deltas)`` in the compute dtype.
 
     Without consensus the mix is the plain sum. With consensus (TIES) the elected sign is
     that of the weighted sum (``>= 0`` is +), a delta agrees when its weighted value has
     that sign and is nonzero, and the mix sums the agreeing weighted deltas, divided with
-    ``normalize`` by the sum of their weights (a zero sum becomes 1, as in mergekit).
+    ``normalize`` by the sum of their weights (a zero sum becomes 1, as in mergekit). The
+    rounding is the eager chunk loop's: the weighted sum and the final step are multiply-adds
+    (:func:`fma`), the agreeing deltas ``(w d) * agree`` summed from zero.
     """
     ps = [torch.mul(d, scal[4 * i + 2]) for i, d in enumerate(ds)]
     S = ps[0]
-    for p in ps[1:]:
-        S = torch.add(S, p)
+    for i in range(1, len(ds)):
+        S = fma(ds[i], scal[4 * i + 2], S)
     lam = scal[-1]
     if not consensus:
-        return torch.add(bc, torch.mul(S, lam))
+        return fma(S, lam, bc)
     pos = torch.ge(S, 0)
     mixed = div = None
     for i, (d, p) in enumerate(zip(ds, ps)):
@@ -130,7 +146,7 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor,
     assert mixed is not None
     if div is not None:
         mixed = torch.div(mixed, torch.where(torch.eq(div, 0), 1.0, div))
-    return torch.add(bc, torch.mul(mixed, lam))
+    return fma(mixed, lam, bc)
 
 
 def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
@@ -203,6 +219,6 @@ def compile_failed(device_type: str) -> bool:
     return bool(_FAILED.get(device_type))
 
 
-__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "InputFlags", "band_kernel", "compile_failed",
+__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "InputFlags", "band_kernel", "compile_failed", "fma",
            "fused_mode", "gta_combine", "gta_deltas", "gta_kernel",
            "run_band", "run_kernel", "scalars"]

@@ -216,7 +216,7 @@ def generalized_task_arithmetic(
     if n == 0:
         return base.to(out_dtype, copy=True)
     device = base.device
-    mode = fused_mode(device, n)
+    mode = fused_mode(device, n) if cdt == torch.float32 else "eager"
     size = COMPILED_CPU_CHUNK if mode == "compiled" and device.type == "cpu" else chunk_size(device)
     b = base.reshape(-1)
     weights = [float(w) for w in params["weight"]]
