@@ -16,6 +16,7 @@ from .errors import EvomergeError
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # one-line errors for everything users can cause
         try:
+            _wire()
             return super().invoke(ctx)
         except EvomergeError as err:
             click.echo(f"error: {err}", err=True)
@@ -31,6 +32,14 @@ class _Group(click.Group):
 @click.version_option(package_name="evomerge")
 def main() -> None:
     """Evolve model merges: search merge recipes with evolution strategies."""
+
+
+def _wire() -> None:
+    # Plug-ins lower layers look up: zoo: model references (checkpoint cannot import the zoo).
+    # Wired when a command runs, not at import, so `evomerge --help` stays torch-free.
+    from .zoo.refs import register_zoo_refs
+
+    register_zoo_refs()
 
 
 def _register() -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint.compat import list_names
 from .checkpoint.layout import detect_layout
 from .checkpoint.opener import open_checkpoint
 from .checkpoint.resolve import portable_recipe
@@ -352,9 +353,8 @@ class Materializer:
                 if lay.layer_tensor(i, sfx) not in produced
             ]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise PlanError(
-                f"the plan does not produce tensor(s) {', '.join(map(repr, missing[:3]))}{more} "
+                f"the plan does not produce tensor(s) {list_names(missing)} "
                 f"that the architecture of config source {key!r} needs; the saved model would be "
                 f"incomplete"
             )

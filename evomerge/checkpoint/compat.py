@@ -48,7 +48,8 @@ def _vocab_size(config: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _list(names: list[str], limit: int = 3) -> str:
+def list_names(names: list[str], limit: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``: the first ``limit`` names, for a one-line message."""
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -170,11 +171,11 @@ def check_compatible(
             missing, extra = _depth_free_diff(ref_layout, ref_names, r.layout, names)
         if missing:
             raise IncompatibleModelsError(
-                f"model {key!r} lacks tensor(s) {_list(missing)} that model {ref_key!r} has"
+                f"model {key!r} lacks tensor(s) {list_names(missing)} that model {ref_key!r} has"
             )
         if extra:
             raise IncompatibleModelsError(
-                f"model {key!r} has tensor(s) {_list(extra)} that model {ref_key!r} lacks"
+                f"model {key!r} has tensor(s) {list_names(extra)} that model {ref_key!r} lacks"
             )
         for name in ref.names:
             other = _counterpart(name, ref_layout, r, same_layer_count)

@@ -14,6 +14,10 @@ directory names the exact commit: :func:`hub_ref_of_path` turns any such directo
 ``org/name@<commit>``, which is how runs, recipes, model cards and mergekit configs record
 the revision a merge used (see :func:`portable_ref`).
 
+``zoo:`` references belong to the model zoo (:mod:`evomerge.zoo.refs`), a layer above this
+one: the engine and the CLI register its resolver here (:func:`register_ref_scheme`), so
+this package never imports the zoo.
+
 Precedence, as in ``transformers``: an existing local directory wins over a Hub id of the
 same spelling; ``./x/y`` or an absolute path is never a Hub id.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,9 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "*.jinja",
 ]
-ZOO_VARIANTS = ("full", "test")
+# Reference schemes a higher layer provides: prefix -> resolver(ref) -> local directory.
+# ``zoo:`` is the model zoo's (evomerge.zoo.refs); the engine and the CLI wire it.
+_SCHEMES: dict[str, Callable[[str], str]] = {}
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
@@ -143,8 +149,13 @@ def resolve_ref(ref: str, base_dir: str | os.PathLike | None = None, *,
     if not isinstance(ref, (str, os.PathLike)) or not str(ref):
         raise CheckpointError(f"expected a model directory, zoo:NAME or a Hub id, got {ref!r}")
     ref = str(ref)
+    for prefix, resolver in _SCHEMES.items():
+        if ref.startswith(prefix):
+            return ResolvedModel(ref, resolver(ref))
     if ref.startswith("zoo:"):
-        return ResolvedModel(ref, resolve_zoo(ref))
+        raise CheckpointError(f"{ref}: zoo: references need the model zoo's resolver: call "
+                              "evomerge.zoo.refs.register_zoo_refs() first (the CLI and the "
+                              "engine do)")
     local = Path(os.path.expanduser(ref))
     if not local.is_absolute():
         local = Path(base_dir or Path.cwd()) / local
@@ -160,25 +171,21 @@ def resolve_ref(ref: str, base_dir: str | os.PathLike | None = None, *,
     return ResolvedModel(ref, path, repo_id, Path(path).name, rev)
 
 
+def register_ref_scheme(prefix: str, resolver: Callable[[str], str]) -> None:
+    """Let :func:`resolve_ref` hand references starting with ``prefix`` (e.g. ``zoo:``) to
+    ``resolver``, which returns the local directory or raises CheckpointError (one line).
+    Registering the same prefix again replaces its resolver.
+
+    Args:
+        prefix: the scheme as users write it, colon included.
+        resolver: reference (as written) -> local directory.
+    """
+    _SCHEMES[prefix] = resolver
+
+
 def resolve_model_dir(ref: str, base_dir: str | os.PathLike | None = None) -> str:
     """The local directory of ``ref`` (for commands that only need the path: eval, serve)."""
     return resolve_ref(ref, base_dir).path
-
-
-def resolve_zoo(ref: str) -> str:
-    """``zoo:<member>`` (full zoo) or ``zoo:<variant>/<member>`` -> the member's directory."""
-    from ..zoo.build import ZooError, load_zoo
-
-    rest = ref[4:]
-    variant, _, member = rest.partition("/")
-    if variant not in ZOO_VARIANTS or not member:
-        variant, member = "full", rest
-    if not member:
-        raise CheckpointError(f"{ref!r}: name a zoo member, e.g. zoo:base or zoo:test/expert_a")
-    try:
-        return str(load_zoo(variant).member(member).path)
-    except ZooError as err:
-        raise CheckpointError(f"{ref}: {err}") from None
 
 
 def download_hub_model(repo_id: str, revision: str | None = None) -> str:

@@ -68,7 +68,9 @@ def eval_target(target: str, split: str = "validation", tasks: list[str] | None 
         return [_score_models([(p.name, "model", None)], str(p.resolve()), split, tasks,
                               backend, validation_fraction)[0]]
     from ..recipe import compile_recipe, read_recipe_file
+    from ..zoo.refs import register_zoo_refs
 
+    register_zoo_refs()  # a recipe file may name zoo: models
     raw = read_recipe_file(p)
     if not any(k in raw for k in ("merge_method", "method", "slices", "models")):
         raise ConfigError(f"eval target {target}: a YAML file that is not a merge recipe "

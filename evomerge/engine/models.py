@@ -23,6 +23,7 @@ from typing import Any
 
 from ..checkpoint.resolve import ResolvedModel, resolve_ref
 from ..config import is_remote_ref
+from ..zoo.refs import register_zoo_refs
 
 MODELS_FILE = "models.json"
 
@@ -30,12 +31,14 @@ MODELS_FILE = "models.json"
 def resolve_model(ref: str, pinned: str | None = None) -> str:
     if is_remote_ref(ref):
         return ref
+    register_zoo_refs()
     return resolve_ref(ref, pinned=pinned).path
 
 
 def resolve_models_full(models: dict[str, str],
                         pins: dict[str, Any] | None = None) -> dict[str, ResolvedModel]:
     """key -> ResolvedModel (remote refs kept as they are); ``pins``: a run's models.json."""
+    register_zoo_refs()
     out = {}
     for key, ref in models.items():
         if is_remote_ref(ref):

@@ -250,7 +250,7 @@ class Search:
     def _dispatch(self, cand: Candidate) -> None:
         try:
             recipe = self.space.decode(cand.genome)
-            plan = self.space.compile(recipe)
+            plan = self.space.compile_decoded(recipe)
         except EvomergeError as err:  # a genome that does not compile is a failed candidate
             self.submitted[cand.id] = ("", {})
             self._finish(cand.id, Outcome(None, 0.0, f"compile: {err}"))

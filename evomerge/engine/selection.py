@@ -164,7 +164,7 @@ def optimizer_estimate(cfg: Any, store: RunStore, space: Any) -> dict[str, Any] 
         return None
     recipe = space.decode(np.asarray(genome, dtype=float))
     try:
-        plan_hash = space.compile(recipe).hash()
+        plan_hash = space.compile_decoded(recipe).hash()
     except EvomergeError:
         return None
     name = cfg.optimizer.name

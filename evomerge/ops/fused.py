@@ -210,7 +210,11 @@ def _compiled_fn(name: str, fn: Any) -> Any:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 4096)
-            _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+            # the C++ wrapper releases the GIL while the graph runs, so chunks run in parallel
+            # in the Python threads of .parallel.run_chunks (the default Python wrapper
+            # calls each kernel holding it)
+            options = {"cpp_wrapper": True} if os.environ.get("EVOMERGE_CPP_WRAPPER", "1") != "0" else {}
+            _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
         return _COMPILED[name]
 
 

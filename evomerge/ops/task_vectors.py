@@ -88,16 +88,21 @@ def ties(tensors, base, params, ctx):
                                        sparsification="magnitude", consensus=True)
 
 
-@register_op(
-    "dare_ties",
-    narrow_inputs=True,
-    needs_base=True,
-    per_input=("weight", "density"),
-    defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
-              "rescale": True},
-    ranges=_DENSITY,
-    random=True,
-)
+def _register_dare(name: str):
+    """The registration the two DARE variants share (they differ in sign consensus only)."""
+    return register_op(
+        name,
+        narrow_inputs=True,
+        needs_base=True,
+        per_input=("weight", "density"),
+        defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
+                  "rescale": True},
+        ranges=_DENSITY,
+        random=True,
+    )
+
+
+@_register_dare("dare_ties")
 def dare_ties(tensors, base, params, ctx):
     """DARE-TIES: drop each delta entry with probability 1 - density (seeded), rescale the
     kept ones by 1/density, then TIES sign consensus. mergekit defaults: no normalize."""
@@ -105,16 +110,7 @@ def dare_ties(tensors, base, params, ctx):
                                        sparsification="random", consensus=True)
 
 
-@register_op(
-    "dare_linear",
-    narrow_inputs=True,
-    needs_base=True,
-    per_input=("weight", "density"),
-    defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
-              "rescale": True},
-    ranges=_DENSITY,
-    random=True,
-)
+@_register_dare("dare_linear")
 def dare_linear(tensors, base, params, ctx):
     """DARE without sign consensus: random drop with 1/density rescale, weighted sum."""
     return generalized_task_arithmetic(tensors, base, params, ctx,

@@ -66,17 +66,28 @@ expressible).
 
 from __future__ import annotations
 
+from .built import built_form, normalize_built
 from .compile import clear_compile_cache, compile_normalized
-from .io import compile_recipe, dump_recipe, load_recipe, parse_recipe_text, read_recipe_file
+from .io import (
+    compile_built,
+    compile_recipe,
+    dump_recipe,
+    load_recipe,
+    parse_recipe_text,
+    read_recipe_file,
+)
 from .mergekit import plan_to_mergekit, recipe_to_mergekit, recipe_to_mergekit_yaml
 from .normalize import normalize_recipe
 
 __all__ = [
+    "built_form",
     "clear_compile_cache",
+    "compile_built",
     "compile_normalized",
     "compile_recipe",
     "dump_recipe",
     "load_recipe",
+    "normalize_built",
     "normalize_recipe",
     "parse_recipe_text",
     "plan_to_mergekit",

@@ -10,6 +10,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..plan import MergePlan
+from .built import normalize_built
 from .compile import compile_normalized
 from .normalize import normalize_recipe
 
@@ -69,6 +70,23 @@ def compile_recipe(recipe: str | os.PathLike | dict[str, Any], *, base_dir: str 
     ``{"recipe": <normalized recipe>, "method": <merge_method>}``.
     """
     return compile_normalized(load_recipe(recipe, base_dir))
+
+
+def compile_built(recipe: dict[str, Any]) -> MergePlan:
+    """Compile a recipe evomerge's own code just built (a search space's decoded genome).
+
+    The same plan, hash and ``plan.meta`` as :func:`compile_recipe` gives for it, without
+    normalizing it again as user YAML (:func:`~evomerge.recipe.built.normalize_built`; a
+    recipe of another shape is normalized as usual).
+
+    Args:
+        recipe: the recipe dict, as the code built it (not read from a file or a log).
+
+    Raises:
+        ConfigError: a recipe of another shape that :func:`normalize_recipe` refuses, or a
+            parameter the compiler refuses.
+    """
+    return compile_normalized(normalize_built(recipe))
 
 
 def dump_recipe(recipe: dict[str, Any]) -> str:

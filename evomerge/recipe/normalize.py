@@ -51,7 +51,7 @@ DTYPES = {
     "float16": "float16", "fp16": "float16", "half": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SOURCE_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def _known_ops() -> list[str]:
@@ -93,7 +93,7 @@ class _Refs:
             raise ConfigError(f"sources: expected a mapping of key -> model directory, got {raw!r}")
         for key, path in raw.items():
             key = str(key)
-            if not _KEY_RE.match(key):
+            if not SOURCE_KEY_RE.match(key):
                 raise ConfigError(
                     f"sources.{key}: a key may only use letters, digits, '_', '-' and '.'"
                 )

@@ -130,12 +130,24 @@ class SearchSpace(ABC):
         """Readable recipe (mergekit-style dict) for a genome."""
 
     def compile(self, recipe: dict[str, Any]) -> MergePlan:
+        """MergePlan of a recipe from outside this process (a run's log, a file): it is
+        normalized and checked as user YAML first."""
         from ..recipe import compile_recipe
 
         return compile_recipe(recipe)
 
+    def compile_decoded(self, recipe: dict[str, Any]) -> MergePlan:
+        """MergePlan of a recipe :meth:`decode` just built, in this process: the same plan,
+        hash and ``meta`` as :meth:`compile`, without normalizing the recipe again (see
+        :mod:`evomerge.recipe.built`). A space with its own :meth:`compile` uses that."""
+        if type(self).compile is not SearchSpace.compile:
+            return self.compile(recipe)
+        from ..recipe import compile_built
+
+        return compile_built(recipe)
+
     def plan(self, genome: np.ndarray) -> MergePlan:
-        return self.compile(self.decode(genome))
+        return self.compile_decoded(self.decode(genome))
 
     def export(self, record: dict[str, Any], target: Any, card: dict[str, Any], cfg: Any) -> Any:
         """Export one evaluated candidate of a remote space to folder ``target``; returns it.

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tasks as zoo_tasks
-from .cache import Progress, ZooError, default_root, staged_build
+from .cache import Progress, ZooError, default_root, reuse, root_of, staged_build
 from .spec import MANIFEST, VARIANTS, ZOO_FORMAT, ExpertSpec, ZooSpec, zoo_spec
 from .train_members import StepCounter, quiet_transformers, train_base, train_experts
 
@@ -146,7 +146,7 @@ class ZooManifest:
 def load_zoo(variant: str = "full", root: str | Path | None = None) -> ZooManifest:
     """The complete zoo of ``variant`` under ``root``; ZooError if it was never built."""
     spec = zoo_spec(variant)
-    folder = Path(root).expanduser() if root is not None else default_root()
+    folder = root_of(root)
     manifest = _read_manifest(folder / spec.folder_name, spec)
     if manifest is None:
         raise ZooError(
@@ -210,13 +210,11 @@ def build_zoo_spec(
     progress: Progress | None = None,
 ) -> ZooManifest:
     """:func:`build_zoo` for an explicit :class:`ZooSpec` (e.g. a variant with more workers)."""
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     final = (base_root / spec.folder_name).absolute()
-    if not force:
-        cached = _read_manifest(final, spec)
-        if cached is not None:
-            cached.cache_hit = True
-            return cached
+    cached = None if force else reuse(final, lambda f: _read_manifest(f, spec))
+    if cached is not None:
+        return cached
     try:
         base_root.mkdir(parents=True, exist_ok=True)
     except OSError as err:

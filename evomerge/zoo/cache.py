@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..errors import EvomergeError
+
+T = TypeVar("T", bound=Any)
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: training steps done so far out of all the build's steps."""
@@ -34,6 +37,19 @@ def default_root() -> Path:
     if home:
         return Path(home).expanduser() / "zoo"
     return Path.home() / ".cache" / "evomerge" / "zoo"
+
+
+def root_of(root: str | os.PathLike | None) -> Path:
+    """Where builds live: ``root`` (``~`` expanded), else :func:`default_root`."""
+    return Path(root).expanduser() if root is not None else default_root()
+
+
+def reuse(final: Path, read: Callable[[Path], T | None]) -> T | None:
+    """The complete build in ``final`` (``read`` gives it, or None), marked ``cache_hit``."""
+    cached = read(final)
+    if cached is not None:
+        cached.cache_hit = True
+    return cached
 
 
 def clear_stale_partials(base_root: Path, folder_name: str, max_age_s: float = STALE_PARTIAL_S) -> None:

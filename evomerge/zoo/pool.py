@@ -45,7 +45,7 @@ from typing import Any
 from . import pool_tasks as pt
 from . import tasks as zt
 from .build import build_zoo
-from .cache import Progress, ZooError, default_root, staged_build
+from .cache import Progress, ZooError, reuse, root_of, staged_build
 from .pool_reference import (  # noqa: F401 (merge_deltas, read_factors: re-exported)
     TARGET_TASKS,
     merge_deltas,
@@ -321,7 +321,7 @@ def _read_cached(folder: Path, spec: PoolSpec) -> PoolManifest | None:
 def load_zoo_pool(variant: str = "full", root: str | Path | None = None) -> PoolManifest:
     """The built pool of ``variant`` under the zoo root; ZooError if it was never built."""
     spec = pool_spec(variant)
-    folder = (Path(root).expanduser() if root is not None else default_root()) / spec.folder_name
+    folder = (root_of(root)) / spec.folder_name
     manifest = _read_cached(folder, spec)
     if manifest is None:
         raise ZooError(
@@ -349,13 +349,11 @@ def build_zoo_pool(
     spec = pool_spec(variant)
     if workers is not None:
         spec = dataclasses.replace(spec, workers=max(1, int(workers)))
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     final = (base_root / spec.folder_name).absolute()
-    if not force:
-        cached = _read_cached(final, spec)
-        if cached is not None:
-            cached.cache_hit = True
-            return cached
+    cached = None if force else reuse(final, lambda f: _read_cached(f, spec))
+    if cached is not None:
+        return cached
     zoo = build_zoo(variant, root=base_root, progress=(lambda s, d, t: progress(f"zoo {s}", d, t)) if progress else None)
     if zoo.config_hash != spec.zoo_hash:
         raise ZooError(f"zoo {zoo.root} has config hash {zoo.config_hash[:12]}, the pool expects {spec.zoo_hash[:12]}")
@@ -480,17 +478,9 @@ def train_adapter(spec: PoolSpec, name: str, base_dir: str, out_dir: str, report
 def main(argv: list[str]) -> int:
     """Worker entry (``python -m evomerge.zoo.pool``, started by
     :func:`evomerge.zoo.worker.run_workers`): train one adapter."""
-    from .worker import step_reporter, write_result
+    from .worker import worker_main
 
-    spec_file, name, base_dir, out_dir, result_file = argv
-    import torch
-
-    spec = PoolSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
-    torch.set_num_threads(spec.threads)
-    quiet_transformers()
-    metrics, train_info = train_adapter(spec, name, base_dir, out_dir, report=step_reporter())
-    write_result(result_file, metrics, train_info)
-    return 0
+    return worker_main(argv, PoolSpec.from_dict, train_adapter)
 
 
 if __name__ == "__main__":

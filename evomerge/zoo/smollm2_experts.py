@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import Progress, ZooError, default_root, staged_build
+from .cache import Progress, ZooError, root_of, staged_build
 from .smollm2_pool import (
     GGUF_NAME,
     GGUF_PACKAGE,
@@ -220,7 +220,7 @@ def build_smollm2_experts(
                        f"(known: {', '.join(SKILL_BY_NAME)})")
     find_gguf()
     require_gguf_reader()
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     base_dir = ensure_smollm2_base(base_root)
     out: dict[str, Path] = {"base": base_dir}
     missing = []
@@ -244,7 +244,7 @@ def expert_steps_cap(skills: tuple[str, ...], recipe: ExpertRecipe | None = None
 def missing_experts(root: str | os.PathLike | None = None, skills: tuple[str, ...] = DEMO_SKILLS,
                     recipe: ExpertRecipe | None = None) -> list[str]:
     recipe = recipe or ExpertRecipe()
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     return [s for s in skills if not expert_is_complete(_expert_folder(base_root, s, skills, recipe))]
 
 

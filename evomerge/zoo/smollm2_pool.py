@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cache import Progress, ZooError, default_root, staged_build
+from .cache import Progress, ZooError, reuse, root_of, staged_build
 from .smollm2_recipe import (
     BASE_DIR,
     BASE_MARKER,
@@ -149,7 +149,7 @@ def ensure_smollm2_base(root: str | os.PathLike | None = None) -> Path:
 
     bf16 safetensors + tokenizer; built in a temporary folder and renamed into place.
     """
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     final = (base_root / BASE_DIR).absolute()
     if base_is_complete(final):
         return final
@@ -220,7 +220,7 @@ def _read_manifest(folder: Path, expected_hash: str):
 
 def load_smollm2_pool(root: str | os.PathLike | None = None):
     """The built SmolLM2 pool under ``root``; ZooError if it was never built."""
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     folder = base_root / pool_folder_name()
     manifest = _read_manifest(folder, config_hash())
     if manifest is None:
@@ -240,12 +240,11 @@ def build_smollm2_pool(root: str | os.PathLike | None = None, progress: Progress
     find_gguf()
     require_gguf_reader()
     recipe = PoolRecipe()
-    base_root = Path(root).expanduser() if root is not None else default_root()
+    base_root = root_of(root)
     chash = config_hash(recipe)
     final = (base_root / pool_folder_name(recipe)).absolute()
-    cached = _read_manifest(final, chash)
+    cached = reuse(final, lambda f: _read_manifest(f, chash))
     if cached is not None:
-        cached.cache_hit = True
         return cached
     t0 = time.perf_counter()
     base_dir = ensure_smollm2_base(base_root)

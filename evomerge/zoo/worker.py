@@ -127,19 +127,36 @@ def write_result(result_file: str, metrics: Any, train: Any) -> None:
     os.replace(tmp, result_file)
 
 
-def main(argv: list[str]) -> int:
+def worker_main(argv: list[str], load_spec: Callable[[dict[str, Any]], Any],
+                train_one: Callable[..., tuple[Any, Any]]) -> int:
+    """The body of a worker process started by :func:`run_workers`.
+
+    Args:
+        argv: ``SPEC NAME BASE OUT RESULT`` (the spec's JSON file, the model to train, the
+            saved base, its output directory, the result JSON to write).
+        load_spec: the spec's ``from_dict`` (it has ``threads``).
+        train_one: ``train_one(spec, name, base_dir, out_dir, report=...)`` ->
+            (metrics, train info).
+    """
     spec_file, name, base_dir, out_dir, result_file = argv
     import torch
 
-    from .spec import ZooSpec
-    from .train_members import quiet_transformers, train_one_expert
+    from .train_members import quiet_transformers
 
-    spec = ZooSpec.from_dict(json.loads(Path(spec_file).read_text(encoding="utf-8")))
+    spec = load_spec(json.loads(Path(spec_file).read_text(encoding="utf-8")))
     torch.set_num_threads(spec.threads)
     quiet_transformers()
-    metrics, train = train_one_expert(spec, name, base_dir, out_dir, report=step_reporter())
+    metrics, train = train_one(spec, name, base_dir, out_dir, report=step_reporter())
     write_result(result_file, metrics, train)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Worker entry (``python -m evomerge.zoo.worker``): train one zoo expert."""
+    from .spec import ZooSpec
+    from .train_members import train_one_expert
+
+    return worker_main(argv, ZooSpec.from_dict, train_one_expert)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from evomerge.checkpoint.resolve import (
 from evomerge.cli import main
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.recipe import compile_recipe
+from evomerge.zoo.refs import register_zoo_refs
 
 torch.set_num_threads(1)
 
@@ -100,6 +101,7 @@ def test_local_directory_wins_over_a_hub_id(offline, tmp_path):
     ("zoo:test/nope", r"^zoo:test/nope: "),
 ])
 def test_unresolvable_refs_are_one_line(offline, ref, message):
+    register_zoo_refs()  # what the CLI and the engine do before resolving anything
     with pytest.raises(CheckpointError, match=message) as e:
         resolve_ref(ref)
     assert "\n" not in str(e.value)
@@ -191,6 +193,7 @@ def test_card_model_index_round_trips_through_huggingface_hub(tmp_path):
 
 
 def test_zoo_refs_in_recipes(test_zoo, tmp_path, monkeypatch):
+    register_zoo_refs()
     home = tmp_path / "home"
     home.mkdir()
     os.symlink(test_zoo.root.parent, home / "zoo")
@@ -207,6 +210,33 @@ def test_zoo_refs_in_recipes(test_zoo, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^base_model: zoo:test/nobody: .*no member named 'nobody'"):
         compile_recipe({"merge_method": "linear", "base_model": "zoo:test/nobody",
                         "models": [{"model": "zoo:test/base"}]})
+
+
+def test_zoo_refs_are_wired_by_the_layers_above_checkpoint(test_zoo, tmp_path):
+    """checkpoint never imports the zoo: until the CLI or the engine registers the zoo's
+    resolver, a zoo: reference is one clear line; importing the zoo registers nothing."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    os.symlink(test_zoo.root.parent, home / "zoo")
+    code = ("import sys\n"
+            "from evomerge.checkpoint.resolve import resolve_ref\n"
+            "import evomerge.zoo.refs as z\n"
+            "try:\n"
+            "    resolve_ref('zoo:test/base')\n"
+            "except Exception as e:\n"
+            "    print('unwired:', e)\n"
+            "from evomerge.engine.models import resolve_models\n"
+            "print('engine:', resolve_models({'b': 'zoo:test/base'})['b'])\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "EVOMERGE_HOME": str(home), "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, check=True).stdout.splitlines()
+    assert out[0] == ("unwired: zoo:test/base: zoo: references need the model zoo's resolver: "
+                      "call evomerge.zoo.refs.register_zoo_refs() first (the CLI and the engine do)")
+    assert os.path.realpath(out[1].removeprefix("engine: ")) == os.path.realpath(test_zoo.base.path)
 
 
 def test_source_without_tokenizer_warns_and_takes_another(offline, tmp_path):

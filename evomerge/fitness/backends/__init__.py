@@ -1,5 +1,5 @@
 """Fitness backends: hf (default), vllm, api."""
 
-from .base import Backend, make_backend, register_backend
+from .base import Backend, LocalBackend, make_backend, register_backend
 
-__all__ = ["Backend", "make_backend", "register_backend"]
+__all__ = ["Backend", "LocalBackend", "make_backend", "register_backend"]

@@ -9,12 +9,13 @@ Backends never know about genomes, optimizers or runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import ConfigError
+from ...errors import BackendError, ConfigError
 from ...registry import Registry
 
 if TYPE_CHECKING:
@@ -49,6 +50,50 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the resident model / engine / connections."""
+
+
+class LocalBackend(Backend):
+    """A backend whose resident model is read from a local HF checkpoint (hf, vllm).
+
+    One constructor for all of them: it records the arguments, checks ``batch_size`` (None:
+    the backend's :attr:`default_batch_size`) and hands the checkpoint directory to
+    :meth:`open_model`, which each backend implements.
+
+    Raises:
+        BackendError: ``batch_size`` below 1, or what :meth:`open_model` refuses.
+    """
+
+    #: ``batch_size`` when none is given
+    default_batch_size: int = 64
+
+    def __init__(self, model_dir: str, device: str | None = None, dtype: Any = None,
+                 batch_size: int | None = None, **opts: Any):
+        super().__init__(str(model_dir), device, **opts)
+        size = self.default_batch_size if batch_size is None else batch_size
+        if int(size) < 1:
+            raise BackendError(f"backend.batch_size: must be >= 1, got {size}")
+        self.batch_size = int(size)
+        self.tokenizer: Any = None
+        self._encode_cache: dict[str, list[int]] = {}
+        self.open_model(Path(model_dir).expanduser(), dtype, opts)
+
+    @abstractmethod
+    def open_model(self, path: Path, dtype: Any, opts: dict[str, Any]) -> None:
+        """Load the model at ``path`` with the backend's ``opts`` (``self.device`` and
+        ``self.batch_size`` are set; it sets ``self.tokenizer``); BackendError /
+        CheckpointError on bad input."""
+
+    # -- tokenization, the same for every local backend -----------------------------------
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with the tokenizer's special tokens (BOS). Memoized: the same prompts
+        are encoded for every candidate."""
+        from .prompting import encode_cached
+
+        return encode_cached(self.tokenizer, self._encode_cache, texts)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 _BACKENDS: Registry[type[Backend]] = Registry(

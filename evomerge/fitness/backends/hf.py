@@ -32,8 +32,8 @@ import torch
 from ...devices import check_device
 from ...errors import BackendError, CheckpointError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
-from .base import Backend, register_backend
-from .prompting import DTYPE_NAMES, collect_eos_ids, encode_cached, encode_pair, fit_prompts
+from .base import LocalBackend, register_backend
+from .prompting import DTYPE_NAMES, collect_eos_ids, encode_pair, fit_prompts
 
 
 def _resolve_dtype(dtype: Any, device: torch.device) -> Any:
@@ -62,7 +62,7 @@ def _check_checkpoint(model_dir: Path) -> None:
 
 
 @register_backend("hf")
-class HFBackend(Backend):
+class HFBackend(LocalBackend):
     """Scores tasks with a resident ``AutoModelForCausalLM``.
 
     Options: ``trust_remote_code`` (default False), ``attn_implementation`` (default: the
@@ -70,26 +70,16 @@ class HFBackend(Backend):
     ``loglik_batch_size`` (default ``batch_size``).
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        device: str | None = None,
-        dtype: Any = None,
-        batch_size: int = 64,
-        **opts: Any,
-    ):
+    default_batch_size = 64
+
+    def open_model(self, path: Path, dtype: Any, opts: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        super().__init__(str(model_dir), device, **opts)
-        path = Path(model_dir).expanduser()
         _check_checkpoint(path)
-        self.torch_device = check_device(device, "backend.device") or torch.device(
+        self.torch_device = check_device(self.device, "backend.device") or torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        if int(batch_size) < 1:
-            raise BackendError(f"backend.batch_size: must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self.loglik_batch_size = int(opts.get("loglik_batch_size", batch_size))
+        self.loglik_batch_size = int(opts.get("loglik_batch_size", self.batch_size))
         self.generation = opts.get("generation", "loop")
         if self.generation not in ("loop", "generate"):
             raise BackendError(
@@ -140,7 +130,6 @@ class HFBackend(Backend):
                 tokenizer.pad_token = tokenizer.unk_token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._eos_tensor = torch.tensor(self.eos_ids or [-1], device=self.torch_device)
-        self._encode_cache: dict[str, list[int]] = {}
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_length = int(limit) if isinstance(limit, int) and limit > 0 else None
         self.layer_slots = LayerSlots(model)
@@ -162,16 +151,6 @@ class HFBackend(Backend):
         holds (``max_layers``: data-flow paths) first shortens the active layer stack."""
         self.layer_slots.activate(self.layer_slots.layers_of(plan))
         materializer.materialize_into(plan, self.target_tensors())
-
-    # -- tokenization ---------------------------------------------------------------------
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids with the tokenizer's special tokens (BOS). Memoized: the same prompts
-        are encoded for every candidate."""
-        return encode_cached(self.tokenizer, self._encode_cache, texts)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # -- generation -----------------------------------------------------------------------
 

@@ -59,8 +59,8 @@ import numpy as np
 
 from ...errors import BackendError, CheckpointError, PlanError
 from ..scoring import Loglik, evaluate_tasks, truncate_at_stop
-from .base import Backend, register_backend
-from .prompting import DTYPE_NAMES, collect_eos_ids, encode_cached, encode_pair, fit_prompts
+from .base import LocalBackend, register_backend
+from .prompting import DTYPE_NAMES, collect_eos_ids, encode_pair, fit_prompts
 from .vllm_setup import engine_env, import_vllm, read_config, text_config
 
 WORKER_EXTENSION = "evomerge.fitness.backends.vllm_worker.EvomergeWorkerExtension"
@@ -71,7 +71,7 @@ _TIED_HEAD = "lm_head.weight"
 
 
 @register_backend("vllm")
-class VLLMBackend(Backend):
+class VLLMBackend(LocalBackend):
     """Scores tasks with a resident ``vllm.LLM``; :meth:`load_plan` swaps weights in place.
 
     Options (``backend.options`` in a run config):
@@ -99,16 +99,11 @@ class VLLMBackend(Backend):
     ``batch_size`` caps the sequences vLLM runs at once (``max_num_seqs``).
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        device: str | None = None,
-        dtype: Any = None,
-        batch_size: int = 128,
-        **opts: Any,
-    ):
-        super().__init__(str(model_dir), device, **opts)
-        path = Path(model_dir).expanduser().absolute()
+    default_batch_size = 128
+
+    def open_model(self, path: Path, dtype: Any, opts: dict[str, Any]) -> None:
+        device = self.device
+        path = path.absolute()
         config = read_config(path)
         known = {
             "max_model_len", "gpu_memory_utilization", "kv_cache_space", "block_size",
@@ -121,8 +116,6 @@ class VLLMBackend(Backend):
                 f"backend.options: unknown option(s) {', '.join(map(repr, unknown))} for the "
                 f"vllm backend; known: {', '.join(sorted(known))}"
             )
-        if int(batch_size) < 1:
-            raise BackendError(f"backend.batch_size: must be >= 1, got {batch_size}")
         if opts.get("trust_remote_code"):
             raise BackendError("backend.options.trust_remote_code: not supported by the vllm backend")
 
@@ -180,7 +173,7 @@ class VLLMBackend(Backend):
             "tokenizer": str(path),
             "dtype": _DTYPES[dtype_name],
             "enforce_eager": enforce_eager,
-            "max_num_seqs": int(batch_size),
+            "max_num_seqs": self.batch_size,
             "trust_remote_code": False,
             "seed": int(opts.get("seed", 0)),
             "worker_extension_cls": WORKER_EXTENSION,
@@ -255,7 +248,6 @@ class VLLMBackend(Backend):
         self.eos_ids = collect_eos_ids(gen_eos, text_config(config).get("eos_token_id"),
                                        self.tokenizer.eos_token_id)
         self.tied = bool(text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-        self._encode_cache: dict[str, list[int]] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._weights_ok = True  # False after a failed swap: the weights are then undefined
         self.last_swap: dict[str, Any] = {}
@@ -296,9 +288,10 @@ class VLLMBackend(Backend):
                 )
         missing = [n for n in shapes if n not in produced]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            from ...checkpoint.compat import list_names
+
             raise PlanError(
-                f"the plan does not produce tensor(s) {', '.join(map(repr, missing[:3]))}{more} "
+                f"the plan does not produce tensor(s) {list_names(missing)} "
                 f"of the resident model {self.model_dir}: a vLLM swap must send every tensor "
                 f"(missing ones would keep stale or undefined values)"
             )
@@ -335,14 +328,6 @@ class VLLMBackend(Backend):
             raise BackendError(
                 "the vLLM engine's weights are undefined after a failed swap; load a plan first"
             )
-
-    # -- tokenization (exactly as the HF backend) -----------------------------------------
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return encode_cached(self.tokenizer, self._encode_cache, texts)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # -- generation -----------------------------------------------------------------------
 
