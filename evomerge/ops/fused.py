@@ -174,6 +174,22 @@ def band_kernel(t: torch.Tensor, b: torch.Tensor,
     return a, below, at_lo, inside.to(torch.uint8)
 
 
+def equal_count_kernel(t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """How many ``|t - b| == v`` in the chunk (a float32 sum of 0/1: exact below 2**24)."""
+    a = torch.abs(torch.sub(t.to(v.dtype), b.to(v.dtype)))
+    return torch.sum(torch.where(torch.eq(a, v), 1.0, 0.0))
+
+
+def run_equal_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> int:
+    """:func:`equal_count_kernel` (compiled in mode "compiled"), as an int."""
+    if mode == "compiled" and not _FAILED.get(t.device.type):
+        try:
+            return int(_compiled_fn("equal", equal_count_kernel)(t, b, v))
+        except Exception:  # noqa: BLE001 - eager gives the same count
+            _FAILED[t.device.type] = True
+    return int(equal_count_kernel(t, b, v))
+
+
 def run_band(mode: str, t: torch.Tensor, b: torch.Tensor, lohi: torch.Tensor):
     """:func:`band_kernel`, compiled in mode "compiled" (eager when compiling fails)."""
     if mode == "compiled" and not _FAILED.get(t.device.type):
@@ -225,4 +241,4 @@ def compile_failed(device_type: str) -> bool:
 
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "InputFlags", "band_kernel", "compile_failed", "fma",
            "fused_mode", "gta_combine", "gta_deltas", "gta_kernel",
-           "run_band", "run_kernel", "scalars"]
+           "run_band", "run_equal_count", "run_kernel", "scalars"]

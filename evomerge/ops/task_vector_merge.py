@@ -23,6 +23,7 @@ from .fused import (
     fused_mode,
     gta_combine,
     run_band,
+    run_equal_count,
     run_kernel,
     scalars,
 )
@@ -108,10 +109,13 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
     ranks = [RankCut.rank_for(n, k) for k in ks]
     cdt = compute_dtype(inp.flat, b)
     t = inp.flat
-    band_fn = None
+    band_fn = equal_fn = None
     if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
         def band_fn(s: int, e: int, lo: float, hi: float):
             return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
+
+        def equal_fn(s: int, e: int, v: float) -> int:
+            return run_equal_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
     wanted = sorted({r for r in ranks if r is not None})
     if stats_fn is not None:
         stats = stats_fn(wanted)
@@ -128,18 +132,18 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
     by_rank = {s.rank: s for s in stats}
     inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
     if any(c.sequential for c in inp.cuts):
-        inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, band_fn)
+        inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, equal_fn)
 
 
 def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
-                bounds: list[tuple[int, int]], band_fn=None) -> dict[int, list[RankCut]]:
+                bounds: list[tuple[int, int]], equal_fn=None) -> dict[int, list[RankCut]]:
     """Per-chunk copies of ``cuts`` with the tie budget each chunk gets in flat order
-    (``band_fn``: the one-pass counting kernel of :func:`.sparsify.order_statistics`)."""
+    (``equal_fn(s, e, v)``: a compiled count of ``|t - b| == v`` in the chunk)."""
     thrs = [c.thr if c.sequential else None for c in cuts]
 
     def count(s: int, e: int) -> list[int]:
-        if band_fn is not None:
-            return [0 if v is None else int(band_fn(s, e, v, v)[2]) for v in thrs]
+        if equal_fn is not None:
+            return [0 if v is None else equal_fn(s, e, v) for v in thrs]
         a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device)).abs_()
         x = a.numpy() if a.device.type == "cpu" else a  # numpy's compare: faster on CPU
         nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
