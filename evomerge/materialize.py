@@ -107,7 +107,8 @@ class Materializer:
     """
 
     def __init__(self, device: str | torch.device | None = None, cache_sources: bool = False,
-                 precompute: bool = False, stats_budget_bytes: int | None = None):
+                 precompute: bool = False, stats_budget_bytes: int | None = None,
+                 resident: bool = False, resident_budget_bytes: int | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_sources = cache_sources
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -119,17 +120,48 @@ class Materializer:
             from .ops.precompute import SourceStats
 
             self.stats = SourceStats(stats_budget_bytes)
+        # resident task vectors and what each target tensor holds (evomerge.resident):
+        # materialize_into skips unchanged tensors and fuses task arithmetic
+        self.resident = None
+        if resident:
+            from .resident import ResidentWriter
+
+            self.resident = ResidentWriter(resident_budget_bytes)
+        # per source path: the reader seen last and its identity number (a rebuilt source
+        # opens as a new reader: everything cached from the old one is dropped)
+        self._readers: dict[str, tuple[Any, int]] = {}
+        self._next_id = 0
 
     def clear_cache(self) -> None:
         self._cache.clear()
         if self.stats is not None:
             self.stats.clear()
+        if self.resident is not None:
+            self.resident.clear()
+
+    def _sync_sources(self, readers: Mapping[str, Any]) -> dict[str, int]:
+        """Identity number per source key; drops every cache when a source's reader changed."""
+        ids = {}
+        changed = False
+        for key, reader in readers.items():
+            path = str(reader.path)
+            seen = self._readers.get(path)
+            if seen is None or seen[0] is not reader:
+                changed = changed or seen is not None
+                seen = (reader, self._next_id)
+                self._next_id += 1
+                self._readers[path] = seen
+            ids[key] = seen[1]
+        if changed:
+            self.clear_cache()
+        return ids
 
     # -- checks -------------------------------------------------------------------------
     def check(self, plan: MergePlan, readers: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Validate ``plan`` and every source tensor it reads (metadata only); returns readers."""
         plan.validate()
         readers = dict(readers) if readers is not None else open_sources(plan)
+        self._sync_sources(readers)
         for step in plan.steps:
             refs = list(step.inputs) + ([step.base] if step.base is not None else [])
             shapes = []
@@ -163,7 +195,9 @@ class Materializer:
         return readers[ref.model].dtype(ref.tensor)
 
     # -- the stream ---------------------------------------------------------------------
-    def _load(self, reader: Any, ref: TensorRef) -> torch.Tensor:
+    def _load(self, reader: Any, ref: TensorRef, cache: bool = True) -> torch.Tensor:
+        """``ref`` as float32 on the compute device (from the source cache when on; kept
+        there unless ``cache`` is False)."""
         key = (str(reader.path), ref.tensor)
         if self.cache_sources:
             t = self._cache.get(key)
@@ -173,7 +207,7 @@ class Materializer:
         stored = reader.get(ref.tensor, device=self.device)
         self.bytes_read += stored.numel() * stored.element_size()
         t = stored.to(torch.float32)
-        if self.cache_sources:
+        if self.cache_sources and cache:
             if t is stored and t.device.type == "cpu":
                 t = t.clone()  # own the memory: do not keep a mapping of a file that may change
             self._cache[key] = t
@@ -187,34 +221,39 @@ class Materializer:
     def _compute(self, plan: MergePlan, readers: Mapping[str, Any]) -> Iterator[tuple[TensorStep, torch.Tensor]]:
         """Yields ``(step, float32 result)`` on the compute device, one step at a time."""
         for step in plan.steps:
-            spec = get_op(step.op)
+            yield step, self._compute_step(plan, step, readers)
+
+    def _compute_step(self, plan: MergePlan, step: TensorStep, readers: Mapping[str, Any],
+                      params: dict[str, Any] | None = None) -> torch.Tensor:
+        """One step's float32 result on the compute device."""
+        spec = get_op(step.op)
+        if params is None:
             params = spec.resolve_params(step)
-            with threads_for_load(self.device):  # fewer threads on cores others hold
-                tensors = [self._load(readers[r.model], r) for r in step.inputs]
-                base = (self._load(readers[step.base.model], step.base)
-                        if step.base is not None else None)
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(step_seed(plan.seed, step.output))
-                ctx = OpContext(step.output, gen, self.device)
-                if self.stats is not None:
-                    ctx.stats = self.stats
-                    ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
-                    ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
-                                    if step.base is not None else None)
-                with torch.no_grad():
-                    out = spec.fn(tensors, base, params, ctx)
-            if not isinstance(out, torch.Tensor):
-                raise PlanError(
-                    f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
-                )
-            want = tuple(tensors[0].shape)
-            if tuple(out.shape) != want:
-                raise PlanError(
-                    f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
-                    f"{step.output!r}, expected {list(want)}"
-                )
-            del tensors, base
-            yield step, out
+        with threads_for_load(self.device):  # fewer threads on cores others hold
+            tensors = [self._load(readers[r.model], r) for r in step.inputs]
+            base = (self._load(readers[step.base.model], step.base)
+                    if step.base is not None else None)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(step_seed(plan.seed, step.output))
+            ctx = OpContext(step.output, gen, self.device)
+            if self.stats is not None:
+                ctx.stats = self.stats
+                ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
+                ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
+                                if step.base is not None else None)
+            with torch.no_grad():
+                out = spec.fn(tensors, base, params, ctx)
+        if not isinstance(out, torch.Tensor):
+            raise PlanError(
+                f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
+            )
+        want = tuple(tensors[0].shape)
+        if tuple(out.shape) != want:
+            raise PlanError(
+                f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
+                f"{step.output!r}, expected {list(want)}"
+            )
+        return out
 
     def iter_tensors(self, plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
         """``(output_name, tensor)`` for every step, in plan order, on the compute device.
@@ -244,7 +283,13 @@ class Materializer:
         - tied tensors are written once; if the plan produces both names of a tied pair,
           their values must agree (PlanError otherwise).
 
-        Returns stats: ``seconds``, ``bytes`` (written), ``bytes_read``, ``tensors``.
+        With ``resident=True`` (see :mod:`evomerge.resident`) a tensor that already holds
+        this step's result is not written again and task arithmetic runs from resident task
+        vectors; the weights are the same bits either way.
+
+        Returns stats: ``seconds``, ``bytes`` (written), ``bytes_read``, ``tensors``, and
+        with ``resident`` ``skipped`` (tensors left as they were) and ``fused`` (tensors
+        computed from resident task vectors).
         """
         t0 = time.perf_counter()
         readers = self.check(plan)
@@ -272,8 +317,12 @@ class Materializer:
         written: set[tuple] = set()
         n_bytes = 0
         read0 = self.bytes_read
+        steps, extra = plan.steps, {}
+        if self.resident is not None:  # every step but those of tied tensors
+            steps, n_bytes, extra = self.resident.write(self, plan, readers, target)
         with torch.no_grad():
-            for step, out in self._compute(plan, readers):
+            for step in steps:
+                out = self._compute_step(plan, step, readers)
                 name = step.output
                 dst = target[name]
                 out_dtype = self.output_dtype(plan, step, readers)
@@ -297,6 +346,7 @@ class Materializer:
             "bytes": n_bytes,
             "bytes_read": self.bytes_read - read0,
             "tensors": len(produced),
+            **extra,
         }
 
     def output_config(self, plan: MergePlan, readers: Mapping[str, Any]) -> dict[str, Any]:
