@@ -41,6 +41,7 @@ from .errors import CheckpointError, PlanError
 from .ops import OpContext, get_op
 from .ops.parallel import threads_for_load
 from .plan import MergePlan, TensorRef, TensorStep, step_seed
+from .resident import ResidentWriter, SourceIds, tensor_key
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -120,38 +121,19 @@ class Materializer:
             from .ops.precompute import SourceStats
 
             self.stats = SourceStats(stats_budget_bytes)
-        # resident task vectors and what each target tensor holds (evomerge.resident):
-        # materialize_into skips unchanged tensors and fuses task arithmetic
-        self.resident = None
-        if resident:
-            from .resident import ResidentWriter
-
-            self.resident = ResidentWriter(resident_budget_bytes)
-        # per source path: the reader seen last and its identity number (a rebuilt source
-        # opens as a new reader: everything cached from the old one is dropped)
-        self._readers: dict[str, tuple[Any, int]] = {}
-        self._next_id = 0
+        # resident task vectors and what each target tensor holds (see evomerge.resident)
+        self.resident = ResidentWriter(resident_budget_bytes) if resident else None
+        self._sources = SourceIds()  # a rebuilt source drops everything cached from it
 
     def clear_cache(self) -> None:
         self._cache.clear()
-        if self.stats is not None:
-            self.stats.clear()
-        if self.resident is not None:
-            self.resident.clear()
+        for cache in (self.stats, self.resident):
+            if cache is not None:
+                cache.clear()
 
     def _sync_sources(self, readers: Mapping[str, Any]) -> dict[str, int]:
         """Identity number per source key; drops every cache when a source's reader changed."""
-        ids = {}
-        changed = False
-        for key, reader in readers.items():
-            path = str(reader.path)
-            seen = self._readers.get(path)
-            if seen is None or seen[0] is not reader:
-                changed = changed or seen is not None
-                seen = (reader, self._next_id)
-                self._next_id += 1
-                self._readers[path] = seen
-            ids[key] = seen[1]
+        ids, changed = self._sources.sync(readers)
         if changed:
             self.clear_cache()
         return ids
@@ -238,8 +220,8 @@ class Materializer:
             ctx = OpContext(step.output, gen, self.device)
             if self.stats is not None:
                 ctx.stats = self.stats
-                ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
-                ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
+                ctx.input_keys = [tensor_key(readers[r.model], r) for r in step.inputs]
+                ctx.base_key = (tensor_key(readers[step.base.model], step.base)
                                 if step.base is not None else None)
             with torch.no_grad():
                 out = spec.fn(tensors, base, params, ctx)
@@ -493,11 +475,6 @@ def _refuse_output_over_source(plan: MergePlan, out_dir: str | os.PathLike) -> N
         if path == out or out in path.parents:
             raise CheckpointError(f"output {out} would replace source {key!r} ({src}) of this merge; "
                                   "write the merge to another folder")
-
-
-def _tensor_key(reader: Any, ref: TensorRef) -> str:
-    """Identity of one source tensor for the statistics cache."""
-    return f"{reader.path}::{ref.tensor}"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

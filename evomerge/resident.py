@@ -128,13 +128,11 @@ class ResidentWriter:
                 or dst.dtype != torch.float32 or out_dtype != torch.float32
                 or not dst.is_contiguous()):
             return None
-        from .materialize import _tensor_key
-
         base_reader = readers[step.base.model]
         b = mat._load(base_reader, step.base)
         if b.numel() == 0:
             return None
-        base_key = _tensor_key(base_reader, step.base)
+        base_key = tensor_key(base_reader, step.base)
         flat_b = b.reshape(-1)
         weights = [float(w) for w in params["weight"]]
         inputs = []
@@ -143,7 +141,7 @@ class ResidentWriter:
             if w == 0.0:
                 continue  # a dead input, as in the direct path
             reader = readers[ref.model]
-            key = _tensor_key(reader, ref)
+            key = tensor_key(reader, ref)
             if self.deltas.refused(key, base_key):
                 inputs.append(("source", mat._load(reader, ref).reshape(-1), w))
                 transient = True
@@ -221,6 +219,34 @@ class ResidentWriter:
         return {**self.deltas.summary(), "skipped": self.skipped, "fast": self.fast}
 
 
+class SourceIds:
+    """An identity number per source path's current reader: a rebuilt source opens as a new
+    reader (:func:`~evomerge.checkpoint.opener.open_checkpoint` checks file stamps) and
+    gets a new number, so nothing cached from the old files is taken for the new ones."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Any, int]] = {}
+        self._next = 0
+
+    def sync(self, readers: Mapping[str, Any]) -> tuple[dict[str, int], bool]:
+        """``(number per source key, whether a known path's reader changed)``."""
+        ids, changed = {}, False
+        for key, reader in readers.items():
+            path = str(reader.path)
+            seen = self._seen.get(path)
+            if seen is None or seen[0] is not reader:
+                changed = changed or seen is not None
+                seen = self._seen[path] = (reader, self._next)
+                self._next += 1
+            ids[key] = seen[1]
+        return ids, changed
+
+
+def tensor_key(reader: Any, ref: Any) -> str:
+    """Identity of one source tensor (``model path::tensor name``) for per-worker caches."""
+    return f"{reader.path}::{ref.tensor}"
+
+
 def base_output(job: TAJob, dst: torch.Tensor, out_dtype: torch.dtype) -> None:
     """Write the job's base into ``dst`` as the plain path writes a result equal to it."""
     out = job.base.view(dst.shape)
@@ -233,4 +259,4 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
 
 
-__all__ = ["ResidentWriter", "base_output"]
+__all__ = ["ResidentWriter", "SourceIds", "base_output", "tensor_key"]
