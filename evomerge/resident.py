@@ -34,6 +34,7 @@ import torch
 
 from .ops import get_op
 from .ops.fused import fused_mode
+from .ops.parallel import threads_for_load
 from .ops.resident import (
     ZERO,
     ResidentDeltas,
@@ -168,7 +169,9 @@ class ResidentWriter:
             count[k] = count.get(k, 0) + 1
         rest, jobs = [], []
         n_bytes = skipped = fused = 0
-        with torch.no_grad():
+        # loads and first-time task vectors run whole-tensor torch ops: fewer intra-op
+        # threads on cores others hold (their barriers stall there), as the plain path does
+        with torch.no_grad(), threads_for_load(mat.device):
             for step in plan.steps:
                 dst = target[step.output]
                 if count[_key(dst)] > 1:
