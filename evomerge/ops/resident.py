@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .parallel import run_chunks, scratch
+from .parallel import run_chunks
 from .sparsify import CPU_CHUNK, chunk_bounds
 
 DEFAULT_BUDGET_MB = 4096
@@ -174,30 +174,32 @@ def output_is_base(job: TAJob, base_plain: bool) -> bool:
     return all(kind == "zero" and math.isfinite(w) for kind, _, w in job.inputs)
 
 
-def _zeros(length: int) -> torch.Tensor:
-    """A per-thread float32 zero buffer of at least ``length`` elements (never written)."""
-    buf = getattr(_local, "zeros", None)
-    if buf is None or buf.numel() < length:
-        buf = _local.zeros = torch.zeros(max(length, CPU_CHUNK), dtype=torch.float32)
-    return buf[:length]
-
-
 _local = threading.local()
+
+
+def _buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's chunk-sized float32 buffers: the running sum, a task vector computed
+    on the fly, and zeros (never written). Kept per thread: no allocator trip per chunk."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = (torch.empty(CPU_CHUNK), torch.empty(CPU_CHUNK), torch.zeros(CPU_CHUNK))
+    return bufs
 
 
 def _chunk(job: TAJob, s: int, e: int) -> None:
     b_c = job.base[s:e]
-    bufs = scratch(2, e - s, b_c)
+    m = e - s
+    s_buf, d_buf, zeros = _buffers()
     S = None
     for kind, t, w in job.inputs:
         if kind == "delta":
             d = t[s:e]
         elif kind == "source":
-            d = torch.sub(t[s:e], b_c, out=bufs[1])
+            d = torch.sub(t[s:e], b_c, out=d_buf[:m])
         else:
-            d = _zeros(e - s)
+            d = zeros[:m]
         if S is None:
-            S = torch.mul(d, w, out=bufs[0])
+            S = torch.mul(d, w, out=s_buf[:m])
         else:
             S.add_(d, alpha=w)
     if S is None:
