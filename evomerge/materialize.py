@@ -101,7 +101,10 @@ class Materializer:
     ``device``: where the operators compute (None: CUDA when available, else CPU).
     ``cache_sources``: keep every source tensor read on the device (float32) for the life
     of this object, so repeated candidates over the same small sources skip the reads;
-    the default streams from the memory-mapped files each time.
+    the default streams from the memory-mapped files each time. ``precompute``: reuse
+    magnitude statistics (:mod:`evomerge.ops.precompute`). ``resident``: a search worker's
+    :meth:`materialize_into` keeps task vectors and skips unchanged tensors
+    (:mod:`evomerge.resident`). A rebuilt source drops everything cached from it.
 
     Operators must not modify their input tensors: on CPU a float32 input may be a view of
     the memory-mapped file (or of the cache) shared by every later read.

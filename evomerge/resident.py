@@ -71,7 +71,7 @@ class ResidentWriter:
         self.deltas = ResidentDeltas(budget_bytes)
         self._written: dict[tuple, tuple[Any, int, tuple]] = {}
         self.skipped = 0
-        self.fast = 0
+        self.fused = 0
 
     def clear(self) -> None:
         """Forget the task vectors and what was written (the sources changed)."""
@@ -151,7 +151,7 @@ class ResidentWriter:
                                         lambda r=reader, f=ref: mat._load(r, f, cache=False), b)
             inputs.append(("zero", None, w) if d is ZERO else ("delta", d, w))
             transient = transient or not kept
-        alpha = task_arithmetic_alpha(weights, float(params.get("lambda", 1.0)) * 1.0,
+        alpha = task_arithmetic_alpha(weights, float(params.get("lambda", 1.0)),
                                       bool(params.get("normalize", False)))
         job = TAJob(dst.view(-1), flat_b, inputs, alpha, transient)
         return job, output_is_base(job, self.deltas.base_is_plain(base_key, flat_b))
@@ -206,7 +206,7 @@ class ResidentWriter:
                         self._run(jobs)
             self._run(jobs)
         self.skipped += skipped
-        self.fast += fused
+        self.fused += fused
         return rest, n_bytes, {"skipped": skipped, "fused": fused}
 
     def _run(self, jobs: list[tuple[TAJob, torch.Tensor, tuple]]) -> None:
@@ -219,7 +219,8 @@ class ResidentWriter:
         jobs.clear()
 
     def summary(self) -> dict[str, Any]:
-        return {**self.deltas.summary(), "skipped": self.skipped, "fast": self.fast}
+        """The task vectors' summary plus tensors skipped and fused over this worker's life."""
+        return {**self.deltas.summary(), "skipped": self.skipped, "fused": self.fused}
 
 
 class SourceIds:
