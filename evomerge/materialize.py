@@ -23,7 +23,6 @@ math, so a bad plan fails in milliseconds with a message naming the tensor and m
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -33,15 +32,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint.compat import list_names
-from .checkpoint.layout import detect_layout
 from .checkpoint.opener import open_checkpoint
 from .checkpoint.resolve import portable_recipe
 from .checkpoint.writer import parse_dtype, write_checkpoint
 from .errors import CheckpointError, PlanError
 from .ops import OpContext, get_op
 from .ops.parallel import threads_for_load
+from .output_config import config_source_key, merged_config
 from .plan import MergePlan, TensorRef, TensorStep, step_seed
+from .resident import ResidentWriter, SourceIds, tensor_key
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -66,54 +65,24 @@ def open_sources(plan: MergePlan) -> dict[str, Any]:
     return readers
 
 
-def config_source_key(plan: MergePlan) -> str:
-    return plan.config_source or plan.base or next(iter(plan.sources))
-
-
-def apply_config_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with ``overrides`` merged in (nested mappings merge key by key).
-
-    When the layer count changes and the config lists one ``layer_types`` entry per layer
-    all of one kind (Qwen2/Llama-style), the list is resized to match; a mixed list must be
-    given in ``overrides`` by whoever chose the layers.
-    """
-    out = copy.deepcopy(dict(config))
-
-    def merge(dst: dict, src: Mapping) -> None:
-        for k, v in src.items():
-            if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-                merge(dst[k], v)
-            else:
-                dst[k] = copy.deepcopy(v)
-
-    merge(out, overrides)
-    n = out.get("num_hidden_layers")
-    types = out.get("layer_types")
-    if isinstance(n, int) and isinstance(types, list) and len(types) != n and "layer_types" not in overrides:
-        if len(set(map(str, types))) <= 1 and types:
-            out["layer_types"] = [types[0]] * n
-        else:
-            raise PlanError(
-                f"config_overrides sets num_hidden_layers={n} but the config's layer_types lists "
-                f"{len(types)} mixed entries: give layer_types in config_overrides too"
-            )
-    return out
-
-
 class Materializer:
     """Runs MergePlans on one device.
 
     ``device``: where the operators compute (None: CUDA when available, else CPU).
     ``cache_sources``: keep every source tensor read on the device (float32) for the life
     of this object, so repeated candidates over the same small sources skip the reads;
-    the default streams from the memory-mapped files each time.
+    the default streams from the memory-mapped files each time. ``precompute``: reuse
+    magnitude statistics (:mod:`evomerge.ops.precompute`). ``resident``: a search worker's
+    :meth:`materialize_into` keeps task vectors and skips unchanged tensors
+    (:mod:`evomerge.resident`). A rebuilt source drops everything cached from it.
 
     Operators must not modify their input tensors: on CPU a float32 input may be a view of
     the memory-mapped file (or of the cache) shared by every later read.
     """
 
     def __init__(self, device: str | torch.device | None = None, cache_sources: bool = False,
-                 precompute: bool = False, stats_budget_bytes: int | None = None):
+                 precompute: bool = False, stats_budget_bytes: int | None = None,
+                 resident: bool = False, resident_budget_bytes: int | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_sources = cache_sources
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -126,17 +95,29 @@ class Materializer:
             from .ops.precompute import SourceStats
 
             self.stats = SourceStats(stats_budget_bytes)
+        # resident task vectors and what each target tensor holds (see evomerge.resident)
+        self.resident = ResidentWriter(resident_budget_bytes) if resident else None
+        self._sources = SourceIds()  # a rebuilt source drops everything cached from it
 
     def clear_cache(self) -> None:
         self._cache.clear()
-        if self.stats is not None:
-            self.stats.clear()
+        for cache in (self.stats, self.resident):
+            if cache is not None:
+                cache.clear()
+
+    def _sync_sources(self, readers: Mapping[str, Any]) -> dict[str, int]:
+        """Identity number per source key; drops every cache when a source's reader changed."""
+        ids, changed = self._sources.sync(readers)
+        if changed:
+            self.clear_cache()
+        return ids
 
     # -- checks -------------------------------------------------------------------------
     def check(self, plan: MergePlan, readers: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Validate ``plan`` and every source tensor it reads (metadata only); returns readers."""
         plan.validate()
         readers = dict(readers) if readers is not None else open_sources(plan)
+        self._sync_sources(readers)
         for step in plan.steps:
             refs = list(step.inputs) + ([step.base] if step.base is not None else [])
             shapes = []
@@ -170,9 +151,11 @@ class Materializer:
         return readers[ref.model].dtype(ref.tensor)
 
     # -- the stream ---------------------------------------------------------------------
-    def _load(self, reader: Any, ref: TensorRef, widen: bool = True) -> torch.Tensor:
-        """One source tensor on the compute device, widened to float32 unless ``widen`` is
-        False (operators with ``narrow_inputs`` take bf16 / fp16 as stored)."""
+    def _load(self, reader: Any, ref: TensorRef, cache: bool = True,
+              widen: bool = True) -> torch.Tensor:
+        """``ref`` on the compute device, widened to float32 unless ``widen`` is False
+        (operators with ``narrow_inputs`` take bf16 / fp16 as stored); from the source cache
+        when on, kept there unless ``cache`` is False."""
         key = (str(reader.path), ref.tensor, widen)
         if self.cache_sources:
             t = self._cache.get(key)
@@ -182,7 +165,7 @@ class Materializer:
         stored = reader.get(ref.tensor, device=self.device)
         self.bytes_read += stored.numel() * stored.element_size()
         t = stored.to(torch.float32) if widen else stored
-        if self.cache_sources:
+        if self.cache_sources and cache:
             if t is stored and t.device.type == "cpu":
                 t = t.clone()  # own the memory: do not keep a mapping of a file that may change
             self._cache[key] = t
@@ -197,38 +180,45 @@ class Materializer:
         """Yields ``(step, result)`` on the compute device, one step at a time: float32, or
         already the output dtype from operators with ``narrow_inputs``."""
         for step in plan.steps:
-            spec = get_op(step.op)
-            params = spec.resolve_params(step)
-            widen = not spec.narrow_inputs
-            with threads_for_load(self.device):  # fewer threads on cores others hold
-                tensors = [self._load(readers[r.model], r, widen) for r in step.inputs]
-                base = (self._load(readers[step.base.model], step.base, widen)
-                        if step.base is not None else None)
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(step_seed(plan.seed, step.output))
-                ctx = OpContext(step.output, gen, self.device)
-                if not widen:
-                    ctx.out_dtype = self.output_dtype(plan, step, readers)
-                if self.stats is not None:
-                    ctx.stats = self.stats
-                    ctx.input_keys = [_tensor_key(readers[r.model], r) for r in step.inputs]
-                    ctx.base_key = (_tensor_key(readers[step.base.model], step.base)
-                                    if step.base is not None else None)
-                with torch.no_grad():
-                    out = spec.fn(tensors, base, params, ctx)
-            if not isinstance(out, torch.Tensor):
-                raise PlanError(
-                    f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
-                )
-            want = tuple(tensors[0].shape)
-            if tuple(out.shape) != want:
-                raise PlanError(
-                    f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
-                    f"{step.output!r}, expected {list(want)}"
-                )
-            del tensors, base
+            out = self._compute_step(plan, step, readers)
             self._release_mappings(readers)
             yield step, out
+
+    def _compute_step(self, plan: MergePlan, step: TensorStep, readers: Mapping[str, Any],
+                      params: dict[str, Any] | None = None) -> torch.Tensor:
+        """One step's result on the compute device (float32, or the output dtype from
+        operators with ``narrow_inputs``)."""
+        spec = get_op(step.op)
+        if params is None:
+            params = spec.resolve_params(step)
+        widen = not spec.narrow_inputs
+        with threads_for_load(self.device):  # fewer threads on cores others hold
+            tensors = [self._load(readers[r.model], r, widen=widen) for r in step.inputs]
+            base = (self._load(readers[step.base.model], step.base, widen=widen)
+                    if step.base is not None else None)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(step_seed(plan.seed, step.output))
+            ctx = OpContext(step.output, gen, self.device)
+            if not widen:
+                ctx.out_dtype = self.output_dtype(plan, step, readers)
+            if self.stats is not None:
+                ctx.stats = self.stats
+                ctx.input_keys = [tensor_key(readers[r.model], r) for r in step.inputs]
+                ctx.base_key = (tensor_key(readers[step.base.model], step.base)
+                                if step.base is not None else None)
+            with torch.no_grad():
+                out = spec.fn(tensors, base, params, ctx)
+        if not isinstance(out, torch.Tensor):
+            raise PlanError(
+                f"operator {step.op!r} returned {type(out).__name__} for tensor {step.output!r}"
+            )
+        want = tuple(tensors[0].shape)
+        if tuple(out.shape) != want:
+            raise PlanError(
+                f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
+                f"{step.output!r}, expected {list(want)}"
+            )
+        return out
 
     def _release_mappings(self, readers: Mapping[str, Any]) -> None:
         """Unmap the source files every :data:`RELEASE_MAPPED_BYTES` read (CPU, no source
@@ -274,7 +264,13 @@ class Materializer:
         - tied tensors are written once; if the plan produces both names of a tied pair,
           their values must agree (PlanError otherwise).
 
-        Returns stats: ``seconds``, ``bytes`` (written), ``bytes_read``, ``tensors``.
+        With ``resident=True`` (see :mod:`evomerge.resident`) a tensor that already holds
+        this step's result is not written again and task arithmetic runs from resident task
+        vectors; the weights are the same bits either way.
+
+        Returns stats: ``seconds``, ``bytes`` (written), ``bytes_read``, ``tensors``, and
+        with ``resident`` ``skipped`` (tensors left as they were) and ``fused`` (tensors
+        computed from resident task vectors).
         """
         t0 = time.perf_counter()
         readers = self.check(plan)
@@ -302,8 +298,12 @@ class Materializer:
         written: set[tuple] = set()
         n_bytes = 0
         read0 = self.bytes_read
+        steps, extra = plan.steps, {}
+        if self.resident is not None:  # every step but those of tied tensors
+            steps, n_bytes, extra = self.resident.write(self, plan, readers, target)
         with torch.no_grad():
-            for step, out in self._compute(plan, readers):
+            for step in steps:
+                out = self._compute_step(plan, step, readers)
                 name = step.output
                 dst = target[name]
                 out_dtype = self.output_dtype(plan, step, readers)
@@ -327,60 +327,12 @@ class Materializer:
             "bytes": n_bytes,
             "bytes_read": self.bytes_read - read0,
             "tensors": len(produced),
+            **extra,
         }
 
     def output_config(self, plan: MergePlan, readers: Mapping[str, Any]) -> dict[str, Any]:
-        """Config of the merged model: the config source's, overrides applied, layer count checked."""
-        config = apply_config_overrides(readers[config_source_key(plan)].config, plan.config_overrides)
-        if plan.dtype:
-            config["dtype"] = str(parse_dtype(plan.dtype)).removeprefix("torch.")
-        layout = detect_layout(plan.output_names)
-        if layout.layer_prefix is not None:
-            indices = {i for n in plan.output_names if (i := layout.layer_of(n)) is not None}
-            missing = sorted(set(range(layout.num_layers)) - indices)
-            if missing:
-                raise PlanError(
-                    f"plan produces layers up to {layout.num_layers - 1} but no tensor of layer(s) "
-                    f"{missing[:5]} ({layout.layer_prefix}N.*)"
-                )
-            for key in ("num_hidden_layers", "n_layer"):
-                n_cfg = config.get(key)
-                if isinstance(n_cfg, int) and n_cfg != layout.num_layers:
-                    raise PlanError(
-                        f"plan produces {layout.num_layers} layers but the output config says "
-                        f"{key}={n_cfg}: set config_overrides.{key}"
-                    )
-        self._check_complete(plan, readers, layout.num_layers)
-        return config
-
-    @staticmethod
-    def _check_complete(plan: MergePlan, readers: Mapping[str, Any], num_layers: int) -> None:
-        """Every tensor the config source's architecture needs is produced.
-
-        transformers fills missing weights with random values and only warns, so an
-        incomplete plan would save a model that loads and silently generates garbage.
-        Non-layer tensors must match the config source's; every output layer needs every
-        per-layer tensor the config source's layers have.
-        """
-        key = config_source_key(plan)
-        cs = readers[key]
-        lay = cs.layout
-        produced = set(plan.output_names)
-        missing = [n for n in cs.names if lay.layer_of(n) is None and n not in produced]
-        if lay.layer_prefix is not None:
-            suffixes = sorted({lay.suffix_of(n) for n in cs.names if lay.layer_of(n) is not None})
-            missing += [
-                lay.layer_tensor(i, sfx)
-                for i in range(num_layers)
-                for sfx in suffixes
-                if lay.layer_tensor(i, sfx) not in produced
-            ]
-        if missing:
-            raise PlanError(
-                f"the plan does not produce tensor(s) {list_names(missing)} "
-                f"that the architecture of config source {key!r} needs; the saved model would be "
-                f"incomplete"
-            )
+        """Config of the merged model (:func:`.output_config.merged_config`)."""
+        return merged_config(plan, readers)
 
     def materialize_to_disk(
         self,
@@ -472,11 +424,6 @@ def _refuse_output_over_source(plan: MergePlan, out_dir: str | os.PathLike) -> N
         if path == out or out in path.parents:
             raise CheckpointError(f"output {out} would replace source {key!r} ({src}) of this merge; "
                                   "write the merge to another folder")
-
-
-def _tensor_key(reader: Any, ref: TensorRef) -> str:
-    """Identity of one source tensor for the statistics cache."""
-    return f"{reader.path}::{ref.tensor}"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -16,8 +16,9 @@ from tiny_models import make_tiny_expert, make_tiny_llama, make_tiny_lora
 
 from evomerge.checkpoint import CheckpointReader, clear_reader_cache, open_checkpoint
 from evomerge.errors import CheckpointError, PlanError
-from evomerge.materialize import Materializer, apply_config_overrides
+from evomerge.materialize import Materializer
 from evomerge.ops import registry
+from evomerge.output_config import apply_config_overrides
 from evomerge.plan import MergePlan, TensorRef, TensorStep
 
 torch.set_num_threads(1)

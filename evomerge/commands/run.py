@@ -97,8 +97,11 @@ def status(run_dir, as_json, plot):
         t.add_row("seconds per evaluation", f"{s['seconds_per_evaluation']:.2f}")
     if s.get("merge_seconds") is not None:
         m, e = s["merge_seconds"], s["eval_seconds"]
-        t.add_row("merge s / eval s per candidate",
-                  f"{m:.2f} / {e:.2f} (merge {100 * m / max(m + e, 1e-9):.0f}%)")
+        text = f"mean {m:.2f} / {e:.2f} (merge {100 * m / max(m + e, 1e-9):.0f}%)"
+        if s.get("merge_seconds_median") is not None:
+            m, e = s["merge_seconds_median"], s["eval_seconds_median"]
+            text += f"; median {m:.2f} / {e:.2f} (merge {100 * m / max(m + e, 1e-9):.0f}%)"
+        t.add_row("merge s / eval s per candidate", text)
     if s["evaluations_per_second"]:
         t.add_row("evaluations per second", f"{s['evaluations_per_second']:.2f}")
     if s["best"]:

@@ -70,8 +70,10 @@ class Evaluator:
         name = b.pop("name", "hf")
         options = b.pop("options", {}) or {}
         self.backend = make_backend(name, model_dir=spec.model_dir, **b, **options)
+        # cache_sources: per-worker reuse of everything genome-independent (source tensors,
+        # magnitude statistics, resident task vectors, tensors a candidate leaves unchanged)
         self.materializer = Materializer(device=self.backend.device, cache_sources=spec.cache_sources,
-                                         precompute=spec.cache_sources)
+                                         precompute=spec.cache_sources, resident=spec.cache_sources)
         self.tasks = load_tasks(spec.tasks)
 
     def evaluate(self, plan: MergePlan | dict[str, Any], split: str | None = None,

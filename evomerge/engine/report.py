@@ -46,6 +46,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "seconds_per_evaluation": float(np.mean([r["seconds"] for r in evaluated])) if evaluated else None,
         "merge_seconds": _mean(evaluated, "merge_seconds"),
         "eval_seconds": _mean(evaluated, "eval_seconds"),
+        # medians too: a worker's first candidate fills its caches and a busy machine
+        # stretches some evaluations, both of which pull the means
+        "merge_seconds_median": _mean(evaluated, "merge_seconds", np.median),
+        "eval_seconds_median": _mean(evaluated, "eval_seconds", np.median),
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
         "racing": _racing(records),
@@ -119,10 +123,11 @@ def _final(store: RunStore) -> dict[str, Any] | None:
                        for k, v in row["splits"].items()}}
 
 
-def _mean(records: list[dict[str, Any]], key: str) -> float | None:
-    """Mean of ``key`` over the records that have it (older logs lack the merge/eval split)."""
+def _mean(records: list[dict[str, Any]], key: str, how: Any = np.mean) -> float | None:
+    """Mean (or ``how``) of ``key`` over the records that have it (older logs lack the
+    merge/eval split)."""
     vals = [r[key] for r in records if r.get(key) is not None]
-    return float(np.mean(vals)) if vals else None
+    return float(how(vals)) if vals else None
 
 
 def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:

