@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .ops import get_op
-from .ops.fused import fused_mode
 from .ops.parallel import threads_for_load
 from .ops.resident import (
     ZERO,
@@ -125,7 +124,7 @@ class ResidentWriter:
         when the step takes the plain path (not CPU, fused path on, a target or output
         dtype other than float32, a non-contiguous target)."""
         if (step.op not in FAST_OPS or step.base is None or mat.device.type != "cpu"
-                or fused_mode(mat.device) is not None or dst.device.type != "cpu"
+                or dst.device.type != "cpu"
                 or dst.dtype != torch.float32 or out_dtype != torch.float32
                 or not dst.is_contiguous()):
             return None
