@@ -29,9 +29,11 @@ elements equal to it, in flat order) and DELLA's row-wise drops are pruned eager
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,15 +48,27 @@ COMPILED_CPU_CHUNK = 1 << 20
 _COMPILED: dict[str, Any] = {}
 _FAILED: dict[str, bool] = {}
 _COMPILE_LOCK = threading.RLock()
+_WARM: set[tuple] = set()  # shape keys (_shape_key) whose graph is compiled
 
 
-class InputFlags(NamedTuple):
-    """What the kernel does to one input (static: each combination is one compiled graph)."""
+@dataclass
+class ChunkCut:
+    """One input's magnitude pruning on one chunk, as numbers (so every chunk, whatever its
+    cuts, runs the same compiled graph). Keep ``|d|`` when
 
-    low: bool  # prune: keep |d| > low
-    high: bool  # breadcrumbs: keep |d| <= high
-    mask: bool  # multiply by a 0/1 mask (DARE)
-    positive: bool  # the input's weight is > 0 (which sign agrees with the elected one)
+    ``(|d| > low or (|d| == tie_low and position < ties_low))`` and not
+    ``(|d| > high or (|d| == tie_high and position < ties_high))``
+
+    (positions count from the chunk's start; NaN is kept, as the eager loop kept it). The
+    defaults keep everything.
+    """
+
+    low: float = -math.inf
+    tie_low: float = math.nan
+    ties_low: int = 0
+    high: float = math.inf
+    tie_high: float = math.nan
+    ties_high: int = 0
 
 
 def fused_mode(device: torch.device, numel: int) -> str:
@@ -71,32 +85,51 @@ def fused_mode(device: torch.device, numel: int) -> str:
     return "eager"
 
 
-def scalars(lows: list[float], highs: list[float], ews: list[float], ws: list[float],
-            lam: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The kernel's numbers as one tensor of the compute dtype: per input ``low, high,
-    weight x rescale, weight``, then the final multiplier (lambda, or lambda / divisor)."""
+PER_INPUT = 7  # numbers per input in the kernel's scalar tensor (see scalars)
+
+
+def scalars(cuts: list[ChunkCut], ews: list[float], ws: list[float], lam: float,
+            dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's numbers: a tensor of the compute dtype with, per input (:data:`PER_INPUT`
+    values), ``low, tie_low, high, tie_high, weight x rescale, weight, sign of the weight``
+    and then the final multiplier
+    (lambda, or lambda / divisor); and an int64 tensor of ``ties_low, ties_high`` per input."""
     vals: list[float] = []
-    for lo, hi, ew, w in zip(lows, highs, ews, ws):
-        vals += [lo, hi, ew, w]
+    counts: list[int] = []
+    for c, ew, w in zip(cuts, ews, ws):
+        vals += [c.low, c.tie_low, c.high, c.tie_high, ew, w, 1.0 if w > 0 else -1.0]
+        counts += [c.ties_low, c.ties_high]
     vals.append(lam)
-    return torch.tensor(vals, dtype=dtype, device=device)
+    return (torch.tensor(vals, dtype=dtype, device=device),
+            torch.tensor(counts, dtype=torch.int64, device=device))
 
 
-def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any],
-               scal: torch.Tensor, flags: tuple[InputFlags, ...]) -> list[torch.Tensor]:
-    """Pruned, masked deltas ``x - base`` in the compute dtype of ``bc``."""
+def _ties(a: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> torch.Tensor | None:
+    """``a == v`` at the first ``count`` positions (None: nowhere, decided eagerly only)."""
+    if not torch.compiler.is_compiling() and int(count) == 0:
+        return None
+    pos = torch.arange(a.shape[0], device=a.device)
+    return torch.logical_and(torch.eq(a, v), torch.lt(pos, count))
+
+
+def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
+               counts: torch.Tensor, prune: bool) -> list[torch.Tensor]:
+    """Pruned (:class:`ChunkCut`), masked deltas ``x - base`` in the compute dtype of ``bc``."""
     ds = []
     for i, x in enumerate(xs):
-        f = flags[i]
         d = torch.sub(x.to(bc.dtype), bc)
-        if f.low or f.high:
+        if prune:
             a = torch.abs(d)
-            keep = torch.gt(a, scal[4 * i]) if f.low else None
-            if f.high:
-                k2 = torch.le(a, scal[4 * i + 1])
-                keep = k2 if keep is None else torch.logical_and(keep, k2)
-            d = torch.where(keep, d, 0.0)
-        if f.mask:
+            keep = torch.logical_not(torch.le(a, scal[PER_INPUT * i]))
+            tie = _ties(a, scal[PER_INPUT * i + 1], counts[2 * i])
+            if tie is not None:
+                keep = torch.logical_or(keep, tie)
+            drop = torch.gt(a, scal[PER_INPUT * i + 2])
+            tie = _ties(a, scal[PER_INPUT * i + 3], counts[2 * i + 1])
+            if tie is not None:
+                drop = torch.logical_or(drop, tie)
+            d = torch.where(torch.logical_and(keep, torch.logical_not(drop)), d, 0.0)
+        if masks[i] is not None:
             d = torch.mul(d, masks[i])
         ds.append(d)
     return ds
@@ -118,8 +151,7 @@ def fma(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.add(c.to(wide), torch.mul(a.to(wide), x.to(wide))).to(c.dtype)
 
 
-def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor,
-                flags: tuple[InputFlags, ...], consensus: bool,
+def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, consensus: bool,
                 normalize: bool) -> torch.Tensor:
     """``base + lam * mix(weighted deltas)`` in the compute dtype.
 
@@ -130,22 +162,23 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor,
     rounding is the eager chunk loop's: the weighted sum and the final step are multiply-adds
     (:func:`fma`), the agreeing deltas ``(w d) * agree`` summed from zero.
     """
-    ps = [torch.mul(d, scal[4 * i + 2]) for i, d in enumerate(ds)]
+    ps = [torch.mul(d, scal[PER_INPUT * i + 4]) for i, d in enumerate(ds)]
     S = ps[0]
     for i in range(1, len(ds)):
-        S = fma(ds[i], scal[4 * i + 2], S)
+        S = fma(ds[i], scal[PER_INPUT * i + 4], S)
     lam = scal[-1]
     if not consensus:
         return fma(S, lam, bc)
     pos = torch.ge(S, 0)
     mixed = div = None
     for i, (d, p) in enumerate(zip(ds, ps)):
-        sd = torch.where(pos, d, torch.neg(d))  # d times the elected sign, exactly
-        agree = torch.gt(sd, 0) if flags[i].positive else torch.lt(sd, 0)
+        # d times the elected sign and the weight's sign, exactly: > 0 where w d agrees
+        sd = torch.mul(torch.where(pos, d, torch.neg(d)), scal[PER_INPUT * i + 6])
+        agree = torch.gt(sd, 0)
         m = torch.where(agree, p, 0.0)
         mixed = m if mixed is None else torch.add(mixed, m)
         if normalize:
-            wv = torch.where(agree, scal[4 * i + 3], 0.0)
+            wv = torch.where(agree, scal[PER_INPUT * i + 5], 0.0)
             div = wv if div is None else torch.add(div, wv)
     assert mixed is not None
     if div is not None:
@@ -154,13 +187,14 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor,
 
 
 def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
-               flags: tuple[InputFlags, ...], consensus: bool, normalize: bool,
+               counts: torch.Tensor, prune: bool, consensus: bool, normalize: bool,
                out_dtype: torch.dtype) -> torch.Tensor:
     """One chunk, end to end: the merged values in ``out_dtype`` (computed in ``scal``'s
-    dtype, rounded once at the end)."""
+    dtype, rounded once at the end). ``masks``: a 0/1 tensor per input or None (DARE);
+    ``prune``: apply each input's :class:`ChunkCut` (``scal``, ``counts``: :func:`scalars`)."""
     bc = b.to(scal.dtype)
-    ds = gta_deltas(bc, xs, masks, scal, flags)
-    return gta_combine(bc, ds, scal, flags, consensus, normalize).to(out_dtype)
+    ds = gta_deltas(bc, xs, masks, scal, counts, prune)
+    return gta_combine(bc, ds, scal, consensus, normalize).to(out_dtype)
 
 
 def band_kernel(t: torch.Tensor, b: torch.Tensor,
@@ -186,35 +220,54 @@ def equal_count_kernel(t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tor
 
 def run_equal_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> int:
     """:func:`equal_count_kernel` (compiled in mode "compiled"), as an int."""
-    if mode == "compiled" and not _FAILED.get(t.device.type):
-        try:
-            return int(_compiled_fn("equal", equal_count_kernel)(t, b, v))
-        except Exception:  # noqa: BLE001 - eager gives the same count
-            _FAILED[t.device.type] = True
-    return int(equal_count_kernel(t, b, v))
+    return int(_run(mode, "equal", equal_count_kernel, t, b, v))
 
 
 def run_band(mode: str, t: torch.Tensor, b: torch.Tensor, lohi: torch.Tensor):
     """:func:`band_kernel`, compiled in mode "compiled" (eager when compiling fails)."""
-    if mode == "compiled" and not _FAILED.get(t.device.type):
-        try:
-            return _compiled_fn("band", band_kernel)(t, b, lohi)
-        except Exception:  # noqa: BLE001 - eager gives the same numbers
-            _FAILED[t.device.type] = True
-    return band_kernel(t, b, lohi)
+    return _run(mode, "band", band_kernel, t, b, lohi)
 
 
 def run_kernel(mode: str, *args: Any) -> torch.Tensor:
     """:func:`gta_kernel` compiled (mode "compiled"; falls back to eager, for good on this
     device type, if compiling fails) or eager."""
-    if mode == "compiled":
-        dev = args[0].device.type
-        if not _FAILED.get(dev):
+    return _run(mode, "gta", gta_kernel, *args)
+
+
+def _shape_key(name: str, args: tuple) -> tuple:
+    """What decides which compiled graph a call runs (besides values): a call with a key
+    not seen yet may compile."""
+    key: list[Any] = [name]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.device.type, a.storage_offset() == 0, a.numel() <= 1))
+        elif isinstance(a, list):
+            key.append(tuple(None if x is None else (x.dtype, x.storage_offset() == 0)
+                             for x in a))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def _run(mode: str, name: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` under no_grad (grad mode is per thread: the same graph in every thread),
+    compiled in mode "compiled". A call that may compile (a shape key not seen before)
+    holds the compile lock, so graphs compile once and never in two threads at a time;
+    the others run in parallel."""
+    dev = args[0].device.type
+    with torch.no_grad():
+        if mode == "compiled" and not _FAILED.get(dev):
             try:
-                return _compiled_fn("gta", gta_kernel)(*args)
-            except Exception:  # noqa: BLE001 - any compiler problem: eager is the same bits
+                key = _shape_key(name, args)
+                if key in _WARM:
+                    return _compiled_fn(name, fn)(*args)
+                with _COMPILE_LOCK:
+                    out = _compiled_fn(name, fn)(*args)
+                    _WARM.add(key)
+                    return out
+            except Exception:  # noqa: BLE001 - any compiler problem: eager gives the same numbers
                 _FAILED[dev] = True
-    return gta_kernel(*args)
+        return fn(*args)
 
 
 def _compiled_fn(name: str, fn: Any) -> Any:
@@ -230,6 +283,10 @@ def _compiled_fn(name: str, fn: Any) -> Any:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 4096)
+            # chunks are views at different offsets: no guard tying an offset to a size
+            import torch.fx.experimental._config as fx_config
+
+            fx_config.use_duck_shape = False
             # the C++ wrapper releases the GIL while the graph runs, so chunks run in parallel
             # in the Python threads of .parallel.run_chunks (the default Python wrapper
             # calls each kernel holding it)
@@ -243,6 +300,6 @@ def compile_failed(device_type: str) -> bool:
     return bool(_FAILED.get(device_type))
 
 
-__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "InputFlags", "band_kernel", "compile_failed", "fma",
+__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "PER_INPUT", "band_kernel", "compile_failed", "fma",
            "fused_mode", "gta_combine", "gta_deltas", "gta_kernel",
            "run_band", "run_equal_count", "run_kernel", "scalars"]

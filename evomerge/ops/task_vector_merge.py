@@ -19,7 +19,7 @@ import torch
 from ..errors import PlanError
 from .fused import (
     COMPILED_CPU_CHUNK,
-    InputFlags,
+    ChunkCut,
     fused_mode,
     gta_combine,
     run_band,
@@ -34,7 +34,6 @@ from .sparsify import (
     RankCut,
     chunk_bounds,
     chunk_size,
-    float_below,
     magnitude_k,
     order_statistics,
     outlier_ks,
@@ -279,8 +278,9 @@ def generalized_task_arithmetic(
     ews = [inp.weight * inp.scale for inp in live]  # weight of the (rescaled) delta
     ws = [inp.weight for inp in live]
     lam_eff = lam if consensus else lam / divisor
-    mixed_flags = tuple(InputFlags(False, False, False, w > 0) for w in ws)
-    mixed_scal = scalars([0.0] * len(live), [0.0] * len(live), ews, ws, lam_eff, cdt, device)
+    plain_scal, _ = scalars([ChunkCut()] * len(live), ews, ws, lam_eff, cdt, device)
+    prune = method in ("magnitude", "outliers") and any(pruning[inp.pos] for inp in live)
+    dare = method == "random" and any(pruning[inp.pos] for inp in live)
 
     def chunk(s: int, e: int) -> None:
         if method == "della":  # row-wise drops: prune eagerly, then the same arithmetic
@@ -290,31 +290,18 @@ def generalized_task_arithmetic(
                 if pruning[inp.pos]:
                     d = _sparsify_chunk(inp, d, method, rescale, align, device, s, e)
                 ds.append(d)
-            res = gta_combine(b[s:e].to(cdt), ds, mixed_scal, mixed_flags, consensus, normalize)
+            res = gta_combine(b[s:e].to(cdt), ds, plain_scal, consensus, normalize)
             o[s:e].copy_(res)
             return
-        lows: list[float | None] = []
-        highs: list[float | None] = []
-        masks: list[torch.Tensor | None] = []
-        for inp in live:
-            lo = hi = m = None
-            if method == "random" and pruning[inp.pos]:
-                m = inp.draws.keep_at(s, e, inp.density).to(device)
-            else:
-                th = _chunk_thresholds(inp, s, method, pruning[inp.pos], cdt)
-                if th is None:  # a partial tie budget here: this input's exact keep mask
-                    m = _partial_tie_mask(inp, b, s, e, method, cdt)
-                else:
-                    lo, hi = th
-            lows.append(lo)
-            highs.append(hi)
-            masks.append(m)
-        flags = tuple(InputFlags(lo is not None, hi is not None, m is not None, w > 0)
-                      for lo, hi, m, w in zip(lows, highs, masks, ws))
-        scal = scalars([lo or 0.0 for lo in lows], [hi or 0.0 for hi in highs], ews, ws,
-                       lam_eff, cdt, device)
-        res = run_kernel(mode, b[s:e], [inp.flat[s:e] for inp in live], masks, scal, flags,
-                         consensus, normalize, out_dtype)
+        masks: list[torch.Tensor | None] = [None] * len(live)
+        if dare:  # every input gets a mask (ones where not pruned): one graph for all genomes
+            masks = [inp.draws.keep_at(s, e, inp.density).to(device) if pruning[inp.pos]
+                     else torch.ones(e - s, device=device) for inp in live]
+        cuts = [_chunk_cut(inp, b, s, e, method, cdt) if prune and pruning[inp.pos]
+                else ChunkCut() for inp in live]
+        scal, counts = scalars(cuts, ews, ws, lam_eff, cdt, device)
+        res = run_kernel(mode, b[s:e], [inp.flat[s:e] for inp in live], masks, scal, counts,
+                         prune, consensus, normalize, out_dtype)
         o[s:e].copy_(res)
 
     # the first chunk in this thread (a new graph compiles once, not in every pool thread)
@@ -325,61 +312,49 @@ def generalized_task_arithmetic(
     return out
 
 
-def _chunk_thresholds(inp: _Input, s: int, method: str | None, pruned: bool,
-                      dtype: torch.dtype) -> tuple[float | None, float | None] | None:
-    """(low, high) for :func:`.fused.gta_kernel` on the chunk starting at ``s``: keep
-    ``|d| > low`` and ``|d| <= high`` (None: no such cut); None when a cut keeps only some of
-    the elements equal to its threshold in this chunk (then pruning is sequential)."""
-    if not pruned or method not in ("magnitude", "outliers"):
-        return None, None
+def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
+               dtype: torch.dtype) -> ChunkCut:
+    """The :class:`.fused.ChunkCut` of one input's magnitude / outlier pruning on the chunk
+    ``[s, e)``: thresholds from its cuts, and where a cut keeps only some of the elements
+    equal to its threshold here, the chunk position before which it keeps them (found
+    eagerly, on this chunk only)."""
     cuts = _cuts_at(inp, s)
-    top = _plain(cuts[0])
-    if top is None:
-        return None
-    thr = cuts[0].thr
-    if top == "all" or cuts[0].keeps_all_nonzero or (top == "ge" and thr == 0.0):
-        low = None
-    elif top == "none":
-        low = math.inf
-    else:
-        low = thr if top == "gt" else float_below(thr, dtype)
-    high = None
-    if method == "outliers":  # keep what the cut of the n_top largest drops
-        out = _plain(cuts[1])
-        thr = cuts[1].thr
-        if out is None:
-            return None
-        if out == "all":
-            high = -math.inf
-        elif out == "gt":
-            high = thr
-        elif out == "ge":
-            high = float_below(thr, dtype)
-    return low, high
+    cut = ChunkCut()
+    a = None
 
+    def before(c: RankCut) -> int:
+        """Positions [0, p) of this chunk hold the c.ties_left elements equal to c.thr
+        that the cut keeps (0: none; the chunk length: all of them)."""
+        nonlocal a
+        if c.ties_left == 0:
+            return 0
+        if c.ties_left == c.chunk_equal:
+            return e - s
+        if a is None:
+            a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device)).abs_()
+        where = torch.eq(a, c.thr).nonzero().squeeze(1)
+        return int(where[c.ties_left - 1]) + 1
 
-def _partial_tie_mask(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """0/1 mask of what magnitude / outlier pruning keeps of this chunk, computed eagerly
-    with the chunk's tie budgets (multiplying by it is exactly the pruning)."""
-    a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device)).abs_()
-    cuts = _cuts_at(inp, s, fresh=True)
-    mask = cuts[0].keep_float(a)
-    if method == "outliers" and cuts[1].mode != "none":
-        mask.mul_(cuts[1].keep_float(a, kept=False))
-    return mask
-
-
-def _plain(cut: RankCut) -> str | None:
-    """The cut's mode on its chunk when it is a plain threshold ("all", "none", "gt": keep
-    above, "ge": keep at or above), None when it keeps only some ties there."""
-    if cut.mode != "ties":
-        return cut.mode
-    if cut.ties_left == 0:
-        return "gt"
-    if cut.ties_left == cut.chunk_equal:
-        return "ge"
-    return None
+    top = cuts[0]
+    if top.mode == "none":
+        cut.low = math.inf
+    elif top.mode != "all":
+        cut.low = top.thr
+        if top.mode == "ge":
+            cut.tie_low, cut.ties_low = top.thr, e - s
+        elif top.mode == "ties":
+            cut.tie_low, cut.ties_low = top.thr, before(top)
+    if method == "outliers":  # drop what the cut of the n_top largest keeps
+        out = cuts[1]
+        if out.mode == "all":
+            cut.high = -math.inf
+        elif out.mode != "none":
+            cut.high = out.thr
+            if out.mode == "ge":
+                cut.tie_high, cut.ties_high = out.thr, e - s
+            elif out.mode == "ties":
+                cut.tie_high, cut.ties_high = out.thr, before(out)
+    return cut
 
 
 def _sparsify_chunk(inp: _Input, d: torch.Tensor, method: str | None, rescale: bool,
