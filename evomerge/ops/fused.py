@@ -200,10 +200,11 @@ def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: 
 def band_kernel(t: torch.Tensor, b: torch.Tensor,
                 lohi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One CPU pass of exact selection over a chunk (:func:`.sparsify.order_statistics`):
-    ``a = |t - b|`` in float32, how many ``a < lo`` and ``a == lo`` (float32 sums of 0/1:
-    exact below 2**24 elements, so chunks must be smaller), and the uint8 0/1 mask of the
-    band ``lo < a <= hi`` (``lohi = [lo, hi]``; infinities allowed). Written with float and
-    uint8 results because inductor's CPU code for bool results measured 5x slower here."""
+    ``a = |t - b|`` in ``lohi``'s dtype, how many ``a < lo`` and ``a == lo`` (float32 sums
+    of 0/1: exact below 2**24 elements, so chunks must be smaller), and the uint8 0/1 mask
+    of the band ``lo < a <= hi`` (``lohi = [lo, hi]``; infinities allowed). Float and uint8
+    results because inductor's CPU code for bool results measured 5x slower here; ``a`` is
+    written because gathering the band's values by position afterwards measured slower."""
     a = torch.abs(torch.sub(t.to(lohi.dtype), b.to(lohi.dtype)))
     lo, hi = lohi[0], lohi[1]
     below = torch.sum(torch.where(torch.lt(a, lo), 1.0, 0.0))

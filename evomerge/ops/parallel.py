@@ -64,10 +64,13 @@ def merge_threads() -> int:
 
 
 def idle_cpus() -> int | None:
-    """CPUs of the affinity mask not taken by other runnable tasks right now, or None.
+    """CPUs of the affinity mask not taken by other processes' runnable tasks right now, or
+    None.
 
-    Reads the instantaneous runnable-task count of ``/proc/loadavg`` (which counts the
-    calling thread itself); None where it cannot be read or ``EVOMERGE_MERGE_ADAPT=0``.
+    Reads the instantaneous runnable-task count of ``/proc/loadavg`` and subtracts this
+    process's own runnable threads (``/proc/self/task/*/stat``: the merge's pool threads
+    must not count as neighbours, or a merge would cap itself to one thread); None where it
+    cannot be read or ``EVOMERGE_MERGE_ADAPT=0``.
     """
     if os.environ.get("EVOMERGE_MERGE_ADAPT", "1") == "0":
         return None
@@ -76,7 +79,24 @@ def idle_cpus() -> int | None:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return max(1, available_cpus() - max(0, running - 1))
+    return max(1, available_cpus() - max(0, running - _own_running_threads()))
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (at least 1: the caller)."""
+    n = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    # the state follows the parenthesised command name
+                    if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                        n += 1
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        return 1
+    return max(1, n)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

@@ -97,6 +97,9 @@ class OrderStat:
     value: float
     n_less: int
     n_equal: int
+    # how many values equal to it each chunk of the stream holds, when the selection saw
+    # it for free (the per-chunk tie budgets of a top-k cut need exactly this); else None
+    chunk_equal: tuple[int, ...] | None = None
 
 
 def order_statistics(
@@ -192,12 +195,15 @@ def order_statistics(
         band = _concat([c[j][2] for c in per_chunk if c[j][2] is not None], device)
         local = r - below
         if 1 <= local <= at_lo:
-            out.append(OrderStat(r, brackets[j][0], below, at_lo))
+            out.append(OrderStat(r, brackets[j][0], below, at_lo,
+                                 tuple(int(c[j][1]) for c in per_chunk)))
         elif at_lo < local <= at_lo + band.numel():
             v = _kth(band, local - at_lo)
             n_less = below + at_lo + int(torch.count_nonzero(band < v))
             n_eq = int(torch.count_nonzero(band == v))
-            out.append(OrderStat(r, v, n_less, n_eq))
+            nz = np.count_nonzero if band.device.type == "cpu" else torch.count_nonzero
+            per = tuple(0 if c[j][2] is None else int(nz(c[j][2] == v)) for c in per_chunk)
+            out.append(OrderStat(r, v, n_less, n_eq, per))
         else:  # the bracket missed the rank: exact fallback on all values
             out.append(None)
             fallback.append(j)

@@ -131,7 +131,14 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
     by_rank = {s.rank: s for s in stats}
     inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
     if any(c.sequential for c in inp.cuts):
-        inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, equal_fn)
+        seq = [by_rank.get(r) for c, r in zip(inp.cuts, ranks) if c.sequential]
+        if all(st is not None and st.chunk_equal is not None for st in seq):
+            # the selection's pass already counted each chunk's ties: no second pass
+            per_cut = [c.for_chunks(list(by_rank[r].chunk_equal)) if c.sequential
+                       else c.for_chunks([0] * len(bounds)) for c, r in zip(inp.cuts, ranks)]
+            inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
+        else:
+            inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, equal_fn)
 
 
 def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
