@@ -81,7 +81,7 @@ else
 fi
 
 # 4. the CUDA tests, and the CPU/CUDA equality tests of the fast paths
-step cuda_tests 150 python3 -m pytest -q -s -p no:cacheprovider tests/ops/test_cuda_ops.py \
+step cuda_tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/ops/test_cuda_ops.py tests/ops/test_fused_cpu.py \
   tests/ops/test_ops_parallel.py tests/ops/test_ops.py
 grep -E "passed|failed|error|bit for bit" "$OUT/cuda_tests.out" | sed 's/^/  /' | tee -a "$FIG"
 

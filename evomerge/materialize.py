@@ -304,6 +304,7 @@ class Materializer:
         with torch.no_grad():
             for step in steps:
                 out = self._compute_step(plan, step, readers)
+                self._release_mappings(readers)
                 name = step.output
                 dst = target[name]
                 out_dtype = self.output_dtype(plan, step, readers)
