@@ -342,25 +342,24 @@ def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
         where = torch.eq(a, c.thr).nonzero().squeeze(1)
         return int(where[c.ties_left - 1]) + 1
 
+    def numbers(c: RankCut) -> tuple[float, float, int]:
+        """(threshold, tie value, tie positions) of "above the threshold or one of the
+        first tied": c.mode is gt, ge or ties here."""
+        if c.mode == "gt":
+            return c.thr, math.nan, 0
+        return c.thr, c.thr, (e - s) if c.mode == "ge" else before(c)
+
     top = cuts[0]
     if top.mode == "none":
         cut.low = math.inf
     elif top.mode != "all":
-        cut.low = top.thr
-        if top.mode == "ge":
-            cut.tie_low, cut.ties_low = top.thr, e - s
-        elif top.mode == "ties":
-            cut.tie_low, cut.ties_low = top.thr, before(top)
+        cut.low, cut.tie_low, cut.ties_low = numbers(top)
     if method == "outliers":  # drop what the cut of the n_top largest keeps
         out = cuts[1]
         if out.mode == "all":
             cut.high = -math.inf
         elif out.mode != "none":
-            cut.high = out.thr
-            if out.mode == "ge":
-                cut.tie_high, cut.ties_high = out.thr, e - s
-            elif out.mode == "ties":
-                cut.tie_high, cut.ties_high = out.thr, before(out)
+            cut.high, cut.tie_high, cut.ties_high = numbers(out)
     return cut
 
 
