@@ -134,17 +134,18 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
         seq = [by_rank.get(r) for c, r in zip(inp.cuts, ranks) if c.sequential]
         if all(st is not None and st.chunk_equal is not None for st in seq):
             # the selection's pass already counted each chunk's ties: no second pass
-            per_cut = [c.for_chunks(list(by_rank[r].chunk_equal)) if c.sequential
-                       else c.for_chunks([0] * len(bounds)) for c, r in zip(inp.cuts, ranks)]
-            inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
+            counts = [list(by_rank[r].chunk_equal) if c.sequential else [0] * len(bounds)
+                      for c, r in zip(inp.cuts, ranks)]
         else:
-            inp.chunk_cuts = _chunk_cuts(inp.cuts, t, b, bounds, equal_fn)
+            counts = _tie_counts(inp.cuts, t, b, bounds, equal_fn)
+        per_cut = [c.for_chunks(cs) for c, cs in zip(inp.cuts, counts)]
+        inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
 
 
-def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
-                bounds: list[tuple[int, int]], equal_fn=None) -> dict[int, list[RankCut]]:
-    """Per-chunk copies of ``cuts`` with the tie budget each chunk gets in flat order
-    (``equal_fn(s, e, v)``: a compiled count of ``|t - b| == v`` in the chunk)."""
+def _tie_counts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
+                bounds: list[tuple[int, int]], equal_fn=None) -> list[list[int]]:
+    """Per cut, how many ``|t - b|`` equal its threshold in each chunk (0 for cuts that
+    need no tie budget); ``equal_fn(s, e, v)``: a compiled count of one chunk."""
     thrs = [c.thr if c.sequential else None for c in cuts]
 
     def count(s: int, e: int) -> list[int]:
@@ -155,9 +156,8 @@ def _chunk_cuts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
         nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
         return [0 if v is None else int(nz(x == v)) for v in thrs]
 
-    counts = run_chunks(count, bounds, b.device)
-    per_cut = [c.for_chunks([row[j] for row in counts]) for j, c in enumerate(cuts)]
-    return {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
+    rows = run_chunks(count, bounds, b.device)
+    return [[row[j] for row in rows] for j in range(len(cuts))]
 
 
 def _cuts_at(inp: _Input, s: int, fresh: bool = False) -> list[RankCut]:
