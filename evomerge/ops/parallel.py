@@ -32,7 +32,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -180,23 +180,30 @@ def run_chunks(fn: Callable[[int, int], T], bounds: Sequence[tuple[int, int]],
     runs in order in the calling thread. Without ``threads`` it uses :func:`merge_threads`
     capped by :func:`idle_cpus`.
     """
+    return run_items(lambda b: fn(b[0], b[1]), bounds, device, threads)
+
+
+def run_items(fn: Callable[[Any], T], items: Sequence[Any],
+              device: torch.device | str | None = None, threads: int | None = None) -> list[T]:
+    """``[fn(x) for x in items]`` with the thread rules of :func:`run_chunks` (any
+    independent work items: chunks, or the streams and ranks of a selection)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     auto = threads is None
     if auto:
         threads = merge_threads() if dev.type == "cpu" else 1
-    threads = min(threads, len(bounds))
+    threads = min(threads, len(items))
     if auto and threads > 1 and dev.type == "cpu" and not getattr(_local, "worker", False):
         idle = idle_cpus()  # an explicit ``threads`` is taken as asked
         if idle is not None:
             threads = min(threads, idle)
     if threads <= 1 or getattr(_local, "worker", False):
-        if dev.type == "cpu" and len(bounds) > 1:
+        if dev.type == "cpu" and len(items) > 1:
             with torch_single_threaded():  # small regions: a barrier each is pure overhead
-                return [fn(s, e) for s, e in bounds]
-        return [fn(s, e) for s, e in bounds]
+                return [fn(x) for x in items]
+        return [fn(x) for x in items]
     with torch_single_threaded():
-        return list(_pool(threads).map(lambda b: fn(b[0], b[1]), bounds))
+        return list(_pool(threads).map(fn, items))
 
 
-__all__ = ["available_cpus", "idle_cpus", "merge_threads", "run_chunks", "scratch", "threads_for_load",
+__all__ = ["available_cpus", "idle_cpus", "merge_threads", "run_chunks", "run_items", "scratch", "threads_for_load",
            "torch_single_threaded"]

@@ -5,18 +5,10 @@ tensors streamed in fixed-size flat *chunks* (:func:`chunk_size`), because on a 
 full-size temporary costs a page-faulting allocation and a trip through main memory, while
 chunk-sized temporaries stay in cache; on CUDA one chunk is normally the whole tensor.
 
-Magnitude selection never sorts. The k-th largest ``|delta|`` is found exactly by
-:func:`order_statistics`: a Floyd-Rivest style selection that reads a fixed random sample,
-brackets the wanted rank between two sample quantiles, streams the tensor once to count the
-elements below the bracket and collect the few inside it, and finishes with a selection on
-that small band (numpy's introselect on CPU, ``torch.kthvalue`` on CUDA). It falls back to
-a selection over all values in the (~1e-9 likely) case that the bracket misses. Measured on
-this 2-core CPU for 16M float32 elements (busy machine, best of 3): ``torch.kthvalue``
-350-630 ms, ``torch.topk`` 500-1850 ms, ``torch.sort`` 2.3-3.5 s, ``np.partition`` ~110 ms
-(plus a full-size copy), this streamed selection ~50-80 ms with chunk-sized temporaries
-only. ``torch.quantile`` sorts and refuses inputs above 16M elements. On CPU the streamed
-comparisons run in numpy: torch's CPU kernels that produce bool tensors (``<``,
-``count_nonzero`` of a comparison, boolean indexing) measured 3-20x slower here.
+Magnitude selection never sorts: the k-th largest ``|delta|`` is found exactly by a streamed
+Floyd-Rivest style selection (:mod:`.order_stats`; :func:`order_statistics` here is its
+one-stream form, with this module's chunking). ``torch.quantile`` sorts and refuses inputs
+above 16M elements; ``torch.kthvalue`` and ``torch.topk`` measured 5-25x slower here.
 
 Ties at the threshold are resolved so that *exactly* ``k`` elements are kept (as mergekit's
 argsort does): every element strictly above the threshold, then elements equal to it in flat
@@ -34,12 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .parallel import run_chunks
+from . import order_stats
+from .order_stats import OrderStat, Stream
 from .random_drop import (  # noqa: F401  (DARE / DELLA drops, re-exported for old imports)
     UniformField,
     della_keep_probabilities,
@@ -52,18 +43,6 @@ from .random_drop import (  # noqa: F401  (DARE / DELLA drops, re-exported for o
 # L2/L3 cache. CUDA: large enough that one tensor is one chunk (kernel launches dominate).
 CPU_CHUNK = 1 << 17
 CUDA_CHUNK = 1 << 28
-
-# Below this many elements, selection just calls kthvalue on all values.
-DIRECT_SELECT_MAX = 1 << 16
-# Sample size bounds for Floyd-Rivest selection and the bracket half-width in sample ranks
-# (in units of sqrt(m); the sample rank's standard deviation is at most sqrt(m)/2, so 3
-# sqrt(m) is 6 standard deviations: a miss, which only costs time, has probability ~1e-9).
-SAMPLE_MAX = 1 << 14
-SAMPLE_MIN = 1 << 11
-BRACKET = 3.0
-# Fixed seed of the sample positions: results never depend on it (selection is exact).
-_SAMPLE_SEED = 0x5EED
-
 
 def chunk_size(device: torch.device | str | None) -> int:
     """Elements per chunk on ``device``. On CPU a fixed ``CPU_CHUNK``: chunks are the unit
@@ -85,23 +64,22 @@ def chunk_bounds(n: int, size: int, align: int = 1) -> Iterator[tuple[int, int]]
         yield start, min(n, start + step)
 
 
+def balanced_bounds(n: int, size: int, parts: int = 4, quantum: int = 4096
+                    ) -> Iterator[tuple[int, int]]:
+    """Chunks of at most about ``size`` elements whose count is a multiple of ``parts``, each
+    a multiple of ``quantum`` elements long (the last may be shorter): 1, 2 or 4 threads
+    pulling them get equal shares. A tensor of 11 chunks ran 6 + 5 on 2 threads, one of a
+    single chunk on one thread; as 12 and 4 chunks both threads finish together."""
+    count = -(-n // max(1, size))
+    count = -(-count // parts) * parts
+    step = -(-n // count)
+    step = max(quantum, -(-step // quantum) * quantum)
+    return chunk_bounds(n, step)
+
+
 # --------------------------------------------------------------------------------------
-# Exact order statistics without sorting
+# Exact order statistics (the engine is :mod:`.order_stats`)
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OrderStat:
-    """The value of ascending rank ``rank`` (1-based) among ``n`` values, plus how many
-    values are strictly below it and how many are equal to it (for exact tie handling)."""
-
-    rank: int
-    value: float
-    n_less: int
-    n_equal: int
-    # how many values equal to it each chunk of the stream holds, when the selection saw
-    # it for free (the per-chunk tie budgets of a top-k cut need exactly this); else None
-    chunk_equal: tuple[int, ...] | None = None
-
-
 def order_statistics(
     n: int,
     ranks: list[int],
@@ -111,139 +89,13 @@ def order_statistics(
     bounds: list[tuple[int, int]] | None = None,
     band_fn: Callable[[int, int, float, float], tuple] | None = None,
 ) -> list[OrderStat]:
-    """Exact k-th smallest values of a stream, for each 1-based rank in ``ranks``.
-
-    ``values(s, e)`` returns the values at flat positions ``[s, e)`` as a flat float tensor
-    (called once per chunk of ``bounds``, default :func:`chunk_bounds` of
-    :func:`chunk_size`; twice only on the rare fallback); ``gather(idx)`` returns the
-    values at flat positions ``idx`` (a long tensor on ``device``). Cost: one streaming pass
-    of cheap comparisons (chunks in parallel, :func:`.parallel.run_chunks`) plus a selection
-    on a band of about ``6 n / sqrt(m)`` values, instead of a selection or sort over all
-    ``n``.
-
-    ``band_fn(s, e, lo, hi)``, when given (CPU only), does one chunk's counting pass in one
-    call (a compiled kernel): it returns the chunk's values, how many are ``< lo`` and
-    ``== lo``, and the uint8 0/1 mask of ``lo < value <= hi`` (:func:`.fused.band_kernel`). The counts and
-    values are the same either way.
-    """
-    for r in ranks:
-        assert 1 <= r <= n, (r, n)
-    if not ranks:
-        return []
+    """Exact k-th smallest values of one stream, for each 1-based rank in ``ranks``
+    (:class:`.order_stats.Stream` documents the arguments; ``bounds`` defaults to
+    :func:`chunk_bounds` of :func:`chunk_size`)."""
     if bounds is None:
         bounds = list(chunk_bounds(n, chunk_size(device)))
-
-    def everything() -> torch.Tensor:
-        # values() may hand out a reused buffer: copy each chunk
-        return torch.cat([values(s, e).reshape(-1).clone() for s, e in bounds])
-
-    if n <= DIRECT_SELECT_MAX:
-        return _direct(everything(), ranks)
-
-    m = min(SAMPLE_MAX, max(SAMPLE_MIN, n >> 6))
-    gen = torch.Generator().manual_seed(_SAMPLE_SEED ^ n)
-    # sorted positions: the gather then walks memory forward instead of jumping around
-    idx = torch.sort(torch.randint(n, (m,), generator=gen)).values
-    sample = gather(idx.to(device if device is not None else "cpu"))
-    if sample.device.type == "cpu":
-        sample = torch.from_numpy(np.sort(sample.numpy()))
-    else:
-        sample = torch.sort(sample).values
-    margin = BRACKET * math.sqrt(m)
-    brackets: list[tuple[float, float]] = []
-    for r in ranks:
-        center = (r - 0.5) / n * m
-        lo_r = math.floor(center - margin)
-        hi_r = math.ceil(center + margin)
-        lo = sample[lo_r - 1].item() if lo_r >= 1 else -math.inf
-        hi = sample[hi_r - 1].item() if hi_r <= m else math.inf
-        brackets.append((lo, hi))
-    del sample
-
-    def count(s: int, e: int) -> list[tuple[int, int, object]]:
-        if band_fn is not None:
-            res = []
-            for lo, hi in brackets:
-                a, below, at_lo, inside = band_fn(s, e, lo, hi)
-                vals = a.numpy()[inside.numpy().view(bool)] if hi > lo else None
-                res.append((int(below), int(at_lo), vals))
-            return res
-        a = values(s, e)
-        # CPU: numpy's comparisons, counts and boolean extraction are vectorized and
-        # several times faster than torch's bool kernels on CPU (measured here)
-        x = a.numpy() if a.device.type == "cpu" else a
-        nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
-        res = []
-        for lo, hi in brackets:
-            below = at_lo = 0
-            band = None
-            if lo != -math.inf:
-                below = int(nz(x < lo))
-                at_lo = int(nz(x == lo))
-            if hi > lo:
-                inside = (x > lo) & (x <= hi) if lo != -math.inf else x <= hi
-                band = x[inside]
-            res.append((below, at_lo, band))
-        return res
-
-    per_chunk = run_chunks(count, bounds, device)
-    out: list[OrderStat | None] = []
-    fallback: list[int] = []
-    for j, r in enumerate(ranks):
-        below = sum(c[j][0] for c in per_chunk)
-        at_lo = sum(c[j][1] for c in per_chunk)
-        band = _concat([c[j][2] for c in per_chunk if c[j][2] is not None], device)
-        local = r - below
-        if 1 <= local <= at_lo:
-            out.append(OrderStat(r, brackets[j][0], below, at_lo,
-                                 tuple(int(c[j][1]) for c in per_chunk)))
-        elif at_lo < local <= at_lo + band.numel():
-            v = _kth(band, local - at_lo)
-            n_less = below + at_lo + int(torch.count_nonzero(band < v))
-            n_eq = int(torch.count_nonzero(band == v))
-            nz = np.count_nonzero if band.device.type == "cpu" else torch.count_nonzero
-            per = tuple(0 if c[j][2] is None else int(nz(c[j][2] == v)) for c in per_chunk)
-            out.append(OrderStat(r, v, n_less, n_eq, per))
-        else:  # the bracket missed the rank: exact fallback on all values
-            out.append(None)
-            fallback.append(j)
-        del band
-    del per_chunk
-    if fallback:
-        exact = _direct(everything(), [ranks[j] for j in fallback])
-        for j, stat in zip(fallback, exact):
-            out[j] = stat
-    return out  # type: ignore[return-value]
-
-
-def _kth(values: torch.Tensor, r: int) -> float:
-    """r-th smallest (1-based): numpy's introselect on CPU (about 10x faster than
-    torch.kthvalue there), torch.kthvalue elsewhere."""
-    if values.device.type == "cpu":
-        arr = values.numpy().copy()
-        arr.partition(r - 1)
-        return float(arr[r - 1])
-    return torch.kthvalue(values, r).values.item()
-
-
-def _concat(parts: list, device: torch.device | str | None) -> torch.Tensor:
-    if not parts:
-        return torch.empty(0, device=device)
-    if isinstance(parts[0], np.ndarray):
-        return torch.from_numpy(np.concatenate(parts))
-    return torch.cat(parts)
-
-
-def _direct(values: torch.Tensor, ranks: list[int]) -> list[OrderStat]:
-    res = []
-    for r in ranks:
-        v = _kth(values, r)
-        res.append(
-            OrderStat(
-                r, v, int(torch.count_nonzero(values < v)), int(torch.count_nonzero(values == v))
-            )
-        )
-    return res
+    return order_stats.order_statistics(Stream(n, list(ranks), values, gather, bounds, band_fn),
+                                        device)
 
 
 def kth_smallest(x: torch.Tensor, r: int) -> float:

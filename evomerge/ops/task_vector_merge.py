@@ -27,15 +27,16 @@ from .fused import (
     run_kernel,
     scalars,
 )
-from .parallel import run_chunks, scratch, torch_single_threaded
+from .order_stats import OrderStat, Stream, order_statistics_many
+from .parallel import run_chunks, scratch
 from .random_drop import UniformField, della_row_probabilities
 from .registry import OpContext, check_shapes, step_seed
 from .sparsify import (
     RankCut,
+    balanced_bounds,
     chunk_bounds,
     chunk_size,
     magnitude_k,
-    order_statistics,
     outlier_ks,
 )
 
@@ -89,45 +90,65 @@ def _delta(t: torch.Tensor, b: torch.Tensor, s: int, e: int, out: torch.Tensor) 
     return out.sub_(b[s:e])
 
 
-def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
-                  bounds: list[tuple[int, int]], stats_fn=None, mode: str = "eager") -> None:
-    """Exact thresholds for magnitude / outlier pruning of one input (one streaming pass,
-    or a lookup in precomputed statistics: ``stats_fn(ranks)`` when given)."""
-    n = b.numel()
+def _cut_ranks(inp: _Input, n: int, method: str) -> tuple[list[int], list[int | None]] | None:
+    """How many elements each cut of magnitude / outlier pruning keeps, and the ascending
+    rank of the order statistic each needs; None when the input keeps nothing."""
     if method == "magnitude":
         ks = [magnitude_k(n, inp.density)]
         if ks[0] == 0:
-            inp.dead = True
-            return
+            return None
     else:  # outliers
         n_top, n_keep = outlier_ks(n, inp.density, inp.gamma)
         if n_keep == 0:
-            inp.dead = True
-            return
+            return None
         ks = [n_keep + n_top, n_top]
-    ranks = [RankCut.rank_for(n, k) for k in ks]
-    cdt = compute_dtype(inp.flat, b)
-    t = inp.flat
-    band_fn = equal_fn = None
-    if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
-        def band_fn(s: int, e: int, lo: float, hi: float):
-            return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
+    return ks, [RankCut.rank_for(n, k) for k in ks]
 
-        def equal_fn(s: int, e: int, v: float) -> int:
-            return run_equal_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
-    wanted = sorted({r for r in ranks if r is not None})
-    if stats_fn is not None:
-        stats = stats_fn(wanted)
-    else:
-        stats = order_statistics(
-            n,
-            wanted,
-            lambda s, e: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
-            lambda idx: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
-            b.device,
-            bounds,
-            band_fn=band_fn,
-        )
+
+def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
+                  bounds: list[tuple[int, int]], stats_fns: dict, mode: str = "eager") -> None:
+    """Exact thresholds for magnitude / outlier pruning of ``inputs``: a lookup in
+    precomputed statistics (``stats_fns[pos](ranks)``, when given) or one streamed
+    selection for all the other inputs together (:func:`.order_stats.order_statistics_many`)."""
+    n = b.numel()
+    pending: list[tuple] = []
+    streams: list[Stream] = []
+    for inp in inputs:
+        got = _cut_ranks(inp, n, method)
+        if got is None:
+            inp.dead = True
+            continue
+        ks, ranks = got
+        cdt = compute_dtype(inp.flat, b)
+        t = inp.flat
+        band_fn = equal_fn = None
+        if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
+            def band_fn(s: int, e: int, lo: float, hi: float, t=t, cdt=cdt):
+                return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
+
+            def equal_fn(s: int, e: int, v: float, t=t, cdt=cdt) -> int:
+                return run_equal_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
+        wanted = sorted({r for r in ranks if r is not None})
+        stats_fn = stats_fns.get(inp.pos)
+        if stats_fn is not None:
+            _set_cuts(inp, b, ks, ranks, stats_fn(wanted), bounds, equal_fn)
+            continue
+        pending.append((inp, ks, ranks, equal_fn))
+        streams.append(Stream(
+            n, wanted,
+            lambda s, e, t=t, cdt=cdt: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
+            lambda idx, t=t, cdt=cdt: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
+            bounds, band_fn))
+    for (inp, ks, ranks, equal_fn), stats in zip(pending,
+                                                 order_statistics_many(streams, b.device)):
+        _set_cuts(inp, b, ks, ranks, stats, bounds, equal_fn)
+
+
+def _set_cuts(inp: _Input, b: torch.Tensor, ks: list[int], ranks: list[int | None],
+              stats: list[OrderStat], bounds: list[tuple[int, int]], equal_fn) -> None:
+    """The input's cuts from its order statistics, with per-chunk tie budgets where a cut
+    keeps only some of the elements equal to its threshold."""
+    n = b.numel()
     by_rank = {s.rank: s for s in stats}
     inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
     if any(c.sequential for c in inp.cuts):
@@ -137,7 +158,7 @@ def _prepare_cuts(inp: _Input, b: torch.Tensor, method: str,
             counts = [list(by_rank[r].chunk_equal) if c.sequential else [0] * len(bounds)
                       for c, r in zip(inp.cuts, ranks)]
         else:
-            counts = _tie_counts(inp.cuts, t, b, bounds, equal_fn)
+            counts = _tie_counts(inp.cuts, inp.flat, b, bounds, equal_fn)
         per_cut = [c.for_chunks(cs) for c, cs in zip(inp.cuts, counts)]
         inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
 
@@ -247,10 +268,15 @@ def generalized_task_arithmetic(
     if method == "della":
         align = n if base.dim() < 2 else n // base.shape[0]
         align = max(align, 1)
-    bounds = list(chunk_bounds(n, size, align))
+    if mode == "compiled" and device.type == "cpu" and align == 1:
+        bounds = list(balanced_bounds(n, size))
+    else:
+        bounds = list(chunk_bounds(n, size, align))
     if method in ("random", "della"):
         for inp, seed in zip(inputs, _input_seeds(len(inputs), ctx, device)):
             inp.draws = UniformField(seed, device)
+    to_cut: list[_Input] = []
+    stats_fns: dict = {}
     for inp in inputs:
         if inp.weight == 0.0:
             inp.dead = True
@@ -260,15 +286,17 @@ def generalized_task_arithmetic(
         if inp.density <= 0.0:
             inp.dead = True
         elif method in ("magnitude", "outliers"):
-            stats_fn = None
+            to_cut.append(inp)
             if ctx.stats is not None and ctx.input_keys is not None:
-                stats_fn = ctx.stats.magnitude_stats_fn(ctx.input_keys[inp.pos],
-                                                        ctx.base_key, inp.flat, b)
-            _prepare_cuts(inp, b, method, bounds, stats_fn, mode)
-            if rescale and not inp.dead:
-                inp.scale = _l1_rescale(inp, b, method, bounds)
+                stats_fns[inp.pos] = ctx.stats.magnitude_stats_fn(ctx.input_keys[inp.pos],
+                                                                  ctx.base_key, inp.flat, b)
         elif method == "random" and rescale:
             inp.scale = 1.0 / inp.density
+    if to_cut:
+        _prepare_cuts(to_cut, b, method, bounds, stats_fns, mode)
+        for inp in to_cut:
+            if rescale and not inp.dead:
+                inp.scale = _l1_rescale(inp, b, method, bounds)
     live = [inp for inp in inputs if not inp.dead]
     pruning = {inp.pos: method is not None and inp.density < 1.0 for inp in live}
 
@@ -311,11 +339,9 @@ def generalized_task_arithmetic(
                          prune, consensus, normalize, out_dtype)
         o[s:e].copy_(res)
 
-    # the first chunk in this thread (a new graph compiles once, not in every pool thread)
-    with torch_single_threaded():
-        chunk(*bounds[0])
-    if len(bounds) > 1:
-        run_chunks(chunk, bounds[1:], device)
+    # a graph not compiled yet compiles once, under .fused's lock, in whichever thread
+    # gets the first chunk (the others wait for it)
+    run_chunks(chunk, bounds, device)
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 
 from evomerge.errors import PlanError
 from evomerge.ops import OpContext, get_op, list_ops
+from evomerge.ops import order_stats as ost
 from evomerge.ops import sparsify as sp
 from evomerge.ops.spherical import mergekit_slerp_coefficients, slerp_coefficients
 from evomerge.ops.task_vectors import lines_scale
@@ -55,9 +56,9 @@ def distinct(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 def small_chunks(monkeypatch):
     """Force streaming with many chunks and sampled selection on small tensors."""
     monkeypatch.setattr(sp, "CPU_CHUNK", 1000)
-    monkeypatch.setattr(sp, "DIRECT_SELECT_MAX", 256)
-    monkeypatch.setattr(sp, "SAMPLE_MIN", 512)
-    monkeypatch.setattr(sp, "SAMPLE_MAX", 512)
+    monkeypatch.setattr(ost, "DIRECT_SELECT_MAX", 256)
+    monkeypatch.setattr(ost, "SAMPLE_MIN", 512)
+    monkeypatch.setattr(ost, "SAMPLE_MAX", 512)
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,10 +254,10 @@ def test_topk_mask_keeps_exactly_k_with_ties(small_chunks):
 
 
 def test_selection_fallback_when_the_sample_bracket_misses(small_chunks, monkeypatch):
-    monkeypatch.setattr(sp, "BRACKET", 0.0)  # a zero-width bracket almost always misses
+    monkeypatch.setattr(ost, "BRACKET", 0.0)  # a zero-width bracket almost always misses
     calls = []
-    direct = sp._direct
-    monkeypatch.setattr(sp, "_direct", lambda v, r: calls.append(r) or direct(v, r))
+    direct = ost._direct
+    monkeypatch.setattr(ost, "_direct", lambda v, r: calls.append(r) or direct(v, r))
     y = torch.randn(4000, generator=torch.Generator().manual_seed(2))
     for r in (5, 1234, 3999):
         assert sp.kth_smallest(y, r) == torch.kthvalue(y, r).values.item()
@@ -665,3 +666,47 @@ def test_plan_validate_reports_operator_errors():
 def test_shape_mismatch_is_a_plan_error():
     with pytest.raises(PlanError, match="input shapes differ"):
         run("task_arithmetic", [torch.zeros(3), torch.zeros(4)], torch.zeros(3))
+
+
+def test_order_statistics_many_matches_each_stream_alone(small_chunks):
+    """Several streams selected together (one pool pass) give each stream's exact stats,
+    per-chunk tie counts included, whatever the thread count."""
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(9000, generator=g), torch.randint(0, 9, (4000,), generator=g).float(),
+            torch.randn(200, generator=g)]  # the last is below DIRECT_SELECT_MAX: direct
+    streams = []
+    for x in data:
+        n = x.numel()
+        bounds = list(sp.chunk_bounds(n, 1000))
+        streams.append(ost.Stream(n, [1, n // 3, n - 7, n], lambda s, e, x=x: x[s:e],
+                                  lambda i, x=x: x[i], bounds))
+    for threads in ("1", "2"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EVOMERGE_MERGE_THREADS", threads)
+            got = ost.order_statistics_many(streams)
+        for x, st, stats in zip(data, streams, got):
+            for r, stat in zip(st.ranks, stats):
+                v = torch.kthvalue(x, r).values.item()
+                assert (stat.rank, stat.value) == (r, v)
+                assert stat.n_less == int((x < v).sum()) and stat.n_equal == int((x == v).sum())
+                if stat.chunk_equal is not None:
+                    assert list(stat.chunk_equal) == [int((x[s:e] == v).sum())
+                                                      for s, e in st.bounds]
+
+
+def test_sample_positions_are_sorted_and_one_per_stratum():
+    for n, m in ((10**6, 1 << 14), (70001, 2048), (5000, 5000)):
+        pos = ost.sample_positions(n, m)
+        assert pos.numel() == m and int(pos.min()) >= 0 and int(pos.max()) < n
+        assert bool((pos[1:] > pos[:-1]).all())  # strictly increasing: one per stratum
+        assert torch.equal(pos, ost.sample_positions(n, m))  # fixed seed
+
+
+def test_balanced_bounds_cover_in_a_multiple_of_four_chunks():
+    for n in (1 << 20, 4 << 20, 2048 * 5632, 32000 * 2048, (1 << 20) + 3):
+        b = list(sp.balanced_bounds(n, 1 << 20))
+        assert b[0][0] == 0 and b[-1][1] == n
+        assert all(e0 == s1 for (_, e0), (s1, _) in zip(b, b[1:]))
+        assert all((e - s) % 4096 == 0 for s, e in b[:-1])
+        assert max(e - s for s, e in b) <= (1 << 20) + 4096
+        assert len(b) % 4 == 0
