@@ -443,7 +443,9 @@ def _numel(plan, step) -> int:
     return n
 
 
-def timings(plans, device, threads_list, dirs, root, mk_bin, no_disk, label) -> dict:
+def timings(plans, device, threads_list, dirs, root, mk_bin, no_disk, label,
+            repeat: int = 2) -> dict:
+    """Every figure of one machine state; merge times are the best of ``repeat`` passes."""
     res: dict = {"load": loadavg()}
     print(f"--- {label}: {res['load']}")
     copy_pass(plans["ties"], device)  # warm the page cache (and CUDA context)
@@ -455,10 +457,13 @@ def timings(plans, device, threads_list, dirs, root, mk_bin, no_disk, label) -> 
     for th in threads_list if device.type == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(th)
         for m, plan in plans.items():
-            s, b = merge_pass(plan, device)
+            runs = [merge_pass(plan, device) for _ in range(max(1, repeat))]
+            s, b = min(runs)
             res[f"{m}@{th}"] = s
+            res[f"{m}@{th}_runs"] = [r[0] for r in runs]
             print(f"{m + f' ({th} thr)':24s} {s:8.2f} s  {b / 1e9:7.2f} GB read  "
-                  f"{b / s / 1e9:7.2f} GB/s  {100 * b / s / 1e9 / copy_bw:5.1f}% of copy")
+                  f"{b / s / 1e9:7.2f} GB/s  {100 * b / s / 1e9 / copy_bw:5.1f}% of copy"
+                  f"  (runs: {' '.join(f'{r[0]:.2f}' for r in runs)})")
         print(f"  TIES / task arithmetic ({th} thr): "
               f"{res[f'ties@{th}'] / res[f'task_arithmetic@{th}']:.2f}x (target <= 3x)")
     if device.type == "cpu" and len(threads_list) > 1:
@@ -501,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busy", type=int, default=0,
                     help="also time with N CPU-bound neighbour processes running")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="merge passes per method and thread count; the best is reported")
+    ap.add_argument("--busy-only", action="store_true",
+                    help="with --busy: skip the quiet timings")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurements")
     ap.add_argument("--candidates", type=int, default=0,
                     help="time K search candidates (per-candidate cost with reused statistics)")
@@ -545,12 +554,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("mergekit: skipped (mergekit-yaml not found; set EVOMERGE_MERGEKIT_BIN)")
         if device.type == "cuda" and args.resident:
             figures["resident"] = resident_report(plans, device)
-        figures["quiet"] = timings(plans, device, threads_list, dirs, root, mk_bin, args.no_disk,
-                                   "quiet (no neighbours started by this benchmark)")
+        if not (args.busy and args.busy_only):
+            figures["quiet"] = timings(plans, device, threads_list, dirs, root, mk_bin,
+                                       args.no_disk, "quiet (no neighbours started by this benchmark)",
+                                       args.repeat)
         if args.busy:
             with neighbours(args.busy):
                 figures["busy"] = timings(plans, device, threads_list, dirs, root, mk_bin,
-                                          args.no_disk, f"busy: {args.busy} CPU-bound neighbours")
+                                          args.no_disk, f"busy: {args.busy} CPU-bound neighbours",
+                                          args.repeat)
+        if args.busy and "quiet" in figures:
             q, b = figures["quiet"], figures["busy"]
             for th in threads_list if device.type == "cpu" else []:
                 print(f"TIES busy / quiet ({th} thr): {b[f'ties@{th}'] / q[f'ties@{th}']:.2f}x slower")

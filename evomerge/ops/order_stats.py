@@ -36,8 +36,10 @@ from .parallel import run_items
 DIRECT_SELECT_MAX = 1 << 16
 # Sample size bounds and the bracket half-width in sample ranks (in units of sqrt(m); the
 # sample rank's standard deviation is at most sqrt(m)/2, so 3 sqrt(m) is 6 standard
-# deviations: a miss, which only costs time, has probability ~1e-9).
-SAMPLE_MAX = 1 << 14
+# deviations: a miss, which only costs time, has probability ~1e-9). A larger sample
+# narrows the band (~6 n / sqrt(m) values to extract and select): on TIES over real-shaped
+# tensors 2**16 measured 6-8% faster than 2**14 here, 2**18 no faster at 2 threads.
+SAMPLE_MAX = 1 << 16
 SAMPLE_MIN = 1 << 11
 BRACKET = 3.0
 # Fixed seed of the sample positions: results never depend on it (selection is exact).
