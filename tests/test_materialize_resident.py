@@ -17,8 +17,13 @@ from tiny_models import make_tiny_expert, make_tiny_llama, make_tiny_lora
 from evomerge.checkpoint import CheckpointReader, clear_reader_cache
 from evomerge.materialize import Materializer
 from evomerge.ops import OpContext
-from evomerge.ops.resident import ResidentDeltas, TAJob, run_task_arithmetic, task_arithmetic_alpha
-from evomerge.ops.sparsify import CPU_CHUNK
+from evomerge.ops.resident import (
+    RESIDENT_CHUNK,
+    ResidentDeltas,
+    TAJob,
+    run_task_arithmetic,
+    task_arithmetic_alpha,
+)
 from evomerge.ops.task_vector_merge import generalized_task_arithmetic
 from evomerge.plan import MergePlan, TensorRef, TensorStep
 
@@ -195,7 +200,7 @@ def test_changed_source_invalidates_the_cache(tmp_path, zoo):
 def test_fused_task_arithmetic_matches_the_direct_kernel(normalize, lam):
     """Tensors over several chunks with a ragged tail, signed zeros in the base, a zero
     task vector, a zero and a negative weight: every bit equal to the GTA kernel's."""
-    n = 2 * CPU_CHUNK + 13
+    n = 2 * RESIDENT_CHUNK + 13
     g = torch.Generator().manual_seed(0)
     base = torch.randn(n, generator=g)
     base[:50] = -0.0
