@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,11 +184,7 @@ def _count(st: Stream, c: int, brackets: list[tuple[float, float]]) -> list[tupl
             vals = a.numpy()[inside.numpy().view(bool)] if hi > lo else None
             res.append((int(below), int(at_lo), vals))
         return res
-    a = st.values(s, e)
-    # CPU: numpy's comparisons, counts and boolean extraction are vectorized and several
-    # times faster than torch's bool kernels on CPU (measured here)
-    x = a.numpy() if a.device.type == "cpu" else a
-    nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
+    x, nz = counting(st.values(s, e))
     res = []
     for lo, hi in brackets:
         below = at_lo = 0
@@ -200,6 +197,15 @@ def _count(st: Stream, c: int, brackets: list[tuple[float, float]]) -> list[tupl
             band = x[inside]
         res.append((below, at_lo, band))
     return res
+
+
+def counting(a: torch.Tensor) -> tuple[Any, Callable]:
+    """``a`` as the array to compare and the matching ``count_nonzero``: numpy's on CPU
+    (its comparisons, counts and boolean extraction measured several times faster than
+    torch's bool kernels there), torch's elsewhere."""
+    if a.device.type == "cpu":
+        return a.numpy(), np.count_nonzero
+    return a, torch.count_nonzero
 
 
 def _finish(st: Stream, j: int, bracket: tuple[float, float], per_chunk: list,
@@ -215,17 +221,10 @@ def _finish(st: Stream, j: int, bracket: tuple[float, float], per_chunk: list,
     if not at_lo < local <= at_lo + band.numel():
         return None
     v = _kth(band, local - at_lo, inplace=True)  # the band is this job's own copy
-    if band.device.type == "cpu":
-        x = band.numpy()
-        n_less = below + at_lo + int(np.count_nonzero(x < v))
-        n_eq = int(np.count_nonzero(x == v))
-        per = tuple(0 if c[j][2] is None else int(np.count_nonzero(c[j][2] == v))
-                    for c in per_chunk)
-    else:
-        n_less = below + at_lo + int(torch.count_nonzero(band < v))
-        n_eq = int(torch.count_nonzero(band == v))
-        per = tuple(0 if c[j][2] is None else int(torch.count_nonzero(c[j][2] == v))
-                    for c in per_chunk)
+    x, nz = counting(band)
+    n_less = below + at_lo + int(nz(x < v))
+    n_eq = int(nz(x == v))
+    per = tuple(0 if c[j][2] is None else int(nz(c[j][2] == v)) for c in per_chunk)
     return OrderStat(r, v, n_less, n_eq, per)
 
 
@@ -259,5 +258,5 @@ def _direct(values: torch.Tensor, ranks: list[int]) -> list[OrderStat]:
     return res
 
 
-__all__ = ["OrderStat", "Stream", "order_statistics", "order_statistics_many",
+__all__ = ["OrderStat", "Stream", "counting", "order_statistics", "order_statistics_many",
            "sample_positions"]

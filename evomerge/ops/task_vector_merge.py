@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import PlanError
@@ -27,7 +26,7 @@ from .fused import (
     run_kernel,
     scalars,
 )
-from .order_stats import OrderStat, Stream, order_statistics_many
+from .order_stats import OrderStat, Stream, counting, order_statistics_many
 from .parallel import run_chunks, scratch
 from .random_drop import UniformField, della_row_probabilities
 from .registry import OpContext, check_shapes, step_seed
@@ -173,8 +172,7 @@ def _tie_counts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
         if equal_fn is not None:
             return [0 if v is None else equal_fn(s, e, v) for v in thrs]
         a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device)).abs_()
-        x = a.numpy() if a.device.type == "cpu" else a  # numpy's compare: faster on CPU
-        nz = np.count_nonzero if a.device.type == "cpu" else torch.count_nonzero
+        x, nz = counting(a)
         return [0 if v is None else int(nz(x == v)) for v in thrs]
 
     rows = run_chunks(count, bounds, b.device)
@@ -248,7 +246,6 @@ def generalized_task_arithmetic(
         return base.to(out_dtype, copy=True)
     device = base.device
     mode = fused_mode(device, n) if cdt == torch.float32 else "eager"
-    size = COMPILED_CPU_CHUNK if mode == "compiled" and device.type == "cpu" else chunk_size(device)
     b = base.reshape(-1)
     weights = [float(w) for w in params["weight"]]
     densities = params.get("density") or [1.0] * len(tensors)
@@ -269,9 +266,9 @@ def generalized_task_arithmetic(
         align = n if base.dim() < 2 else n // base.shape[0]
         align = max(align, 1)
     if mode == "compiled" and device.type == "cpu" and align == 1:
-        bounds = list(balanced_bounds(n, size))
+        bounds = list(balanced_bounds(n, COMPILED_CPU_CHUNK))
     else:
-        bounds = list(chunk_bounds(n, size, align))
+        bounds = list(chunk_bounds(n, chunk_size(device), align))
     if method in ("random", "della"):
         for inp, seed in zip(inputs, _input_seeds(len(inputs), ctx, device)):
             inp.draws = UniformField(seed, device)
