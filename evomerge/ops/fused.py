@@ -213,15 +213,20 @@ def band_kernel(t: torch.Tensor, b: torch.Tensor,
     return a, below, at_lo, inside.to(torch.uint8)
 
 
-def equal_count_kernel(t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """How many ``|t - b| == v`` in the chunk (a float32 sum of 0/1: exact below 2**24)."""
+def count_kernel(t: torch.Tensor, b: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many ``|t - b| < v`` and ``== v`` in the chunk (float32 sums of 0/1: exact below
+    2**24 elements). It writes nothing per element: the pass of exact selection that checks
+    the sample's estimate of a rank (:mod:`.order_stats`), and the per-chunk tie counts."""
     a = torch.abs(torch.sub(t.to(v.dtype), b.to(v.dtype)))
-    return torch.sum(torch.where(torch.eq(a, v), 1.0, 0.0))
+    return (torch.sum(torch.where(torch.lt(a, v), 1.0, 0.0)),
+            torch.sum(torch.where(torch.eq(a, v), 1.0, 0.0)))
 
 
-def run_equal_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> int:
-    """:func:`equal_count_kernel` (compiled in mode "compiled"), as an int."""
-    return int(_run(mode, "equal", equal_count_kernel, t, b, v))
+def run_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """:func:`count_kernel` (compiled in mode "compiled"), as ints."""
+    less, equal = _run(mode, "count", count_kernel, t, b, v)
+    return int(less), int(equal)
 
 
 def run_band(mode: str, t: torch.Tensor, b: torch.Tensor, lohi: torch.Tensor):
@@ -301,6 +306,7 @@ def compile_failed(device_type: str) -> bool:
     return bool(_FAILED.get(device_type))
 
 
-__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "PER_INPUT", "band_kernel", "compile_failed", "fma",
+__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "PER_INPUT", "band_kernel", "compile_failed",
+           "count_kernel", "fma",
            "fused_mode", "gta_combine", "gta_deltas", "gta_kernel",
-           "run_band", "run_equal_count", "run_kernel", "scalars"]
+           "run_band", "run_count", "run_kernel", "scalars"]

@@ -22,7 +22,7 @@ from .fused import (
     fused_mode,
     gta_combine,
     run_band,
-    run_equal_count,
+    run_count,
     run_kernel,
     scalars,
 )
@@ -120,13 +120,16 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
         ks, ranks = got
         cdt = compute_dtype(inp.flat, b)
         t = inp.flat
-        band_fn = equal_fn = None
+        band_fn = count_fn = equal_fn = None
         if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
             def band_fn(s: int, e: int, lo: float, hi: float, t=t, cdt=cdt):
                 return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
 
-            def equal_fn(s: int, e: int, v: float, t=t, cdt=cdt) -> int:
-                return run_equal_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
+            def count_fn(s: int, e: int, v: float, t=t, cdt=cdt) -> tuple[int, int]:
+                return run_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
+
+            def equal_fn(s: int, e: int, v: float, count_fn=count_fn) -> int:
+                return count_fn(s, e, v)[1]
         wanted = sorted({r for r in ranks if r is not None})
         stats_fn = stats_fns.get(inp.pos)
         if stats_fn is not None:
@@ -137,7 +140,7 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
             n, wanted,
             lambda s, e, t=t, cdt=cdt: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
             lambda idx, t=t, cdt=cdt: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
-            bounds, band_fn))
+            bounds, band_fn, count_fn))
     for (inp, ks, ranks, equal_fn), stats in zip(pending,
                                                  order_statistics_many(streams, b.device)):
         _set_cuts(inp, b, ks, ranks, stats, bounds, equal_fn)
