@@ -710,3 +710,24 @@ def test_balanced_bounds_cover_in_a_multiple_of_four_chunks():
         assert all((e - s) % 4096 == 0 for s, e in b[:-1])
         assert max(e - s for s, e in b) <= (1 << 20) + 4096
         assert len(b) % 4 == 0
+
+
+def test_order_statistics_discrete_values_settle_on_the_sample_estimate():
+    """Few distinct values (as differences of bf16 numbers): the sample repeats its
+    estimate, one count-only pass confirms it, and the stats are exact, ties per chunk
+    included; continuous values never take that path and stay exact too."""
+    g = torch.Generator().manual_seed(11)
+    n = 300_000
+    discrete = torch.randint(0, 40, (n,), generator=g).float() / 8
+    continuous = torch.randn(n, generator=g)
+    for x, expect_guess in ((discrete, True), (continuous, False)):
+        bounds = list(sp.chunk_bounds(n, 70_000))
+        st = ost.Stream(n, [1, n // 3, n // 2, n - 7], lambda s, e, x=x: x[s:e],
+                        lambda i, x=x: x[i], bounds)
+        brs = ost._brackets(st, None)
+        assert all((br.guess is not None) == expect_guess for br in brs)
+        for r, stat in zip(st.ranks, ost.order_statistics(st)):
+            v = torch.kthvalue(x, r).values.item()
+            assert (stat.rank, stat.value) == (r, v)
+            assert stat.n_less == int((x < v).sum()) and stat.n_equal == int((x == v).sum())
+            assert list(stat.chunk_equal) == [int((x[s:e] == v).sum()) for s, e in bounds]
