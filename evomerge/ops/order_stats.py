@@ -126,13 +126,8 @@ def order_statistics_many(streams: list[Stream],
     _check_guesses(streams, brackets, out, device)
     todo = {i: [j for j, stat in enumerate(out[i]) if stat is None] for i in sampled}
     todo = {i: js for i, js in todo.items() if js}
-    work = [(i, c) for i in todo for c in range(len(streams[i].bounds))]
-    counted = run_items(lambda w: _count(streams[w[0]], w[1],
-                                         [brackets[w[0]][j] for j in todo[w[0]]]), work, device)
-    per_chunk: dict[int, list] = {i: [] for i in todo}
-    for (i, _), res in zip(work, counted):
-        per_chunk[i].append(res)
-    del counted
+    per_chunk = _per_chunk(streams, {i: [brackets[i][j] for j in js] for i, js in todo.items()},
+                           _count, device)
     jobs = [(i, k) for i in todo for k in range(len(todo[i]))]
     found = run_items(lambda job: _finish(streams[job[0]], todo[job[0]][job[1]], job[1],
                                           brackets[job[0]][todo[job[0]][job[1]]],
@@ -161,13 +156,9 @@ def _check_guesses(streams: list[Stream], brackets: dict[int, list[Bracket]],
     guessed = {i: js for i, js in guessed.items() if js}
     if not guessed:
         return
-    work = [(i, c) for i in guessed for c in range(len(streams[i].bounds))]
-    counted = run_items(lambda w: _count_at(streams[w[0]], w[1],
-                                            [brackets[w[0]][j].guess for j in guessed[w[0]]]),
-                        work, device)
-    per_chunk: dict[int, list] = {i: [] for i in guessed}
-    for (i, _), res in zip(work, counted):
-        per_chunk[i].append(res)
+    per_chunk = _per_chunk(streams,
+                           {i: [brackets[i][j].guess for j in js] for i, js in guessed.items()},
+                           _count_at, device)
     for i, js in guessed.items():
         for k, j in enumerate(js):
             r = streams[i].ranks[j]
@@ -175,6 +166,18 @@ def _check_guesses(streams: list[Stream], brackets: dict[int, list[Bracket]],
             equal = tuple(c[k][1] for c in per_chunk[i])
             if less < r <= less + sum(equal):
                 out[i][j] = OrderStat(r, brackets[i][j].guess, less, sum(equal), equal)
+
+
+def _per_chunk(streams: list[Stream], args: dict[int, list], fn: Callable,
+               device) -> dict[int, list]:
+    """``fn(stream, chunk, args[i])`` for every chunk of every stream ``i`` in ``args``, all
+    in one thread pool; the results grouped per stream, in chunk order."""
+    work = [(i, c) for i in args for c in range(len(streams[i].bounds))]
+    results = run_items(lambda w: fn(streams[w[0]], w[1], args[w[0]]), work, device)
+    grouped: dict[int, list] = {i: [] for i in args}
+    for (i, _), res in zip(work, results):
+        grouped[i].append(res)
+    return grouped
 
 
 def sample_positions(n: int, m: int) -> torch.Tensor:

@@ -120,34 +120,31 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
         ks, ranks = got
         cdt = compute_dtype(inp.flat, b)
         t = inp.flat
-        band_fn = count_fn = equal_fn = None
+        band_fn = count_fn = None
         if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
             def band_fn(s: int, e: int, lo: float, hi: float, t=t, cdt=cdt):
                 return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
 
             def count_fn(s: int, e: int, v: float, t=t, cdt=cdt) -> tuple[int, int]:
                 return run_count(mode, t[s:e], b[s:e], torch.tensor(v, dtype=cdt))
-
-            def equal_fn(s: int, e: int, v: float, count_fn=count_fn) -> int:
-                return count_fn(s, e, v)[1]
         wanted = sorted({r for r in ranks if r is not None})
         stats_fn = stats_fns.get(inp.pos)
         if stats_fn is not None:
-            _set_cuts(inp, b, ks, ranks, stats_fn(wanted), bounds, equal_fn)
+            _set_cuts(inp, b, ks, ranks, stats_fn(wanted), bounds, count_fn)
             continue
-        pending.append((inp, ks, ranks, equal_fn))
+        pending.append((inp, ks, ranks, count_fn))
         streams.append(Stream(
             n, wanted,
             lambda s, e, t=t, cdt=cdt: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
             lambda idx, t=t, cdt=cdt: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
             bounds, band_fn, count_fn))
-    for (inp, ks, ranks, equal_fn), stats in zip(pending,
+    for (inp, ks, ranks, count_fn), stats in zip(pending,
                                                  order_statistics_many(streams, b.device)):
-        _set_cuts(inp, b, ks, ranks, stats, bounds, equal_fn)
+        _set_cuts(inp, b, ks, ranks, stats, bounds, count_fn)
 
 
 def _set_cuts(inp: _Input, b: torch.Tensor, ks: list[int], ranks: list[int | None],
-              stats: list[OrderStat], bounds: list[tuple[int, int]], equal_fn) -> None:
+              stats: list[OrderStat], bounds: list[tuple[int, int]], count_fn) -> None:
     """The input's cuts from its order statistics, with per-chunk tie budgets where a cut
     keeps only some of the elements equal to its threshold."""
     n = b.numel()
@@ -160,20 +157,21 @@ def _set_cuts(inp: _Input, b: torch.Tensor, ks: list[int], ranks: list[int | Non
             counts = [list(by_rank[r].chunk_equal) if c.sequential else [0] * len(bounds)
                       for c, r in zip(inp.cuts, ranks)]
         else:
-            counts = _tie_counts(inp.cuts, inp.flat, b, bounds, equal_fn)
+            counts = _tie_counts(inp.cuts, inp.flat, b, bounds, count_fn)
         per_cut = [c.for_chunks(cs) for c, cs in zip(inp.cuts, counts)]
         inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
 
 
 def _tie_counts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
-                bounds: list[tuple[int, int]], equal_fn=None) -> list[list[int]]:
+                bounds: list[tuple[int, int]], count_fn=None) -> list[list[int]]:
     """Per cut, how many ``|t - b|`` equal its threshold in each chunk (0 for cuts that
-    need no tie budget); ``equal_fn(s, e, v)``: a compiled count of one chunk."""
+    need no tie budget); ``count_fn(s, e, v)``: a compiled (below, equal) count of one
+    chunk."""
     thrs = [c.thr if c.sequential else None for c in cuts]
 
     def count(s: int, e: int) -> list[int]:
-        if equal_fn is not None:
-            return [0 if v is None else equal_fn(s, e, v) for v in thrs]
+        if count_fn is not None:
+            return [0 if v is None else count_fn(s, e, v)[1] for v in thrs]
         a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device)).abs_()
         x, nz = counting(a)
         return [0 if v is None else int(nz(x == v)) for v in thrs]
