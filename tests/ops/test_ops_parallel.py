@@ -271,3 +271,29 @@ def test_quantized_stats_keep_exactly_k():
         (st,) = fn([r])
         assert st.value == float(np.partition(a, r - 1)[r - 1])
         assert st.n_less == int((a < st.value).sum()) and st.n_equal == int((a == st.value).sum())
+
+
+def test_idle_cpus_ignores_a_momentary_neighbour_but_not_a_lasting_one(monkeypatch):
+    """One reading of /proc/loadavg is a snapshot: a task runnable for a moment must not cap
+    a merge on a quiet machine, while one that stays runnable (readings over the whole
+    window) must."""
+    from evomerge.ops import parallel
+
+    clock = [1000.0]
+    readings = iter([2, 1, 2, 1, 1, 1])
+    monkeypatch.setattr(parallel, "_idle_now", lambda: next(readings))
+    monkeypatch.setattr(parallel.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(parallel, "_READINGS", parallel.deque())
+    monkeypatch.delenv("EVOMERGE_MERGE_ADAPT", raising=False)
+    step = parallel.IDLE_WINDOW_S / 4
+    seen = []
+    for _ in range(6):
+        seen.append(parallel.idle_cpus())
+        clock[0] += step
+    # every 1 has an idle reading (2) less than a window before it: blips, no cap
+    assert seen == [2] * 6
+    clock[0] += parallel.IDLE_WINDOW_S  # now a whole window holds only busy readings
+    monkeypatch.setattr(parallel, "_idle_now", lambda: 1)
+    assert parallel.idle_cpus() == 1
+    monkeypatch.setenv("EVOMERGE_MERGE_ADAPT", "0")
+    assert parallel.idle_cpus() is None
