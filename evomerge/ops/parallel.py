@@ -16,13 +16,13 @@ The thread count comes from what the process actually gets (:func:`merge_threads
 CPUs in its affinity mask, capped by ``torch.get_num_threads()`` (what the caller allowed,
 e.g. 1 in a search worker) and by ``EVOMERGE_MERGE_THREADS`` when set. Each parallel call
 also caps it by the CPUs left idle (:func:`idle_cpus`: the runnable count in
-``/proc/loadavg``, less this process's running threads, over the last 0.2 s): measured here on 2 oversubscribed cores (load 4-5),
-2 chunk threads ran TIES 2.5x *slower* than 1 (every small op hands the GIL over, and a
-descheduled holder stalls the other thread), while on idle cores they keep their speed-up.
-``EVOMERGE_MERGE_ADAPT=0`` turns the cap off. Results never depend
-on the thread count: every chunk is computed by the same ops on the same bounds, and
-anything order-dependent (tie budgets at a top-k threshold, random draws) is addressed by
-flat position, not by the order chunks happen to run in.
+``/proc/loadavg``, less this process's running threads, over the last 0.2 s): measured
+here on 2 oversubscribed cores (load 4-5), 2 chunk threads ran TIES 2.5x *slower* than 1
+(every small op hands the GIL over, and a descheduled holder stalls the other thread),
+while on idle cores they keep their speed-up. ``EVOMERGE_MERGE_ADAPT=0`` turns the cap
+off. Results never depend on the thread count: every chunk is computed by the same ops on
+the same bounds, and anything order-dependent (tie budgets at a top-k threshold, random
+draws) is addressed by flat position, not by the order chunks happen to run in.
 """
 
 from __future__ import annotations
