@@ -12,6 +12,7 @@ path's memory, whether every weight of the last candidates is bit-for-bit the sa
 machine's load average before and after (the figures depend on it: say it).
 
     .venv/bin/python benchmarks/resident_merge.py --candidates 10
+    .venv/bin/python benchmarks/resident_merge.py --candidates 6 --method ties
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import time
 from pathlib import Path
 
 
-def demo_plans(n: int, seed: int) -> tuple[list, Path]:
-    """``n`` plans of random genomes of the real demo's space, and the base model's folder."""
+def demo_plans(n: int, seed: int, method: str = "task_arithmetic") -> tuple[list, Path]:
+    """``n`` plans of random genomes of the real demo's space (its merge method replaced by
+    ``method``, with a per-layer-group density in [0.1, 1] where the method prunes), and the
+    base model's folder."""
     import numpy as np
 
     from evomerge.config import parse_config
@@ -39,7 +42,11 @@ def demo_plans(n: int, seed: int) -> tuple[list, Path]:
     root = default_root()
     experts = build_smollm2_experts(root, tuple(s.skills), recipe=recipe)
     tasks, report = write_tasks(task_dir(root / EXPERTS_DIR, s, recipe), s, recipe)
-    cfg = parse_config(real_config(s, experts, tasks, report, "resident-bench"), source="benchmark")
+    raw = real_config(s, experts, tasks, report, "resident-bench")
+    raw["space"]["method"] = method
+    if method != "task_arithmetic":
+        raw["space"]["params"]["density"] = {"low": 0.1, "high": 1.0, "init": 0.5}
+    cfg = parse_config(raw, source="benchmark")
     space = make_space(cfg.space, {k: str(v) for k, v in cfg.models.items()}, cfg.base_model,
                        seed=cfg.seed, dtype=cfg.dtype)
     rng = np.random.default_rng(seed)
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo's worker: 2)")
+    ap.add_argument("--method", default="task_arithmetic",
+                    choices=["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"],
+                    help="the search space's merge method (the demo's: task_arithmetic)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.candidates < 2:
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     load0 = Path("/proc/loadavg").read_text().split()[:3]
-    plans, base = demo_plans(args.candidates, args.seed)
+    plans, base = demo_plans(args.candidates, args.seed, args.method)
     backend = make_backend("hf", model_dir=str(base), batch_size=64, dtype="float32")
     keep = min(3, args.candidates)
     plain = time_path(backend, plans, False, keep)
@@ -97,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up (medians): {plain['median_after_first'] / fast['median_after_first']:.2f}x; "
           f"weights of the last {keep} candidates bit-for-bit equal: {same}")
     print(f"resident: {json.dumps(fast['resident'])}")
-    print(f"load average before {load0}, after {load1}; torch threads {args.threads}")
+    print(f"method {args.method}; load average before {load0}, after {load1}; "
+          f"torch threads {args.threads}")
     if args.json:
         Path(args.json).write_text(json.dumps({"plain": plain, "resident": fast, "bitwise_equal": same,
                                                "load_before": load0, "load_after": load1}, indent=1))
