@@ -27,7 +27,7 @@ from .fused import (
     scalars,
 )
 from .order_stats import OrderStat, Stream, counting, order_statistics_many
-from .parallel import run_chunks, scratch
+from .parallel import run_chunks, run_items, scratch
 from .random_drop import UniformField, della_row_probabilities
 from .registry import OpContext, check_shapes, step_seed
 from .sparsify import (
@@ -285,11 +285,16 @@ def generalized_task_arithmetic(
             inp.dead = True
         elif method in ("magnitude", "outliers"):
             to_cut.append(inp)
-            if ctx.stats is not None and ctx.input_keys is not None:
-                stats_fns[inp.pos] = ctx.stats.magnitude_stats_fn(ctx.input_keys[inp.pos],
-                                                                  ctx.base_key, inp.flat, b)
         elif method == "random" and rescale:
             inp.scale = 1.0 / inp.density
+    if to_cut and ctx.stats is not None and ctx.input_keys is not None:
+        # a worker's first candidate sorts every input's |delta| (numpy's sort releases the
+        # GIL): the inputs of a tensor side by side
+        keys = ctx.input_keys
+        fns = run_items(lambda inp: ctx.stats.magnitude_stats_fn(keys[inp.pos], ctx.base_key,
+                                                                 inp.flat, b, bounds),
+                        to_cut, device)
+        stats_fns = {inp.pos: fn for inp, fn in zip(to_cut, fns)}
     if to_cut:
         _prepare_cuts(to_cut, b, method, bounds, stats_fns, mode)
         for inp in to_cut:

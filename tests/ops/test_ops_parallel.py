@@ -297,3 +297,32 @@ def test_idle_cpus_ignores_a_momentary_neighbour_but_not_a_lasting_one(monkeypat
     assert parallel.idle_cpus() == 1
     monkeypatch.setenv("EVOMERGE_MERGE_ADAPT", "0")
     assert parallel.idle_cpus() is None
+
+
+def test_precomputed_stats_count_ties_per_chunk():
+    """With the merge's chunk bounds, a precomputed statistic says how many values equal to
+    it each chunk holds (a tied top-k cut then needs no counting pass): the counts equal a
+    direct count on every chunk, for equal chunks with a short last one."""
+    from evomerge.ops.sparsify import chunk_bounds
+
+    base, xs = _inputs((1 << 17,), True, seed=3)
+    a = (xs[1] - base).abs().reshape(-1).numpy()
+    bounds = list(chunk_bounds(a.size, 10_000))
+    stats = SourceStats(budget_bytes=1 << 30)
+    fn = stats.magnitude_stats_fn("k", "base", xs[1], base, bounds)
+    ordered = np.sort(a)
+    for r in (1, 777, 50_000, 100_003, a.size):
+        (st,) = fn([r])
+        assert st.value == float(ordered[r - 1])
+        assert st.n_less == int((a < st.value).sum()) and st.n_equal == int((a == st.value).sum())
+        if st.value == 0:  # a zero threshold never needs tie budgets: not counted
+            assert st.chunk_equal is None
+        else:
+            assert st.chunk_equal == tuple(int((a[s:e] == st.value).sum()) for s, e in bounds)
+    assert fn([1])[0].value == 0 and fn([a.size])[0].chunk_equal is not None
+    assert max(fn([50_000])[0].chunk_equal) > 1  # quantized deltas: real ties
+    # bounds that are not equal chunks, or no room for the chunk ids: no per-chunk counts
+    assert stats.magnitude_stats_fn("k2", "base", xs[1], base, [(0, 5), (5, a.size)])([9])[0].chunk_equal is None
+    tight = SourceStats(budget_bytes=a.size * 4 + 100)
+    (st,) = tight.magnitude_stats_fn("k", "base", xs[1], base, bounds)([50_000])
+    assert st.chunk_equal is None and st.n_equal == int((a == st.value).sum())
