@@ -50,8 +50,8 @@ class SourceStats:
     def __init__(self, budget_bytes: int | None = None):
         self.budget_bytes = default_budget_bytes() if budget_bytes is None else budget_bytes
         self.used_bytes = 0
-        # (input key, base key, chunk step or None) -> (sorted values, their chunks or None)
-        self._sorted: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+        # (input key, base key) -> (sorted values, their chunks or None, the chunk step)
+        self._sorted: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, int | None]] = {}
         self._refused: set[tuple[str, str]] = set()
         self._slerp: dict[tuple[str, str], tuple[float, float, float]] = {}
         self._lock = threading.Lock()
@@ -71,50 +71,51 @@ class SourceStats:
                           ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Sorted float32 ``|t - b|`` (flat), computed on first use, and with ``step`` (the
         merge's chunk length) each sorted value's chunk (``position // step``, uint8 or
-        uint16) when the budget has room for it too; None when over budget or not on CPU
-        (on CUDA the streaming selection is already cheap)."""
+        uint16; None when kept for another step or the budget has no room for it); None
+        when over budget or not on CPU (on CUDA the streaming selection is already cheap)."""
         if t.device.type != "cpu" or base_key is None:
             return None
-        n = t.numel()
-        chunks = -(-n // step) if step else 0
-        id_dtype = (np.uint8 if chunks <= 1 << 8 else np.uint16) if 1 < chunks <= 1 << 16 else None
-        k = (key, base_key, step if id_dtype is not None else None)
+        k = (key, base_key)
         got = self._sorted.get(k)
-        if got is None and id_dtype is not None:
-            got = self._sorted.get((key, base_key, None))
         if got is not None:
             self.hits += 1
-            return got
+            arr, chunk_of, kept_step = got
+            return arr, (chunk_of if step is not None and kept_step == step else None)
+        n = t.numel()
         cdt = torch.float64 if t.dtype == b.dtype == torch.float64 else torch.float32
-        if cdt == torch.float64:
-            id_dtype = None
-        id_bytes = 0 if id_dtype is None else np.dtype(id_dtype).itemsize
+        chunks = -(-n // step) if step else 0
+        id_dtype = None
+        if cdt == torch.float32 and 1 < chunks <= 1 << 16:
+            id_dtype = np.uint8 if chunks <= 1 << 8 else np.uint16
         with self._lock:
-            if (key, base_key) in self._refused:
-                return None
             room = self.budget_bytes - self.used_bytes
-            if room < n * 4:
-                self._refused.add((key, base_key))
+            if k in self._refused or room < n * cdt.itemsize:
+                self._refused.add(k)
                 return None
-            if room < n * (4 + id_bytes):
-                id_dtype, id_bytes = None, 0  # the values fit, their chunks do not
-            self.used_bytes += n * (cdt.itemsize + id_bytes)
+            if id_dtype is not None and room < n * (cdt.itemsize + np.dtype(id_dtype).itemsize):
+                id_dtype = None  # the values fit, their chunks do not
+            self.used_bytes += n * (cdt.itemsize + (0 if id_dtype is None else np.dtype(id_dtype).itemsize))
         self.misses += 1
         a = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
+        chunk_of = None
         if id_dtype is None:
             a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
-            got = (a, None)
         else:
             # |d| >= 0, so its float32 bits sort as integers: sort (bits, chunk) pairs packed
             # in one int64 and unpack the values and their chunks in sorted order
             packed = a.view(np.int32).astype(np.int64) << 16
             packed |= np.arange(n, dtype=np.int64) // step
             packed.sort(kind="quicksort")
-            got = ((packed >> 16).astype(np.int32).view(np.float32),
-                   (packed & 0xFFFF).astype(id_dtype))
+            a = (packed >> 16).astype(np.int32).view(np.float32)
+            chunk_of = (packed & 0xFFFF).astype(id_dtype)
             del packed
-        self._sorted[(key, base_key, step if got[1] is not None else None)] = got
-        return got
+        self._sorted[k] = (a, chunk_of, step if chunk_of is not None else None)
+        return a, chunk_of
+
+    def cached(self, key: str, base_key: str | None) -> bool:
+        """Whether ``(key, base_key)``'s sorted magnitudes are kept (or were refused)."""
+        k = (key, base_key)
+        return k in self._sorted or k in self._refused
 
     def magnitude_stats_fn(self, key: str, base_key: str | None, t: torch.Tensor,
                            b: torch.Tensor, bounds: list[tuple[int, int]] | None = None
@@ -146,6 +147,7 @@ class SourceStats:
             return out
 
         return stats
+
     # -- SLERP ------------------------------------------------------------------------------
     def dot_norms(self, key_a: str, key_b: str,
                   compute: Callable[[], tuple[float, float, float]]) -> tuple[float, float, float]:

@@ -288,12 +288,15 @@ def generalized_task_arithmetic(
         elif method == "random" and rescale:
             inp.scale = 1.0 / inp.density
     if to_cut and ctx.stats is not None and ctx.input_keys is not None:
-        # a worker's first candidate sorts every input's |delta| (numpy's sort releases the
-        # GIL): the inputs of a tensor side by side
-        keys = ctx.input_keys
-        fns = run_items(lambda inp: ctx.stats.magnitude_stats_fn(keys[inp.pos], ctx.base_key,
-                                                                 inp.flat, b, bounds),
-                        to_cut, device)
+        keys, stats = ctx.input_keys, ctx.stats
+
+        def stats_fn(inp: _Input):
+            return stats.magnitude_stats_fn(keys[inp.pos], ctx.base_key, inp.flat, b, bounds)
+
+        if all(stats.cached(keys[inp.pos], ctx.base_key) for inp in to_cut):
+            fns = [stats_fn(inp) for inp in to_cut]  # a later candidate: lookups only
+        else:  # the first: sort the inputs' |delta| side by side (numpy releases the GIL)
+            fns = run_items(stats_fn, to_cut, device)
         stats_fns = {inp.pos: fn for inp, fn in zip(to_cut, fns)}
     if to_cut:
         _prepare_cuts(to_cut, b, method, bounds, stats_fns, mode)
