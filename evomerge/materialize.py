@@ -184,6 +184,23 @@ class Materializer:
             self._release_mappings(readers)
             yield step, out
 
+    def op_context(self, plan: MergePlan, step: TensorStep,
+                   readers: Mapping[str, Any]) -> OpContext:
+        """The operator's context for ``step``: its generator seeded per (plan seed, tensor),
+        the output dtype for operators with ``narrow_inputs``, the statistics cache and the
+        keys of the step's tensors when statistics are on."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(step_seed(plan.seed, step.output))
+        ctx = OpContext(step.output, gen, self.device)
+        if get_op(step.op).narrow_inputs:
+            ctx.out_dtype = self.output_dtype(plan, step, readers)
+        if self.stats is not None:
+            ctx.stats = self.stats
+            ctx.input_keys = [tensor_key(readers[r.model], r) for r in step.inputs]
+            ctx.base_key = (tensor_key(readers[step.base.model], step.base)
+                            if step.base is not None else None)
+        return ctx
+
     def _compute_step(self, plan: MergePlan, step: TensorStep, readers: Mapping[str, Any],
                       params: dict[str, Any] | None = None) -> torch.Tensor:
         """One step's result on the compute device (float32, or the output dtype from
@@ -196,16 +213,7 @@ class Materializer:
             tensors = [self._load(readers[r.model], r, widen=widen) for r in step.inputs]
             base = (self._load(readers[step.base.model], step.base, widen=widen)
                     if step.base is not None else None)
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(step_seed(plan.seed, step.output))
-            ctx = OpContext(step.output, gen, self.device)
-            if not widen:
-                ctx.out_dtype = self.output_dtype(plan, step, readers)
-            if self.stats is not None:
-                ctx.stats = self.stats
-                ctx.input_keys = [tensor_key(readers[r.model], r) for r in step.inputs]
-                ctx.base_key = (tensor_key(readers[step.base.model], step.base)
-                                if step.base is not None else None)
+            ctx = self.op_context(plan, step, readers)
             with torch.no_grad():
                 out = spec.fn(tensors, base, params, ctx)
         if not isinstance(out, torch.Tensor):

@@ -10,6 +10,11 @@ sources. :class:`ResidentWriter` (used by :meth:`Materializer.materialize_into
   is then one fused pass from the resident vectors straight into the model's parameter
   (:func:`~evomerge.ops.resident.run_task_arithmetic`): no re-reading of sources, no fresh
   output tensor, no extra copy;
+- the **other task-vector merges** (TIES, DARE, breadcrumbs, DELLA, LiNeS: operators
+  registered with ``task_vectors=True``) run from the same resident task vectors, their
+  exact thresholds from the worker's precomputed statistics, written straight into the
+  model's parameter, and the chunks of all of a candidate's tensors run in one parallel
+  pass (:class:`~evomerge.ops.parallel.ChunkBatch`) instead of one per tensor;
 - **what each target tensor holds**: after writing a tensor it records a tag of what was
   written (operator, source tensors, parameters, seed, output dtype) and the tensor's
   version counter. A later step with the same tag whose tensor was not modified since
@@ -32,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import PlanError
 from .ops import get_op
-from .ops.parallel import threads_for_load
+from .ops.parallel import ChunkBatch, threads_for_load
 from .ops.resident import (
     ZERO,
     ResidentDeltas,
@@ -68,6 +74,7 @@ class ResidentWriter:
 
     def __init__(self, budget_bytes: int | None = None):
         self.deltas = ResidentDeltas(budget_bytes)
+        self.batch = ChunkBatch()
         self._written: dict[tuple, tuple[Any, int, tuple]] = {}
         self.skipped = 0
         self.fused = 0
@@ -155,6 +162,59 @@ class ResidentWriter:
         job = TAJob(dst.view(-1), flat_b, inputs, alpha, transient)
         return job, output_is_base(job, self.deltas.base_is_plain(base_key, flat_b))
 
+    # -- the other task-vector merges (TIES, DARE, breadcrumbs, ...) from resident vectors -------
+    def task_vector_inputs(self, mat: Materializer, step: TensorStep, readers: Mapping[str, Any],
+                           dst: torch.Tensor, out_dtype: torch.dtype
+                           ) -> tuple[list[torch.Tensor] | None, torch.Tensor] | None:
+        """``(task vectors, base)`` of a step of an operator registered with
+        ``task_vectors=True``: every input's resident ``x - base`` (float32, the base's
+        shape), or ``(None, base)`` when all of them are zero and the result is the base bit
+        for bit (every GTA merge of zero task vectors is, for finite parameters and a base
+        without NaN or negative zero). None: the step takes the plain path (not CPU, a target
+        or output dtype other than float32, a non-contiguous target, a task vector over the
+        budget, or some but not all of them zero)."""
+        if (step.base is None or mat.device.type != "cpu" or dst.device.type != "cpu"
+                or dst.dtype != torch.float32 or out_dtype != torch.float32
+                or not dst.is_contiguous()):
+            return None
+        base_reader = readers[step.base.model]
+        b = mat._load(base_reader, step.base)
+        if b.numel() == 0:
+            return None
+        base_key = tensor_key(base_reader, step.base)
+        deltas = []
+        for ref in step.inputs:
+            reader = readers[ref.model]
+            key = tensor_key(reader, ref)
+            if self.deltas.refused(key, base_key):
+                return None
+            d, kept = self.deltas.delta(key, base_key,
+                                        lambda r=reader, f=ref: mat._load(r, f, cache=False), b)
+            if not kept:
+                return None
+            deltas.append(d)
+        if all(d is ZERO for d in deltas):
+            return (None, b) if self.deltas.base_is_plain(base_key, b.reshape(-1)) else None
+        if any(d is ZERO for d in deltas):
+            return None
+        return [d.view(b.shape) for d in deltas], b
+
+    def _task_vector_step(self, mat: Materializer, plan: MergePlan, step: TensorStep,
+                          params: Mapping[str, Any], readers: Mapping[str, Any],
+                          tv: tuple[list[torch.Tensor], torch.Tensor], dst: torch.Tensor) -> None:
+        """Run the operator on the resident task vectors, writing into ``dst``; its chunks
+        go to :attr:`batch` (run by :meth:`write` once every step is queued)."""
+        spec = get_op(step.op)
+        ctx = mat.op_context(plan, step, readers)
+        ctx.task_vectors, ctx.out, ctx.batch = True, dst.view(-1), self.batch
+        out = spec.fn(tv[0], tv[1], params, ctx)
+        if tuple(out.shape) != tuple(dst.shape):
+            raise PlanError(f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
+                            f"{step.output!r}, expected {list(dst.shape)}")
+        if out.data_ptr() != dst.data_ptr():  # it did not write into dst: copy its result
+            self.batch.run("cpu")
+            dst.copy_(out)
+
     # -- the write loop -----------------------------------------------------------------------
     def write(self, mat: Materializer, plan: MergePlan, readers: Mapping[str, Any],
               target: Mapping[str, torch.Tensor]) -> tuple[list[TensorStep], int, dict[str, int]]:
@@ -167,6 +227,7 @@ class ResidentWriter:
             k = _key(target[step.output])
             count[k] = count.get(k, 0) + 1
         rest, jobs = [], []
+        pending: list[tuple[torch.Tensor, tuple]] = []  # written by the batch's chunks
         n_bytes = skipped = fused = 0
         # loads and first-time task vectors run whole-tensor torch ops: fewer intra-op
         # threads on cores others hold (their barriers stall there), as the plain path does
@@ -180,7 +241,11 @@ class ResidentWriter:
                 params = spec.resolve_params(step)
                 out_dtype = mat.output_dtype(plan, step, readers)
                 fast = self.task_arithmetic_job(mat, step, params, readers, dst, out_dtype)
-                if fast is not None and fast[1]:
+                tv = None
+                if fast is None and spec.task_vectors:
+                    tv = self.task_vector_inputs(mat, step, readers, dst, out_dtype)
+                is_base = (fast is not None and fast[1]) or (tv is not None and tv[0] is None)
+                if is_base:
                     tag = ("base", ids[step.base.model], step.base.tensor, str(out_dtype))
                 else:
                     tag = self.step_tag(plan, step, params, out_dtype, ids)
@@ -189,14 +254,18 @@ class ResidentWriter:
                     continue
                 self.forget(dst)
                 n_bytes += dst.numel() * dst.element_size()
-                if fast is None:
+                if is_base:
+                    base_output(fast[0].base if fast is not None else tv[1], dst, out_dtype)
+                    self.mark(dst, tag)
+                elif tv is not None:
+                    self._task_vector_step(mat, plan, step, params, readers, tv, dst)
+                    pending.append((dst, tag))
+                    fused += 1
+                elif fast is None:
                     out = mat._compute_step(plan, step, readers, params)
                     if out_dtype != dst.dtype:  # as the plain loop: round, then cast
                         out = out.to(out_dtype)
                     dst.copy_(out)
-                    self.mark(dst, tag)
-                elif fast[1]:
-                    base_output(fast[0], dst, out_dtype)
                     self.mark(dst, tag)
                 else:
                     jobs.append((fast[0], dst, tag))
@@ -204,6 +273,9 @@ class ResidentWriter:
                     if fast[0].transient:  # do not hold non-resident tensors
                         self._run(jobs)
             self._run(jobs)
+            self.batch.run("cpu")  # every queued task-vector merge, one parallel pass
+            for dst, tag in pending:
+                self.mark(dst, tag)
         self.skipped += skipped
         self.fused += fused
         return rest, n_bytes, {"skipped": skipped, "fused": fused}
@@ -250,9 +322,9 @@ def tensor_key(reader: Any, ref: Any) -> str:
     return f"{reader.path}::{ref.tensor}"
 
 
-def base_output(job: TAJob, dst: torch.Tensor, out_dtype: torch.dtype) -> None:
-    """Write the job's base into ``dst`` as the plain path writes a result equal to it."""
-    out = job.base.view(dst.shape)
+def base_output(base: torch.Tensor, dst: torch.Tensor, out_dtype: torch.dtype) -> None:
+    """Write ``base`` into ``dst`` as the plain path writes a result equal to it."""
+    out = base.view(dst.shape)
     if out_dtype != dst.dtype:
         out = out.to(out_dtype)
     dst.copy_(out)

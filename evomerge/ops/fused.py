@@ -8,9 +8,8 @@ sum the agreeing deltas, add to the base and round to the output dtype. Every ro
 is explicit: scalars come as tensors of the compute dtype (no Python double enters the
 arithmetic), inductor's C++ runs with FP contraction off, and the two multiply-adds of the
 earlier eager loop (``add`` with ``alpha`` is an FMA on CPU) are :func:`fma`: ATen's FMA
-eagerly (the earlier loop's bits exactly), an exact float64 emulation compiled. So eager
-and compiled give the same bits (``tests/ops/test_fused_cpu.py``) except in float64
-double-rounding ties, which were not seen in 660M merged elements: which path runs (size
+eagerly (the earlier loop's bits exactly), inductor's FMA prim compiled. So eager and
+compiled give the same bits (``tests/ops/test_fused_cpu.py``): which path runs (size
 threshold, a failed compile, ``EVOMERGE_FUSED``) does not change a result.
 
 Compiled (``torch.compile``, inductor) it reads each input once per element instead of
@@ -33,7 +32,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,11 +46,16 @@ FUSED_CPU_MIN = 1 << 17
 # so chunks only need to be many enough to spread over threads and few enough that the call
 # overhead (guards, wrapper: ~0.1 ms) stays negligible.
 COMPILED_CPU_CHUNK = 1 << 20
+# Once a merge kernel has been compiled in this process (a large tensor paid for it), CPU
+# tensors from this many elements use it too: its call costs ~0.1 ms where the eager ops
+# cost milliseconds (SmolLM2's k/v projections, 110592 elements: 3 ms eager per TIES tensor).
+FUSED_WARM_MIN = 1 << 12
 
 _COMPILED: dict[str, Any] = {}
 _FAILED: dict[str, bool] = {}
 _COMPILE_LOCK = threading.RLock()
 _WARM: set[tuple] = set()  # shape keys (_shape_key) whose graph is compiled
+_COMPILED_ON: set[str] = set()  # device types where a merge kernel ran compiled
 
 
 @dataclass
@@ -73,17 +77,50 @@ class ChunkCut:
     tie_high: float = math.nan
     ties_high: int = 0
 
+    def partial(self, length: int) -> bool:
+        """True when a tie budget keeps some but not all of the elements equal to its
+        threshold in a chunk of ``length`` (the kernel then needs positions)."""
+        return 0 < self.ties_low < length or 0 < self.ties_high < length
+
+    def uses_high(self) -> bool:
+        """True when the cut of the largest values drops anything (breadcrumbs' outliers)."""
+        return self.high != math.inf or (self.ties_high > 0 and not math.isnan(self.tie_high))
+
+
+class KernelFlags(NamedTuple):
+    """What one call of :func:`gta_kernel` computes (each combination is its own graph).
+
+    ``prune``: apply each input's :class:`ChunkCut`; ``consensus``: TIES sign election;
+    ``normalize``: divide by the agreeing weights (TIES) or their sum; ``given``: the inputs
+    are already the task vectors ``x - base`` in the compute dtype (resident ones);
+    ``positions``: some cut keeps only part of the elements equal to its threshold in this
+    chunk (else every tie budget is empty or the whole chunk, and a tie is plain equality:
+    no position arithmetic); ``high``: some input's cut of the largest values drops
+    anything (breadcrumbs).
+    """
+
+    prune: bool = False
+    consensus: bool = False
+    normalize: bool = False
+    given: bool = False
+    positions: bool = True
+    high: bool = True
+
 
 def fused_mode(device: torch.device, numel: int) -> str:
     """"compiled" or "eager" for a tensor of ``numel`` elements on ``device``.
 
-    Compiled on CUDA and, from :data:`FUSED_CPU_MIN` elements, on CPU, unless
-    ``EVOMERGE_FUSED`` is ``0`` or ``eager`` or compiling failed before on that device type.
+    Compiled on CUDA and, from :data:`FUSED_CPU_MIN` elements (:data:`FUSED_WARM_MIN` once a
+    merge kernel was compiled in this process), on CPU, unless ``EVOMERGE_FUSED`` is ``0``
+    or ``eager`` or compiling failed before on that device type. Either mode gives the same
+    bits.
     """
     env = os.environ.get("EVOMERGE_FUSED", "1")
     if env in ("0", "eager") or _FAILED.get(device.type):
         return "eager"
     if device.type == "cuda" or (device.type == "cpu" and numel >= FUSED_CPU_MIN):
+        return "compiled"
+    if device.type == "cpu" and numel >= FUSED_WARM_MIN and "cpu" in _COMPILED_ON:
         return "compiled"
     return "eager"
 
@@ -100,15 +137,23 @@ def scalars(cuts: list[ChunkCut], ews: list[float], ws: list[float], lam: float,
     vals: list[float] = []
     counts: list[int] = []
     for c, ew, w in zip(cuts, ews, ws):
-        vals += [c.low, c.tie_low, c.high, c.tie_high, ew, w, 1.0 if w > 0 else -1.0]
+        # an empty tie budget keeps no tie: NaN equals nothing (the same bits either way,
+        # and the kernel without positions then needs no count)
+        tie_low = c.tie_low if c.ties_low > 0 else math.nan
+        tie_high = c.tie_high if c.ties_high > 0 else math.nan
+        vals += [c.low, tie_low, c.high, tie_high, ew, w, 1.0 if w > 0 else -1.0]
         counts += [c.ties_low, c.ties_high]
     vals.append(lam)
     return (torch.tensor(vals, dtype=dtype, device=device),
             torch.tensor(counts, dtype=torch.int64, device=device))
 
 
-def _ties(a: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> torch.Tensor | None:
-    """``a == v`` at the first ``count`` positions (None: nowhere, decided eagerly only)."""
+def _ties(a: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
+          positions: bool) -> torch.Tensor | None:
+    """``a == v`` at the first ``count`` positions (None: nowhere, decided eagerly only);
+    without ``positions`` the budget is empty (``v`` NaN) or covers the chunk: ``a == v``."""
+    if not positions:
+        return torch.eq(a, v)
     if not torch.compiler.is_compiling() and int(count) == 0:
         return None
     pos = torch.arange(a.shape[0], device=a.device)
@@ -116,40 +161,57 @@ def _ties(a: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> torch.Tensor
 
 
 def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
-               counts: torch.Tensor, prune: bool) -> list[torch.Tensor]:
-    """Pruned (:class:`ChunkCut`), masked deltas ``x - base`` in the compute dtype of ``bc``."""
+               counts: torch.Tensor, flags: KernelFlags) -> list[torch.Tensor]:
+    """Pruned (:class:`ChunkCut`), masked deltas ``x - base`` in the compute dtype of ``bc``
+    (``xs`` are those deltas already with ``flags.given``)."""
     ds = []
     for i, x in enumerate(xs):
-        d = torch.sub(x.to(bc.dtype), bc)
-        if prune:
+        d = x if flags.given else torch.sub(x.to(bc.dtype), bc)
+        if flags.prune:
             a = torch.abs(d)
             keep = torch.logical_not(torch.le(a, scal[PER_INPUT * i]))
-            tie = _ties(a, scal[PER_INPUT * i + 1], counts[2 * i])
+            tie = _ties(a, scal[PER_INPUT * i + 1], counts[2 * i], flags.positions)
             if tie is not None:
                 keep = torch.logical_or(keep, tie)
-            drop = torch.gt(a, scal[PER_INPUT * i + 2])
-            tie = _ties(a, scal[PER_INPUT * i + 3], counts[2 * i + 1])
-            if tie is not None:
-                drop = torch.logical_or(drop, tie)
-            d = torch.where(torch.logical_and(keep, torch.logical_not(drop)), d, 0.0)
+            if flags.high:
+                drop = torch.gt(a, scal[PER_INPUT * i + 2])
+                tie = _ties(a, scal[PER_INPUT * i + 3], counts[2 * i + 1], flags.positions)
+                if tie is not None:
+                    drop = torch.logical_or(drop, tie)
+                keep = torch.logical_and(keep, torch.logical_not(drop))
+            d = torch.where(keep, d, 0.0)
         if masks[i] is not None:
             d = torch.mul(d, masks[i])
         ds.append(d)
     return ds
 
 
+def _prims_fma() -> Any:
+    """Inductor's ``prims.fma`` (a single-rounding multiply-add, emitted as the CPU's FMA
+    instruction), or None where this torch has none."""
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
+
+        return torch.ops.prims.fma
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
 def fma(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``c + a * x`` rounded once, as the eager chunk loop always computed it.
 
     Eager: ATen's ``add(c, a, alpha=x)`` (a fused multiply-add on CPU; the same op as before
-    this module existed). Compiled (inductor emits no FMA with contraction off): the product
-    is exact in float64 and the sum is rounded to float64 then to float32, which is the
-    FMA result except in double-rounding ties (none seen in 660M merged elements of the
-    0.49 B benchmark models, 4 methods; ``tests/ops/test_fused_cpu.py`` compares 3M).
-    float64 inputs are never compiled.
+    this module existed). Compiled: inductor's ``prims.fma``, a true FMA as well (the same
+    bits; measured 1.7x faster for the TIES kernel than the exact float64 emulation used
+    before, which stays as the fallback where a torch lacks the prim: the product exact in
+    float64, the sum rounded to float64 then to float32, i.e. the FMA result except in
+    double-rounding ties). float64 inputs are never compiled.
     """
     if c.dtype == torch.float64 or not torch.compiler.is_compiling():
         return torch.add(c, a, alpha=x.item())
+    prim = _prims_fma()
+    if prim is not None:
+        return prim(a, x, c)
     wide = torch.float64
     return torch.add(c.to(wide), torch.mul(a.to(wide), x.to(wide))).to(c.dtype)
 
@@ -190,14 +252,19 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, co
 
 
 def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
-               counts: torch.Tensor, prune: bool, consensus: bool, normalize: bool,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               counts: torch.Tensor, flags: KernelFlags, out_dtype: torch.dtype) -> torch.Tensor:
     """One chunk, end to end: the merged values in ``out_dtype`` (computed in ``scal``'s
     dtype, rounded once at the end). ``masks``: a 0/1 tensor per input or None (DARE);
-    ``prune``: apply each input's :class:`ChunkCut` (``scal``, ``counts``: :func:`scalars`)."""
+    ``scal``, ``counts``: :func:`scalars`; ``flags``: :class:`KernelFlags`."""
     bc = b.to(scal.dtype)
-    ds = gta_deltas(bc, xs, masks, scal, counts, prune)
-    return gta_combine(bc, ds, scal, consensus, normalize).to(out_dtype)
+    ds = gta_deltas(bc, xs, masks, scal, counts, flags)
+    return gta_combine(bc, ds, scal, flags.consensus, flags.normalize).to(out_dtype)
+
+
+def gta_kernel_into(o: torch.Tensor, b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any],
+                    scal: torch.Tensor, counts: torch.Tensor, flags: KernelFlags) -> None:
+    """:func:`gta_kernel` written into ``o`` (its dtype), with no result tensor in between."""
+    o.copy_(gta_kernel(b, xs, masks, scal, counts, flags, o.dtype))
 
 
 def band_kernel(t: torch.Tensor, b: torch.Tensor,
@@ -243,6 +310,11 @@ def run_kernel(mode: str, *args: Any) -> torch.Tensor:
     return _run(mode, "gta", gta_kernel, *args)
 
 
+def run_kernel_into(mode: str, *args: Any) -> None:
+    """:func:`gta_kernel_into`, compiled or eager as :func:`run_kernel`."""
+    _run(mode, "gta_into", gta_kernel_into, *args)
+
+
 def _shape_key(name: str, args: tuple) -> tuple:
     """What decides which compiled graph a call runs (besides values): a call with a key
     not seen yet may compile."""
@@ -273,6 +345,8 @@ def _run(mode: str, name: str, fn: Any, *args: Any) -> Any:
                 with _COMPILE_LOCK:
                     out = _compiled_fn(name, fn)(*args)
                     _WARM.add(key)
+                    if name.startswith("gta"):
+                        _COMPILED_ON.add(dev)
                     return out
             except Exception:  # noqa: BLE001 - any compiler problem: eager gives the same numbers
                 _FAILED[dev] = True
@@ -309,7 +383,7 @@ def compile_failed(device_type: str) -> bool:
     return bool(_FAILED.get(device_type))
 
 
-__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "PER_INPUT", "band_kernel", "compile_failed",
-           "count_kernel", "fma",
-           "fused_mode", "gta_combine", "gta_deltas", "gta_kernel",
-           "run_band", "run_count", "run_kernel", "scalars"]
+__all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
+           "compile_failed", "count_kernel", "fma", "fused_mode", "gta_combine", "gta_deltas",
+           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel",
+           "run_kernel_into", "scalars"]

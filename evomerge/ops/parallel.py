@@ -230,5 +230,32 @@ def run_items(fn: Callable[[Any], T], items: Sequence[Any],
         return list(_pool(threads).map(fn, items))
 
 
-__all__ = ["available_cpus", "idle_cpus", "merge_threads", "run_chunks", "run_items", "scratch", "threads_for_load",
+class ChunkBatch:
+    """Chunk work of many tensors, run together in one parallel pass.
+
+    A merge of one small tensor (SmolLM2-135M's are 0.1-0.9M elements) splits into a few
+    chunks, and a pass per tensor hands them to the pool and waits for the slowest, several
+    hundred times per candidate; operators that support it (``OpContext.batch``) add their
+    chunks here instead, and the caller runs all of them at once (:meth:`run`) before it
+    reads any result. Each ``fn(s, e)`` must only write memory no other item writes.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Callable[[int, int], Any], int, int]] = []
+
+    def add(self, fn: Callable[[int, int], Any], bounds: Sequence[tuple[int, int]]) -> None:
+        """Queue ``fn(s, e)`` for every chunk of ``bounds``."""
+        self.items.extend((fn, s, e) for s, e in bounds)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def run(self, device: torch.device | str | None = "cpu") -> None:
+        """Run and forget every queued chunk (:func:`run_items`'s thread rules)."""
+        items, self.items = self.items, []
+        if items:
+            run_items(lambda it: it[0](it[1], it[2]), items, device)
+
+
+__all__ = ["ChunkBatch", "available_cpus", "idle_cpus", "merge_threads", "run_chunks", "run_items", "scratch", "threads_for_load",
            "torch_single_threaded"]

@@ -67,9 +67,10 @@ class SourceStats:
 
     # -- magnitude order statistics -------------------------------------------------------
     def sorted_magnitudes(self, key: str, base_key: str | None, t: torch.Tensor,
-                          b: torch.Tensor, step: int | None = None
+                          b: torch.Tensor | None, step: int | None = None
                           ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """Sorted float32 ``|t - b|`` (flat), computed on first use, and with ``step`` (the
+        """Sorted float32 ``|t - b|`` (flat; ``b`` None: ``t`` is that difference already, a
+        resident task vector), computed on first use, and with ``step`` (the
         merge's chunk length) each sorted value's chunk (``position // step``, uint8 or
         uint16; None when kept for another step or the budget has no room for it); None
         when over budget or not on CPU (on CUDA the streaming selection is already cheap)."""
@@ -82,7 +83,8 @@ class SourceStats:
             arr, chunk_of, kept_step = got
             return arr, (chunk_of if step is not None and kept_step == step else None)
         n = t.numel()
-        cdt = torch.float64 if t.dtype == b.dtype == torch.float64 else torch.float32
+        wide = t.dtype == torch.float64 and (b is None or b.dtype == torch.float64)
+        cdt = torch.float64 if wide else torch.float32
         chunks = -(-n // step) if step else 0
         id_dtype = None
         if cdt == torch.float32 and 1 < chunks <= 1 << 16:
@@ -96,7 +98,10 @@ class SourceStats:
                 id_dtype = None  # the values fit, their chunks do not
             self.used_bytes += n * (cdt.itemsize + (0 if id_dtype is None else np.dtype(id_dtype).itemsize))
         self.misses += 1
-        a = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
+        if b is None:
+            a = torch.abs(t.reshape(-1).to(cdt)).numpy()  # a new array: t stays as it is
+        else:
+            a = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
         chunk_of = None
         if id_dtype is None:
             a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
@@ -118,9 +123,10 @@ class SourceStats:
         return k in self._sorted or k in self._refused
 
     def magnitude_stats_fn(self, key: str, base_key: str | None, t: torch.Tensor,
-                           b: torch.Tensor, bounds: list[tuple[int, int]] | None = None
+                           b: torch.Tensor | None, bounds: list[tuple[int, int]] | None = None
                            ) -> Callable[[list[int]], list[OrderStat]] | None:
-        """A function ranks -> exact OrderStats of ``|t - b|``, or None (use the direct path).
+        """A function ranks -> exact OrderStats of ``|t - b|`` (``b`` None: of ``|t|``), or
+        None (use the direct path).
 
         With the merge's chunk ``bounds`` (equal chunks, the last possibly shorter) each
         statistic also says how many values equal to it every chunk holds (``chunk_equal``):

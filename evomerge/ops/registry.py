@@ -55,6 +55,15 @@ class OpContext:
     # the dtype the result will be stored in; an operator may return it directly (rounded
     # once from its float32 result, as the caller's cast would); None: return float32
     out_dtype: Any = None
+    # for operators registered with ``task_vectors=True`` (the GTA family), set by a search
+    # worker's resident writer (evomerge/resident.py): the input tensors are the task vectors
+    # ``x - base`` already (float32, kept per worker); ``out``: a flat contiguous tensor of
+    # the output dtype the result may be written into (and returned as its view); ``batch``:
+    # a :class:`~evomerge.ops.parallel.ChunkBatch` the operator may add its chunk work to
+    # instead of running it (the caller runs the batch before reading the result)
+    task_vectors: bool = False
+    out: Any = None
+    batch: Any = None
 
 
 @dataclass
@@ -82,6 +91,9 @@ class OpSpec:
     doc: str = ""
     # cross-parameter check on the resolved params: check(params, n_inputs) -> problem or None
     check: Callable[[dict[str, Any], int], str | None] | None = None
+    # computed by :func:`~.task_vector_merge.generalized_task_arithmetic`: honours the
+    # context's ``task_vectors``, ``out`` and ``batch`` (a search worker's resident path)
+    task_vectors: bool = False
 
     def resolve_params(self, step: TensorStep) -> dict[str, Any]:
         """Defaults filled, per-input scalars broadcast to lists. Raises PlanError."""

@@ -19,11 +19,12 @@ from ..errors import PlanError
 from .fused import (
     COMPILED_CPU_CHUNK,
     ChunkCut,
+    KernelFlags,
     fused_mode,
     gta_combine,
     run_band,
     run_count,
-    run_kernel,
+    run_kernel_into,
     scalars,
 )
 from .order_stats import OrderStat, Stream, counting, order_statistics_many
@@ -59,6 +60,7 @@ class _Input:
     draws: UniformField | None = None  # random draws (DARE, DELLA)
     scale: float = 1.0  # multiplies the sparsified delta (DARE 1/p, L1 rescale)
     dead: bool = False  # contributes nothing (zero weight or nothing kept)
+    given: bool = False  # ``flat`` is the task vector x - base already (resident, float32)
 
 
 def _input_seeds(n: int, ctx: OpContext, device: torch.device) -> list[int]:
@@ -81,8 +83,12 @@ def _buf(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return scratch(1, n, torch.empty(0, dtype=dtype, device=device))[0]
 
 
-def _delta(t: torch.Tensor, b: torch.Tensor, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
-    """``t[s:e] - b[s:e]`` in ``out``'s dtype (inputs may be narrower: widened exactly first)."""
+def _delta(t: torch.Tensor, b: torch.Tensor, s: int, e: int, out: torch.Tensor,
+           given: bool = False) -> torch.Tensor:
+    """``t[s:e] - b[s:e]`` in ``out``'s dtype (inputs may be narrower: widened exactly first);
+    with ``given``, ``t`` is that task vector already (copied: callers modify ``out``)."""
+    if given:
+        return out.copy_(t[s:e])
     if t.dtype == out.dtype and b.dtype == out.dtype:
         return torch.sub(t[s:e], b[s:e], out=out)
     out.copy_(t[s:e])
@@ -121,7 +127,7 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
         cdt = compute_dtype(inp.flat, b)
         t = inp.flat
         band_fn = count_fn = None
-        if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32:
+        if mode == "compiled" and b.device.type == "cpu" and cdt == torch.float32 and not inp.given:
             def band_fn(s: int, e: int, lo: float, hi: float, t=t, cdt=cdt):
                 return run_band(mode, t[s:e], b[s:e], torch.tensor([lo, hi], dtype=cdt))
 
@@ -135,8 +141,10 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
         pending.append((inp, ks, ranks, count_fn))
         streams.append(Stream(
             n, wanted,
-            lambda s, e, t=t, cdt=cdt: _delta(t, b, s, e, _buf(e - s, cdt, b.device)).abs_(),
-            lambda idx, t=t, cdt=cdt: torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_(),
+            lambda s, e, t=t, cdt=cdt, g=inp.given: _delta(t, b, s, e, _buf(e - s, cdt, b.device),
+                                                           g).abs_(),
+            lambda idx, t=t, cdt=cdt, g=inp.given: (torch.abs(t[idx]) if g else
+                                                    torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_()),
             bounds, band_fn, count_fn))
     for (inp, ks, ranks, count_fn), stats in zip(pending,
                                                  order_statistics_many(streams, b.device)):
@@ -157,13 +165,13 @@ def _set_cuts(inp: _Input, b: torch.Tensor, ks: list[int], ranks: list[int | Non
             counts = [list(by_rank[r].chunk_equal) if c.sequential else [0] * len(bounds)
                       for c, r in zip(inp.cuts, ranks)]
         else:
-            counts = _tie_counts(inp.cuts, inp.flat, b, bounds, count_fn)
+            counts = _tie_counts(inp.cuts, inp.flat, b, bounds, count_fn, inp.given)
         per_cut = [c.for_chunks(cs) for c, cs in zip(inp.cuts, counts)]
         inp.chunk_cuts = {s: [pc[i] for pc in per_cut] for i, (s, _) in enumerate(bounds)}
 
 
 def _tie_counts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
-                bounds: list[tuple[int, int]], count_fn=None) -> list[list[int]]:
+                bounds: list[tuple[int, int]], count_fn=None, given: bool = False) -> list[list[int]]:
     """Per cut, how many ``|t - b|`` equal its threshold in each chunk (0 for cuts that
     need no tie budget); ``count_fn(s, e, v)``: a compiled (below, equal) count of one
     chunk."""
@@ -172,7 +180,7 @@ def _tie_counts(cuts: list[RankCut], t: torch.Tensor, b: torch.Tensor,
     def count(s: int, e: int) -> list[int]:
         if count_fn is not None:
             return [0 if v is None else count_fn(s, e, v)[1] for v in thrs]
-        a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device)).abs_()
+        a = _delta(t, b, s, e, _buf(e - s, compute_dtype(t, b), b.device), given).abs_()
         x, nz = counting(a)
         return [0 if v is None else int(nz(x == v)) for v in thrs]
 
@@ -205,7 +213,7 @@ def _l1_rescale(inp: _Input, b: torch.Tensor, method: str,
 
     def sums(s: int, e: int) -> tuple[float, float]:
         d = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=compute_dtype(inp.flat, b),
-                                                  device=b.device))
+                                                  device=b.device), inp.given)
         total = float(d.abs().sum(dtype=torch.float64))
         d = _magnitude_prune(_cuts_at(inp, s, fresh=True), d, method)
         return total, float(d.abs().sum(dtype=torch.float64))
@@ -230,7 +238,13 @@ def generalized_task_arithmetic(
     extra_scale: float = 1.0,
 ) -> torch.Tensor:
     """The GTA merge (see the module docstring). ``sparsification`` is one of None,
-    "magnitude", "outliers", "random", "della"; ``extra_scale`` multiplies lambda (LiNeS)."""
+    "magnitude", "outliers", "random", "della"; ``extra_scale`` multiplies lambda (LiNeS).
+
+    From ``ctx`` (:class:`~.registry.OpContext`): ``task_vectors`` (``tensors`` are the task
+    vectors ``x - base`` already: a search worker's resident ones), ``out`` (a flat
+    destination of the output dtype: the result is written there and returned as its view)
+    and ``batch`` (the chunks are added to it instead of run: the caller runs them, with
+    other tensors', before reading the result); the result's bits never depend on them."""
     if base is None:
         raise PlanError(f"tensor {ctx.name!r}: this operator needs a base model")
     check_shapes(tensors, base, ctx)
@@ -256,9 +270,10 @@ def generalized_task_arithmetic(
     rescale = bool(params.get("rescale", False))
     lam = float(params.get("lambda", 1.0)) * extra_scale
 
+    given = bool(ctx.task_vectors)
     inputs = [
         _Input(i, t.reshape(-1), weights[i], float(densities[i]), float(gammas[i]),
-               float(epsilons[i]))
+               float(epsilons[i]), given=given)
         for i, t in enumerate(tensors)
     ]
     method = sparsification
@@ -291,7 +306,8 @@ def generalized_task_arithmetic(
         keys, stats = ctx.input_keys, ctx.stats
 
         def stats_fn(inp: _Input):
-            return stats.magnitude_stats_fn(keys[inp.pos], ctx.base_key, inp.flat, b, bounds)
+            return stats.magnitude_stats_fn(keys[inp.pos], ctx.base_key, inp.flat,
+                                            None if inp.given else b, bounds)
 
         if all(stats.cached(keys[inp.pos], ctx.base_key) for inp in to_cut):
             fns = [stats_fn(inp) for inp in to_cut]  # a later candidate: lookups only
@@ -311,8 +327,11 @@ def generalized_task_arithmetic(
         total_w = sum(weights)
         divisor = total_w if abs(total_w) >= 1e-8 else 1.0
 
-    out = torch.empty(base.shape, dtype=out_dtype, device=device)
-    o = out.view(-1)
+    o = ctx.out
+    if (o is None or o.dtype != out_dtype or o.device != device or o.dim() != 1
+            or o.numel() != n or not o.is_contiguous()):
+        o = torch.empty(n, dtype=out_dtype, device=device)
+    out = o.view(base.shape)
     if not live:
         o.copy_(b)
         return out
@@ -327,7 +346,8 @@ def generalized_task_arithmetic(
         if method == "della":  # row-wise drops: prune eagerly, then the same arithmetic
             ds = []
             for inp in live:
-                d = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=cdt, device=device))
+                d = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=cdt, device=device),
+                           inp.given)
                 if pruning[inp.pos]:
                     d = _sparsify_chunk(inp, d, method, rescale, align, device, s, e)
                 ds.append(d)
@@ -341,13 +361,18 @@ def generalized_task_arithmetic(
         cuts = [_chunk_cut(inp, b, s, e, method, cdt) if prune and pruning[inp.pos]
                 else ChunkCut() for inp in live]
         scal, counts = scalars(cuts, ews, ws, lam_eff, cdt, device)
-        res = run_kernel(mode, b[s:e], [inp.flat[s:e] for inp in live], masks, scal, counts,
-                         prune, consensus, normalize, out_dtype)
-        o[s:e].copy_(res)
+        flags = KernelFlags(prune, consensus, normalize, given,
+                            positions=prune and any(c.partial(e - s) for c in cuts),
+                            high=prune and any(c.uses_high() for c in cuts))
+        run_kernel_into(mode, o[s:e], b[s:e], [inp.flat[s:e] for inp in live], masks, scal,
+                        counts, flags)
 
     # a graph not compiled yet compiles once, under .fused's lock, in whichever thread
     # gets the first chunk (the others wait for it)
-    run_chunks(chunk, bounds, device)
+    if ctx.batch is not None:  # the caller runs many tensors' chunks in one parallel pass
+        ctx.batch.add(chunk, bounds)
+    else:
+        run_chunks(chunk, bounds, device)
     return out
 
 
@@ -370,7 +395,8 @@ def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
         if c.ties_left == c.chunk_equal:
             return e - s
         if a is None:
-            a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device)).abs_()
+            a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device),
+                       inp.given).abs_()
         where = torch.eq(a, c.thr).nonzero().squeeze(1)
         return int(where[c.ties_left - 1]) + 1
 

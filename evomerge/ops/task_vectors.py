@@ -60,6 +60,7 @@ def _della_check(params: dict, n: int) -> str | None:
 @register_op(
     "task_arithmetic",
     narrow_inputs=True,
+    task_vectors=True,
     needs_base=True,
     per_input=("weight",),
     defaults={"weight": 1.0, "lambda": 1.0, "normalize": False},
@@ -74,6 +75,7 @@ def task_arithmetic(tensors, base, params, ctx):
 @register_op(
     "ties",
     narrow_inputs=True,
+    task_vectors=True,
     needs_base=True,
     per_input=("weight", "density"),
     defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": True,
@@ -93,6 +95,7 @@ def _register_dare(name: str):
     return register_op(
         name,
         narrow_inputs=True,
+        task_vectors=True,
         needs_base=True,
         per_input=("weight", "density"),
         defaults={"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False,
@@ -120,6 +123,7 @@ def dare_linear(tensors, base, params, ctx):
 @register_op(
     "breadcrumbs",
     narrow_inputs=True,
+    task_vectors=True,
     needs_base=True,
     per_input=("weight", "density", "gamma"),
     defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
@@ -136,6 +140,7 @@ def breadcrumbs(tensors, base, params, ctx):
 @register_op(
     "breadcrumbs_ties",
     narrow_inputs=True,
+    task_vectors=True,
     needs_base=True,
     per_input=("weight", "density", "gamma"),
     defaults={"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0,
@@ -160,6 +165,7 @@ _DELLA = dict(
 @register_op(
     "della",
     narrow_inputs=True,
+    task_vectors=True,
     defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
               "normalize": True, "rescale": True},
     **_DELLA,
@@ -176,6 +182,7 @@ def della(tensors, base, params, ctx):
 @register_op(
     "della_linear",
     narrow_inputs=True,
+    task_vectors=True,
     defaults={"weight": 1.0, "density": 1.0, "epsilon": 0.15, "lambda": 1.0,
               "normalize": False, "rescale": True},
     **_DELLA,
@@ -217,6 +224,7 @@ def _lines_check(params: dict, n: int) -> str | None:
 @register_op(
     "lines",
     narrow_inputs=True,
+    task_vectors=True,
     needs_base=True,
     per_input=("weight",),
     defaults={"weight": 1.0, "alpha": None, "beta": None, "layer": None,

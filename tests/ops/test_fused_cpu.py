@@ -75,5 +75,10 @@ def test_compiled_kernel_equals_eager_bit_for_bit(op, monkeypatch):
     assert not torch.equal(eager32, wide_base)  # the merge did something
 
 
-def test_small_tensors_stay_eager():
-    assert fused.fused_mode(torch.device("cpu"), fused.FUSED_CPU_MIN - 1) == "eager"
+def test_small_tensors_stay_eager_until_a_kernel_is_compiled(monkeypatch):
+    monkeypatch.setattr(fused, "_COMPILED_ON", set())
+    cpu = torch.device("cpu")
+    assert fused.fused_mode(cpu, fused.FUSED_CPU_MIN - 1) == "eager"
+    fused._COMPILED_ON.add("cpu")  # a large tensor paid for the compile: small ones use it
+    assert fused.fused_mode(cpu, fused.FUSED_CPU_MIN - 1) == "compiled"
+    assert fused.fused_mode(cpu, fused.FUSED_WARM_MIN - 1) == "eager"
