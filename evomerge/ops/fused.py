@@ -21,13 +21,15 @@ elements of three bf16 inputs, TIES 0.74 s eager vs 0.03 s compiled (after a com
 kernel may contract multiply-adds (triton), so there it is checked against eager to float32
 rounding (``tests/ops/test_cuda_ops.py``).
 
-Chunks whose cut has a partial tie budget at its threshold (keep only the first few
-elements equal to it, in flat order) and DELLA's row-wise drops are pruned eagerly by
+A chunk where a cut's tie budget ends (it keeps only the first few elements equal to its
+threshold, in flat order) runs as pieces split at that position (:func:`split_ties`), so the
+kernel compares values only, never positions. DELLA's row-wise drops are pruned eagerly by
 :mod:`.task_vector_merge` and then combined by :func:`gta_combine`, the same arithmetic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -67,7 +69,8 @@ class ChunkCut:
     ``(|d| > high or (|d| == tie_high and position < ties_high))``
 
     (positions count from the chunk's start; NaN is kept, as the eager loop kept it). The
-    defaults keep everything.
+    defaults keep everything. The kernel sees no positions: :func:`split_ties` cuts a chunk
+    where a tie budget ends, so in each piece every budget is empty or whole.
     """
 
     low: float = -math.inf
@@ -76,11 +79,6 @@ class ChunkCut:
     high: float = math.inf
     tie_high: float = math.nan
     ties_high: int = 0
-
-    def partial(self, length: int) -> bool:
-        """True when a tie budget keeps some but not all of the elements equal to its
-        threshold in a chunk of ``length`` (the kernel then needs positions)."""
-        return 0 < self.ties_low < length or 0 < self.ties_high < length
 
     def uses_high(self) -> bool:
         """True when the cut of the largest values drops anything (breadcrumbs' outliers)."""
@@ -93,18 +91,31 @@ class KernelFlags(NamedTuple):
     ``prune``: apply each input's :class:`ChunkCut`; ``consensus``: TIES sign election;
     ``normalize``: divide by the agreeing weights (TIES) or their sum; ``given``: the inputs
     are already the task vectors ``x - base`` in the compute dtype (resident ones);
-    ``positions``: some cut keeps only part of the elements equal to its threshold in this
-    chunk (else every tie budget is empty or the whole chunk, and a tie is plain equality:
-    no position arithmetic); ``high``: some input's cut of the largest values drops
-    anything (breadcrumbs).
+    ``high``: some input's cut of the largest values drops anything (breadcrumbs).
     """
 
     prune: bool = False
     consensus: bool = False
     normalize: bool = False
     given: bool = False
-    positions: bool = True
     high: bool = True
+
+
+def split_ties(cuts: list[ChunkCut], length: int) -> list[tuple[int, int, list[ChunkCut]]]:
+    """A chunk of ``length`` cut where any tie budget ends: ``(start, end, cuts)`` pieces,
+    positions relative to the chunk, whose cuts keep all or none of their ties (a budget of
+    ``end - start`` or 0), so the kernel needs no positions. Exact: an element's fate
+    depends only on its position against the budget's end, which is a piece boundary."""
+    ends = {t for c in cuts for t in (c.ties_low, c.ties_high) if 0 < t < length}
+    if not ends:
+        return [(0, length, cuts)]
+    points = [0, *sorted(ends), length]
+    pieces = []
+    for a, b in zip(points, points[1:]):
+        pieces.append((a, b, [dataclasses.replace(c, ties_low=b - a if c.ties_low >= b else 0,
+                                                  ties_high=b - a if c.ties_high >= b else 0)
+                              for c in cuts]))
+    return pieces
 
 
 def fused_mode(device: torch.device, numel: int) -> str:
@@ -129,55 +140,35 @@ PER_INPUT = 7  # numbers per input in the kernel's scalar tensor (see scalars)
 
 
 def scalars(cuts: list[ChunkCut], ews: list[float], ws: list[float], lam: float,
-            dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The kernel's numbers: a tensor of the compute dtype with, per input (:data:`PER_INPUT`
     values), ``low, tie_low, high, tie_high, weight x rescale, weight, sign of the weight``
-    and then the final multiplier
-    (lambda, or lambda / divisor); and an int64 tensor of ``ties_low, ties_high`` per input."""
+    and then the final multiplier (lambda, or lambda / divisor). Every tie budget must be
+    empty or whole (:func:`split_ties`): an empty one's tie value is NaN, equal to nothing."""
     vals: list[float] = []
-    counts: list[int] = []
     for c, ew, w in zip(cuts, ews, ws):
-        # an empty tie budget keeps no tie: NaN equals nothing (the same bits either way,
-        # and the kernel without positions then needs no count)
         tie_low = c.tie_low if c.ties_low > 0 else math.nan
         tie_high = c.tie_high if c.ties_high > 0 else math.nan
         vals += [c.low, tie_low, c.high, tie_high, ew, w, 1.0 if w > 0 else -1.0]
-        counts += [c.ties_low, c.ties_high]
     vals.append(lam)
-    return (torch.tensor(vals, dtype=dtype, device=device),
-            torch.tensor(counts, dtype=torch.int64, device=device))
-
-
-def _ties(a: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
-          positions: bool) -> torch.Tensor | None:
-    """``a == v`` at the first ``count`` positions (None: nowhere, decided eagerly only);
-    without ``positions`` the budget is empty (``v`` NaN) or covers the chunk: ``a == v``."""
-    if not positions:
-        return torch.eq(a, v)
-    if not torch.compiler.is_compiling() and int(count) == 0:
-        return None
-    pos = torch.arange(a.shape[0], device=a.device)
-    return torch.logical_and(torch.eq(a, v), torch.lt(pos, count))
+    return torch.tensor(vals, dtype=dtype, device=device)
 
 
 def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
-               counts: torch.Tensor, flags: KernelFlags) -> list[torch.Tensor]:
-    """Pruned (:class:`ChunkCut`), masked deltas ``x - base`` in the compute dtype of ``bc``
-    (``xs`` are those deltas already with ``flags.given``)."""
+               flags: KernelFlags) -> list[torch.Tensor]:
+    """Pruned (:class:`ChunkCut`, every tie budget empty or whole), masked deltas
+    ``x - base`` in the compute dtype of ``bc`` (``xs`` are those deltas already with
+    ``flags.given``)."""
     ds = []
     for i, x in enumerate(xs):
         d = x if flags.given else torch.sub(x.to(bc.dtype), bc)
         if flags.prune:
             a = torch.abs(d)
-            keep = torch.logical_not(torch.le(a, scal[PER_INPUT * i]))
-            tie = _ties(a, scal[PER_INPUT * i + 1], counts[2 * i], flags.positions)
-            if tie is not None:
-                keep = torch.logical_or(keep, tie)
+            keep = torch.logical_or(torch.logical_not(torch.le(a, scal[PER_INPUT * i])),
+                                    torch.eq(a, scal[PER_INPUT * i + 1]))
             if flags.high:
-                drop = torch.gt(a, scal[PER_INPUT * i + 2])
-                tie = _ties(a, scal[PER_INPUT * i + 3], counts[2 * i + 1], flags.positions)
-                if tie is not None:
-                    drop = torch.logical_or(drop, tie)
+                drop = torch.logical_or(torch.gt(a, scal[PER_INPUT * i + 2]),
+                                        torch.eq(a, scal[PER_INPUT * i + 3]))
                 keep = torch.logical_and(keep, torch.logical_not(drop))
             d = torch.where(keep, d, 0.0)
         if masks[i] is not None:
@@ -252,19 +243,19 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, co
 
 
 def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: torch.Tensor,
-               counts: torch.Tensor, flags: KernelFlags, out_dtype: torch.dtype) -> torch.Tensor:
+               flags: KernelFlags, out_dtype: torch.dtype) -> torch.Tensor:
     """One chunk, end to end: the merged values in ``out_dtype`` (computed in ``scal``'s
     dtype, rounded once at the end). ``masks``: a 0/1 tensor per input or None (DARE);
-    ``scal``, ``counts``: :func:`scalars`; ``flags``: :class:`KernelFlags`."""
+    ``scal``: :func:`scalars`; ``flags``: :class:`KernelFlags`."""
     bc = b.to(scal.dtype)
-    ds = gta_deltas(bc, xs, masks, scal, counts, flags)
+    ds = gta_deltas(bc, xs, masks, scal, flags)
     return gta_combine(bc, ds, scal, flags.consensus, flags.normalize).to(out_dtype)
 
 
 def gta_kernel_into(o: torch.Tensor, b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any],
-                    scal: torch.Tensor, counts: torch.Tensor, flags: KernelFlags) -> None:
+                    scal: torch.Tensor, flags: KernelFlags) -> None:
     """:func:`gta_kernel` written into ``o`` (its dtype), with no result tensor in between."""
-    o.copy_(gta_kernel(b, xs, masks, scal, counts, flags, o.dtype))
+    o.copy_(gta_kernel(b, xs, masks, scal, flags, o.dtype))
 
 
 def band_kernel(t: torch.Tensor, b: torch.Tensor,
@@ -386,4 +377,4 @@ def compile_failed(device_type: str) -> bool:
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
            "compile_failed", "count_kernel", "fma", "fused_mode", "gta_combine", "gta_deltas",
            "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel",
-           "run_kernel_into", "scalars"]
+           "run_kernel_into", "scalars", "split_ties"]

@@ -60,6 +60,11 @@ class OrderStat:
     # how many values equal to it each chunk of the stream holds, when the selection saw
     # it for free (the per-chunk tie budgets of a top-k cut need exactly this); else None
     chunk_equal: tuple[int, ...] | None = None
+    # from precomputed statistics (:mod:`.precompute`): the block (``tie_block`` elements,
+    # a power of two) of every value equal to it, in ascending order (None: one block), so
+    # the k-th of them in flat order is found by scanning one block; tie_block 0: unknown
+    tie_blocks: Any = None
+    tie_block: int = 0
 
 
 @dataclass

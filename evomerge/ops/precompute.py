@@ -7,16 +7,17 @@ picks) and, for SLERP, the inner product and norms of the two inputs. :class:`So
 keeps them per (input, base) pair of tensors:
 
 - magnitude order statistics: the sorted ``|x - base|`` of the tensor (float32, 4 bytes per
-  element, sorted once with numpy) and, where the budget allows, each sorted value's chunk
-  of the merge (1-2 bytes per element). Any rank is then one array lookup and two binary
-  searches give the exact counts below / equal, i.e. exactly the :class:`OrderStat` the
-  streaming selection finds, so the merge result is bit-for-bit the direct path's; the
-  chunks give a tied threshold's per-chunk tie counts without a pass over the tensor;
+  element, sorted once with numpy) and, where the budget allows, each sorted value's block
+  of :data:`TIE_BLOCK` elements (1-2 bytes per element). Any rank is then one array lookup
+  and two binary searches give the exact counts below / equal, i.e. exactly the
+  :class:`OrderStat` the streaming selection finds, so the merge result is bit-for-bit the
+  direct path's; the blocks give a tied threshold's per-chunk tie counts without a pass
+  over the tensor, and the position where a tie budget ends by scanning one block;
 - SLERP: ``(dot, |a|, |b|)`` accumulated exactly as the operator does.
 
-Memory is bounded by ``budget_bytes`` (the sorted magnitudes and their chunks; the SLERP
+Memory is bounded by ``budget_bytes`` (the sorted magnitudes and their blocks; the SLERP
 numbers are three floats per tensor): tensors that do not fit use the direct path (and
-chunks that do not fit, a counting pass), so a candidate's result never depends on the
+blocks that do not fit, counting passes), so a candidate's result never depends on the
 budget. The keys name the source file and tensor, so the cache is
 valid as long as the worker's sources do not change on disk (they are fixed for a run).
 """
@@ -33,6 +34,10 @@ import torch
 from .sparsify import OrderStat
 
 DEFAULT_BUDGET_MB = 2048
+# Finest block whose id each sorted magnitude keeps (see tie_block): a tied threshold's k-th
+# value in flat order is then found by scanning one block of this many elements. Chunk
+# steps of the merges are multiples of it (balanced_bounds' quantum).
+TIE_BLOCK = 1 << 12
 
 
 def default_budget_bytes() -> int:
@@ -50,8 +55,8 @@ class SourceStats:
     def __init__(self, budget_bytes: int | None = None):
         self.budget_bytes = default_budget_bytes() if budget_bytes is None else budget_bytes
         self.used_bytes = 0
-        # (input key, base key) -> (sorted values, their chunks or None, the chunk step)
-        self._sorted: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, int | None]] = {}
+        # (input key, base key) -> (sorted values, their block ids or None, the block size)
+        self._sorted: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, int]] = {}
         self._refused: set[tuple[str, str]] = set()
         self._slerp: dict[tuple[str, str], tuple[float, float, float]] = {}
         self._lock = threading.Lock()
@@ -67,55 +72,60 @@ class SourceStats:
 
     # -- magnitude order statistics -------------------------------------------------------
     def sorted_magnitudes(self, key: str, base_key: str | None, t: torch.Tensor,
-                          b: torch.Tensor | None, step: int | None = None
-                          ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """Sorted float32 ``|t - b|`` (flat; ``b`` None: ``t`` is that difference already, a
-        resident task vector), computed on first use, and with ``step`` (the
-        merge's chunk length) each sorted value's chunk (``position // step``, uint8 or
-        uint16; None when kept for another step or the budget has no room for it); None
-        when over budget or not on CPU (on CUDA the streaming selection is already cheap)."""
+                          b: torch.Tensor | None
+                          ) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        """``(sorted float32 |t - b|, block ids, block size)``, computed on first use (``b``
+        None: ``t`` is that difference already, a resident task vector). The block ids
+        (``position // block``, uint8 or uint16, :func:`tie_block` elements per block) follow
+        the sorted values; None for a tensor of one block or when the budget has no room
+        for them (block size 0 then). None when over budget or not on CPU (on CUDA the
+        streaming selection is already cheap)."""
         if t.device.type != "cpu" or base_key is None:
             return None
         k = (key, base_key)
         got = self._sorted.get(k)
         if got is not None:
             self.hits += 1
-            arr, chunk_of, kept_step = got
-            return arr, (chunk_of if step is not None and kept_step == step else None)
+            return got
         n = t.numel()
         wide = t.dtype == torch.float64 and (b is None or b.dtype == torch.float64)
         cdt = torch.float64 if wide else torch.float32
-        chunks = -(-n // step) if step else 0
+        block = tie_block(n)
+        blocks = -(-n // block)
         id_dtype = None
-        if cdt == torch.float32 and 1 < chunks <= 1 << 16:
-            id_dtype = np.uint8 if chunks <= 1 << 8 else np.uint16
+        if cdt == torch.float32 and blocks > 1:
+            id_dtype = np.uint8 if blocks <= 1 << 8 else np.uint16
         with self._lock:
             room = self.budget_bytes - self.used_bytes
             if k in self._refused or room < n * cdt.itemsize:
                 self._refused.add(k)
                 return None
             if id_dtype is not None and room < n * (cdt.itemsize + np.dtype(id_dtype).itemsize):
-                id_dtype = None  # the values fit, their chunks do not
+                id_dtype = None  # the values fit, their blocks do not
             self.used_bytes += n * (cdt.itemsize + (0 if id_dtype is None else np.dtype(id_dtype).itemsize))
         self.misses += 1
         if b is None:
             a = torch.abs(t.reshape(-1).to(cdt)).numpy()  # a new array: t stays as it is
         else:
             a = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
-        chunk_of = None
+        block_of = None
         if id_dtype is None:
             a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
+            if blocks > 1 and cdt == torch.float32:
+                block = 0  # no room for the blocks: tie positions are not known
         else:
-            # |d| >= 0, so its float32 bits sort as integers: sort (bits, chunk) pairs packed
-            # in one int64 and unpack the values and their chunks in sorted order
+            # |d| >= 0, so its float32 bits sort as integers: sort (bits, block) pairs packed
+            # in one int64 and unpack the values and their blocks in sorted order
             packed = a.view(np.int32).astype(np.int64) << 16
-            packed |= np.arange(n, dtype=np.int64) // step
+            packed |= np.arange(n, dtype=np.int64) // block
             packed.sort(kind="quicksort")
             a = (packed >> 16).astype(np.int32).view(np.float32)
-            chunk_of = (packed & 0xFFFF).astype(id_dtype)
+            block_of = (packed & 0xFFFF).astype(id_dtype)
             del packed
-        self._sorted[k] = (a, chunk_of, step if chunk_of is not None else None)
-        return a, chunk_of
+        if cdt != torch.float32:
+            block = 0
+        got = self._sorted[k] = (a, block_of, block)
+        return got
 
     def cached(self, key: str, base_key: str | None) -> bool:
         """Whether ``(key, base_key)``'s sorted magnitudes are kept (or were refused)."""
@@ -128,16 +138,22 @@ class SourceStats:
         """A function ranks -> exact OrderStats of ``|t - b|`` (``b`` None: of ``|t|``), or
         None (use the direct path).
 
-        With the merge's chunk ``bounds`` (equal chunks, the last possibly shorter) each
-        statistic also says how many values equal to it every chunk holds (``chunk_equal``):
-        a top-k cut whose threshold is tied then needs no counting pass over the tensor (on
-        SmolLM2's float32 experts about 1 cut in 4 was tied, a pass of 1.2 ms each)."""
-        step = _uniform_step(bounds, t.numel())
-        got = self.sorted_magnitudes(key, base_key, t, b, step)
+        Each statistic carries the blocks of the values equal to it (``tie_blocks``), and
+        with the merge's chunk ``bounds`` (one chunk, or equal chunks a multiple of the block
+        size, the last possibly shorter) how many of them every chunk holds
+        (``chunk_equal``): a top-k cut whose threshold is tied then needs no counting pass
+        over the tensor (on SmolLM2's float32 experts about 1 cut in 4 was tied), and the
+        position where its tie budget ends is found in one block."""
+        got = self.sorted_magnitudes(key, base_key, t, b)
         if got is None:
             return None
-        arr, chunk_of = got
+        arr, block_of, block = got
+        n = t.numel()
         chunks = len(bounds) if bounds is not None else 0
+        step = _uniform_step(bounds, n)
+        per_block = step // block if step and block and step % block == 0 else None
+        if per_block is not None and block_of is None and -(-n // block) > 1:
+            per_block = None
 
         def stats(ranks: list[int]) -> list[OrderStat]:
             out = []
@@ -146,14 +162,17 @@ class SourceStats:
                 lo = int(np.searchsorted(arr, v, side="left"))
                 hi = int(np.searchsorted(arr, v, side="right"))
                 per_chunk = None
+                tied = None if block_of is None else block_of[lo:hi]
                 # a threshold of 0 never needs tie budgets (zero deltas are free to drop)
-                if chunk_of is not None and v != 0:
-                    per_chunk = tuple(int(c) for c in np.bincount(chunk_of[lo:hi], minlength=chunks))
-                out.append(OrderStat(r, float(v), lo, hi - lo, per_chunk))
+                if chunks == 1:
+                    per_chunk = (hi - lo,)  # one chunk holds every tie
+                elif per_block is not None and v != 0:
+                    ids = tied if tied is not None else np.zeros(hi - lo, np.int64)
+                    per_chunk = tuple(int(c) for c in np.bincount(ids // per_block, minlength=chunks))
+                out.append(OrderStat(r, float(v), lo, hi - lo, per_chunk, tied, block))
             return out
 
         return stats
-
     # -- SLERP ------------------------------------------------------------------------------
     def dot_norms(self, key_a: str, key_b: str,
                   compute: Callable[[], tuple[float, float, float]]) -> tuple[float, float, float]:
@@ -168,6 +187,15 @@ class SourceStats:
         return {"tensors": len(self._sorted), "mib": self.used_bytes / 2**20,
                 "budget_mib": self.budget_bytes / 2**20, "hits": self.hits,
                 "misses": self.misses}
+
+
+def tie_block(n: int) -> int:
+    """Elements per block of the block ids kept with sorted magnitudes: :data:`TIE_BLOCK`,
+    doubled until a tensor of ``n`` elements has at most 65536 blocks (uint16 ids)."""
+    block = TIE_BLOCK
+    while -(-n // block) > 1 << 16:
+        block *= 2
+    return block
 
 
 def _uniform_step(bounds: list[tuple[int, int]] | None, n: int) -> int | None:
@@ -185,4 +213,4 @@ def _uniform_step(bounds: list[tuple[int, int]] | None, n: int) -> int | None:
     return step
 
 
-__all__ = ["SourceStats", "default_budget_bytes"]
+__all__ = ["TIE_BLOCK", "SourceStats", "default_budget_bytes", "tie_block"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import PlanError
@@ -26,6 +27,7 @@ from .fused import (
     run_count,
     run_kernel_into,
     scalars,
+    split_ties,
 )
 from .order_stats import OrderStat, Stream, counting, order_statistics_many
 from .parallel import run_chunks, run_items, scratch
@@ -61,6 +63,8 @@ class _Input:
     scale: float = 1.0  # multiplies the sparsified delta (DARE 1/p, L1 rescale)
     dead: bool = False  # contributes nothing (zero weight or nothing kept)
     given: bool = False  # ``flat`` is the task vector x - base already (resident, float32)
+    # threshold -> (blocks of the values equal to it, block size), from precomputed stats
+    tie_blocks: dict[float, tuple] = field(default_factory=dict)
 
 
 def _input_seeds(n: int, ctx: OpContext, device: torch.device) -> list[int]:
@@ -157,6 +161,7 @@ def _set_cuts(inp: _Input, b: torch.Tensor, ks: list[int], ranks: list[int | Non
     keeps only some of the elements equal to its threshold."""
     n = b.numel()
     by_rank = {s.rank: s for s in stats}
+    inp.tie_blocks = {s.value: (s.tie_blocks, s.tie_block) for s in stats if s.tie_block}
     inp.cuts = [RankCut(n, k, by_rank.get(r), zero_ties_free=True) for k, r in zip(ks, ranks)]
     if any(c.sequential for c in inp.cuts):
         seq = [by_rank.get(r) for c, r in zip(inp.cuts, ranks) if c.sequential]
@@ -282,7 +287,11 @@ def generalized_task_arithmetic(
         align = n if base.dim() < 2 else n // base.shape[0]
         align = max(align, 1)
     if mode == "compiled" and device.type == "cpu" and align == 1:
-        bounds = list(balanced_bounds(n, COMPILED_CPU_CHUNK))
+        # one tensor alone: a multiple of 4 chunks, so the threads share it; in a batch of
+        # many tensors their chunks already spread, and each chunk costs Python work
+        # holding the GIL (cuts, scalars): as few as the compiled chunk size allows
+        bounds = list(chunk_bounds(n, COMPILED_CPU_CHUNK) if ctx.batch is not None
+                      else balanced_bounds(n, COMPILED_CPU_CHUNK))
     else:
         bounds = list(chunk_bounds(n, chunk_size(device), align))
     if method in ("random", "della"):
@@ -338,7 +347,7 @@ def generalized_task_arithmetic(
     ews = [inp.weight * inp.scale for inp in live]  # weight of the (rescaled) delta
     ws = [inp.weight for inp in live]
     lam_eff = lam if consensus else lam / divisor
-    plain_scal, _ = scalars([ChunkCut()] * len(live), ews, ws, lam_eff, cdt, device)
+    plain_scal = scalars([ChunkCut()] * len(live), ews, ws, lam_eff, cdt, device)
     prune = method in ("magnitude", "outliers") and any(pruning[inp.pos] for inp in live)
     dare = method == "random" and any(pruning[inp.pos] for inp in live)
 
@@ -360,12 +369,13 @@ def generalized_task_arithmetic(
                      else torch.ones(e - s, device=device) for inp in live]
         cuts = [_chunk_cut(inp, b, s, e, method, cdt) if prune and pruning[inp.pos]
                 else ChunkCut() for inp in live]
-        scal, counts = scalars(cuts, ews, ws, lam_eff, cdt, device)
         flags = KernelFlags(prune, consensus, normalize, given,
-                            positions=prune and any(c.partial(e - s) for c in cuts),
                             high=prune and any(c.uses_high() for c in cuts))
-        run_kernel_into(mode, o[s:e], b[s:e], [inp.flat[s:e] for inp in live], masks, scal,
-                        counts, flags)
+        for a, z, piece in split_ties(cuts, e - s):  # where a tie budget ends: a new piece
+            p, q = s + a, s + z
+            scal = scalars(piece, ews, ws, lam_eff, cdt, device)
+            run_kernel_into(mode, o[p:q], b[p:q], [inp.flat[p:q] for inp in live],
+                            [None if m is None else m[a:z] for m in masks], scal, flags)
 
     # a graph not compiled yet compiles once, under .fused's lock, in whichever thread
     # gets the first chunk (the others wait for it)
@@ -394,6 +404,9 @@ def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
             return 0
         if c.ties_left == c.chunk_equal:
             return e - s
+        located = inp.tie_blocks.get(c.thr)
+        if located is not None and s % located[1] == 0:
+            return _tie_end(inp, b, s, c, located[0], located[1], dtype)
         if a is None:
             a = _delta(inp.flat, b, s, e, torch.empty(e - s, dtype=dtype, device=b.device),
                        inp.given).abs_()
@@ -419,6 +432,25 @@ def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
         elif out.mode != "none":
             cut.high, cut.tie_high, cut.ties_high = numbers(out)
     return cut
+
+
+def _tie_end(inp: _Input, b: torch.Tensor, s: int, c: RankCut, blocks, block: int,
+             dtype: torch.dtype) -> int:
+    """Where the tie budget of cut ``c`` ends in the chunk starting at ``s`` (a multiple of
+    ``block``): one past the position of the ``c.ties_left``-th value equal to ``c.thr``
+    from ``s`` on, relative to ``s``. ``blocks``: the ascending blocks of all values equal
+    to it (precomputed statistics; None: the tensor is one block), so only the block that
+    holds the wanted value is scanned."""
+    if blocks is None:
+        g, blk, j = c.ties_left - 1, 0, c.ties_left - 1
+    else:
+        g = int(np.searchsorted(blocks, s // block, "left")) + c.ties_left - 1
+        blk = int(blocks[g])
+        j = g - int(np.searchsorted(blocks, blk, "left"))
+    lo, hi = blk * block, min(b.numel(), (blk + 1) * block)
+    a = _delta(inp.flat, b, lo, hi, torch.empty(hi - lo, dtype=dtype, device=b.device),
+               inp.given).abs_()
+    return lo + int(torch.eq(a, c.thr).nonzero()[j]) + 1 - s
 
 
 def _sparsify_chunk(inp: _Input, d: torch.Tensor, method: str | None, rescale: bool,

@@ -307,7 +307,7 @@ def test_precomputed_stats_count_ties_per_chunk():
 
     base, xs = _inputs((1 << 17,), True, seed=3)
     a = (xs[1] - base).abs().reshape(-1).numpy()
-    bounds = list(chunk_bounds(a.size, 10_000))
+    bounds = list(chunk_bounds(a.size, 12_288))  # a multiple of the stats' block
     stats = SourceStats(budget_bytes=1 << 30)
     fn = stats.magnitude_stats_fn("k", "base", xs[1], base, bounds)
     ordered = np.sort(a)
@@ -321,8 +321,11 @@ def test_precomputed_stats_count_ties_per_chunk():
             assert st.chunk_equal == tuple(int((a[s:e] == st.value).sum()) for s, e in bounds)
     assert fn([1])[0].value == 0 and fn([a.size])[0].chunk_equal is not None
     assert max(fn([50_000])[0].chunk_equal) > 1  # quantized deltas: real ties
-    # bounds that are not equal chunks, or no room for the chunk ids: no per-chunk counts
+    # bounds that are not equal chunks (or not a multiple of the block), or no room for the
+    # block ids: no per-chunk counts
     assert stats.magnitude_stats_fn("k2", "base", xs[1], base, [(0, 5), (5, a.size)])([9])[0].chunk_equal is None
+    assert stats.magnitude_stats_fn("k2", "base", xs[1], base,
+                                    list(chunk_bounds(a.size, 10_000)))([9])[0].chunk_equal is None
     tight = SourceStats(budget_bytes=a.size * 4 + 100)
     (st,) = tight.magnitude_stats_fn("k", "base", xs[1], base, bounds)([50_000])
     assert st.chunk_equal is None and st.n_equal == int((a == st.value).sum())

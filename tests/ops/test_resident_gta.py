@@ -1,0 +1,111 @@
+"""The GTA merges run from resident task vectors give the direct path's bits.
+
+A search worker hands the TIES family its resident task vectors ``x - base``
+(``OpContext.task_vectors``), a destination (``out``) and a batch that collects every
+tensor's chunks for one parallel pass (``batch``); their thresholds come from precomputed
+statistics, whose per-block positions of tied values locate where a partial tie budget ends
+without a pass over the chunk. None of this may change a bit: each operator runs both ways
+on bf16-quantized sources (many deltas tie at the top-k threshold), at several densities,
+for tensors that run eagerly (many chunks) and compiled (one chunk in a batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.ops import OpContext, get_op
+from evomerge.ops.parallel import ChunkBatch
+from evomerge.ops.precompute import TIE_BLOCK, SourceStats
+from evomerge.ops.sparsify import chunk_bounds
+from evomerge.plan import step_seed
+
+OPS = {
+    "ties": {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.9]},
+    "ties+rescale": {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.9], "rescale": True},
+    "breadcrumbs_ties": {"weight": [1.0, -0.5, 0.7], "density": [0.5, 0.3, 0.9], "gamma": 0.05},
+    "dare_ties": {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.9]},
+    "della": {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.7], "epsilon": 0.1},
+    "task_arithmetic": {"weight": [1.0, 0.5, -0.3]},
+}
+DENSITIES = ([0.5, 0.3, 0.9], [0.05, 0.77, 0.999], [0.25, 0.25, 0.6])
+
+
+class _Step:
+    def __init__(self, params, n):
+        self.params, self.inputs, self.output = params, [None] * n, "t"
+
+
+def _inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    xs = [base + torch.randn(shape, generator=g) * 0.002 for _ in range(3)]
+    return base.bfloat16().float(), [x.bfloat16().float() for x in xs]  # many ties
+
+
+def _params(op, density):
+    name = op.split("+")[0]
+    raw = dict(OPS[op])
+    if "density" in raw:  # DELLA keeps density +/- epsilon inside (0, 1)
+        raw["density"] = [min(max(d, 0.15), 0.85) for d in density] if name == "della" else density
+    return name, get_op(name).resolve_params(_Step(raw, 3))
+
+
+def _ctx(stats=None):
+    ctx = OpContext("t", torch.Generator().manual_seed(step_seed(3, "t")), torch.device("cpu"))
+    if stats is not None:
+        ctx.stats, ctx.input_keys, ctx.base_key = stats, ["x0", "x1", "x2"], "base"
+    return ctx
+
+
+@pytest.mark.parametrize("shape", [(100, 1000), (900, 1000)])  # eager (chunks) / compiled
+@pytest.mark.parametrize("op", list(OPS))
+def test_resident_task_vectors_give_the_direct_bits(op, shape):
+    base, xs = _inputs(shape, seed=4)
+    deltas = [x - base for x in xs]
+    stats = SourceStats(budget_bytes=1 << 30)
+    for density in DENSITIES:
+        name, params = _params(op, density)
+        spec = get_op(name)
+        with torch.no_grad():
+            direct = spec.fn([x.clone() for x in xs], base.clone(), params, _ctx())
+            ctx = _ctx(stats)
+            ctx.task_vectors, ctx.batch = True, ChunkBatch()
+            ctx.out = torch.full((base.numel(),), float("nan"))
+            got = spec.fn(deltas, base, params, ctx)
+            assert got.data_ptr() == ctx.out.data_ptr() and got.shape == base.shape
+            queued = len(ctx.batch)
+            ctx.batch.run()
+        assert queued > 0  # nothing ran before the batch did
+        assert torch.equal(got.view(torch.int32), direct.view(torch.int32)), (op, density)
+        assert not torch.equal(got, base)
+    for d, x in zip(deltas, xs):  # the resident task vectors are never modified
+        assert torch.equal(d, x - base)
+
+
+def test_tied_thresholds_are_located_by_block():
+    """A threshold held by many values carries the blocks of those values in ascending order,
+    and the per-chunk counts follow from them for chunks a multiple of the block long."""
+    base, xs = _inputs((300, 1000), seed=7)
+    a = (xs[0] - base).abs().reshape(-1).numpy()
+    stats = SourceStats(budget_bytes=1 << 30)
+    bounds = list(chunk_bounds(a.size, 3 * TIE_BLOCK))
+    fn = stats.magnitude_stats_fn("k", "base", xs[0] - base, None, bounds)
+    tied_seen = False
+    for r in (1000, 30_000, 150_000, 299_000):
+        (st,) = fn([r])
+        where = np.flatnonzero(a == st.value)
+        assert st.n_equal == where.size and st.tie_block == TIE_BLOCK
+        assert np.array_equal(st.tie_blocks, where // TIE_BLOCK)
+        if st.value == 0:  # a zero threshold never needs tie budgets: not counted
+            assert st.chunk_equal is None
+        else:
+            assert st.chunk_equal == tuple(int((a[s:e] == st.value).sum()) for s, e in bounds)
+            tied_seen |= where.size > 1
+    assert tied_seen
+    # chunks that are not a multiple of the block: no per-chunk counts (a counting pass)
+    (st,) = stats.magnitude_stats_fn("k", "base", xs[0] - base, None,
+                                     list(chunk_bounds(a.size, 10_000)))([150_000])
+    assert st.chunk_equal is None and st.tie_blocks is not None
+
