@@ -1,9 +1,10 @@
 """Per-candidate merge vs evaluation seconds of finished (or running) search runs.
 
-Reads each run directory's ``evals.jsonl`` (``merge_seconds`` and ``eval_seconds`` that the
-evaluator logs per candidate) and prints, per run: candidates timed, mean and median merge
-and evaluation seconds, and merge as a share of candidate time against the issue-14 target
-(<= 10%). Prints the machine's load average alongside (figures are from the run's own time,
+Reads each run directory's ``evals.jsonl`` (``merge_seconds``, ``eval_seconds`` and
+``setup_seconds`` that the evaluator logs per candidate) and prints, per run: candidates
+timed, mean and median merge and evaluation seconds, merge as a share of candidate time
+against the issue-14 target (<= 10%), and the same without the workers' one-time setup
+(the part of a first merge that fills the per-worker caches), with that setup's total. Prints the machine's load average alongside (figures are from the run's own time,
 so say which load it ran under).
 
     .venv/bin/python benchmarks/candidate_cost.py runs/zoo-demo runs/<real-demo-run>
@@ -20,7 +21,7 @@ from pathlib import Path
 
 def split(run: Path) -> dict | None:
     """Merge/eval seconds of the candidates logged in ``run/evals.jsonl``, or None if none."""
-    merge, ev = [], []
+    merge, ev, setup = [], [], []
     for line in (run / "evals.jsonl").read_text().splitlines():
         try:
             r = json.loads(line)
@@ -29,12 +30,15 @@ def split(run: Path) -> dict | None:
         if r.get("merge_seconds") is not None and r.get("eval_seconds") is not None:
             merge.append(float(r["merge_seconds"]))
             ev.append(float(r["eval_seconds"]))
+            setup.append(float(r.get("setup_seconds") or 0.0))
     if not merge:
         return None
     m, e = statistics.mean(merge), statistics.mean(ev)
+    steady = statistics.mean(x - y for x, y in zip(merge, setup))
     return {"run": str(run), "candidates": len(merge), "merge_mean": m, "eval_mean": e,
             "merge_median": statistics.median(merge), "eval_median": statistics.median(ev),
-            "merge_share": m / max(m + e, 1e-9)}
+            "merge_share": m / max(m + e, 1e-9), "setup_total": sum(setup),
+            "merge_without_setup": steady, "share_without_setup": steady / max(steady + e, 1e-9)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(median {s['merge_median']:.2f}), eval {s['eval_mean']:.2f} s "
               f"(median {s['eval_median']:.2f}); merge {100 * s['merge_share']:.1f}% of "
               f"candidate time (target <= 10%): {ok}")
+        if s["setup_total"] > 0:
+            ok = "OK" if s["share_without_setup"] <= 0.10 else "OVER"
+            print(f"    of which one-time setup (task vectors, sorted magnitudes, compiles): "
+                  f"{s['setup_total']:.1f} s; merge without it {s['merge_without_setup']:.3f} s "
+                  f"= {100 * s['share_without_setup']:.1f}% of candidate time: {ok}")
     return rc
 
 

@@ -119,6 +119,35 @@ def test_sequence_of_candidates_is_bit_for_bit_the_plain_path(zoo):
     assert stats[-1]["skipped"] == 0  # TIES and linear wrote every tensor in between
 
 
+def test_ties_runs_from_resident_task_vectors_and_reports_its_setup(zoo):
+    """TIES (and breadcrumbs) candidates run from the resident task vectors, every tensor's
+    chunks in one batch: the same bits as the plain path, with the first candidate's
+    one-time work (task vectors, sorted magnitudes) reported as setup and no later
+    candidate repeating it."""
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, precompute=True, resident=True)
+    plain = Materializer("cpu", cache_sources=True, precompute=True)
+    w = {None: [1.0, 0.5, 0.7], 0: [0.3, 1.2, 0.9], 1: [1.5, 0.1, 0.4]}
+    plans = [make_plan(zoo, w, op="ties", density=[0.5, 0.3, 0.9]),
+             make_plan(zoo, w, op="ties", density=[0.2, 0.95, 0.6]),
+             make_plan(zoo, {k: v[::-1] for k, v in w.items()}, op="ties", density=0.4),
+             make_plan(zoo, w, op="breadcrumbs_ties", density=[0.6, 0.5, 0.7], gamma=0.02)]
+    stats, sorts = [], []
+    for plan in plans:
+        stats.append(fast.materialize_into(plan, fast_t))
+        sorts.append(fast.stats.misses)
+        plain.materialize_into(plan, plain_t)
+        assert_same_bits(fast_t, plain_t)
+    assert all(s["fused"] > 0 for s in stats)
+    assert sorts[0] > 0 and sorts[-1] == sorts[0]  # every magnitude sorted once, up front
+    assert stats[0]["setup_seconds"] > 0
+    assert stats[1]["setup_seconds"] == 0 and stats[2]["setup_seconds"] == 0
+    assert fast.resident.summary()["setup_seconds"] == pytest.approx(
+        stats[0]["setup_seconds"] + stats[3]["setup_seconds"])
+    assert fast.stats.summary()["tensors"] > 0  # the magnitudes were sorted once
+
+
 def test_zero_task_vectors_are_written_once(zoo):
     """Only the LoRA expert: every tensor it does not touch is the base, whatever the
     weights, and is not written again by later candidates."""

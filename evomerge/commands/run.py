@@ -101,6 +101,10 @@ def status(run_dir, as_json, plot):
         if s.get("merge_seconds_median") is not None:
             m, e = s["merge_seconds_median"], s["eval_seconds_median"]
             text += f"; median {m:.2f} / {e:.2f} (merge {100 * m / max(m + e, 1e-9):.0f}%)"
+        if s.get("merge_setup_seconds") is not None:
+            m, e = s["merge_seconds_without_setup"], s["eval_seconds"]
+            text += (f"; one-time setup {s['merge_setup_seconds']:.1f} s in all, mean without it "
+                     f"{m:.2f} / {e:.2f} (merge {100 * m / max(m + e, 1e-9):.0f}%)")
         t.add_row("merge s / eval s per candidate", text)
     if s["evaluations_per_second"]:
         t.add_row("evaluations per second", f"{s['evaluations_per_second']:.2f}")

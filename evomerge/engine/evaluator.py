@@ -48,6 +48,9 @@ class Outcome:
     # the split of ``seconds``: writing the candidate's weights vs scoring it
     merge_seconds: float | None = None
     eval_seconds: float | None = None
+    # of merge_seconds, the worker's one-time work that no later candidate repeats (resident
+    # task vectors, sorted magnitudes, kernel compiles); None: none this time
+    setup_seconds: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -81,11 +84,13 @@ class Evaluator:
         """Score one plan. ``context["best"]`` (the best complete fitness so far) turns on
         racing when the spec enables it."""
         t0 = time.perf_counter()
+        setup0 = self._setup_clock()
         try:
             if isinstance(plan, dict):
                 plan = MergePlan.from_dict(plan)
             self.backend.load_plan(plan, self.materializer)
             t1 = time.perf_counter()
+            setup = self._setup_clock() - setup0
             best = (context or {}).get("best")
             if self.spec.racing and best is not None:
                 out = self._race(best, split or self.spec.split, t0,
@@ -95,11 +100,18 @@ class Evaluator:
                 scores = {k: [float(x) for x in v] for k, v in raw.items()}
                 out = Outcome(scores, time.perf_counter() - t0, None, self.worker)
             out.merge_seconds, out.eval_seconds = t1 - t0, out.seconds - (t1 - t0)
+            if setup > 0:
+                out.setup_seconds = min(setup, out.merge_seconds)
             return out
         except Exception as err:  # noqa: BLE001 - any failure is a failed candidate
             msg = f"{type(err).__name__}: {err}"
             tb = traceback.format_exc(limit=3)
             return Outcome(None, time.perf_counter() - t0, f"{msg} | {tb.splitlines()[-1]}", self.worker)
+
+    def _setup_clock(self) -> float:
+        """Seconds of one-time merge setup this worker's resident writer spent so far."""
+        resident = getattr(self.materializer, "resident", None)
+        return float(resident.setup_seconds) if resident is not None else 0.0
 
     def _race(self, best: float, split: str, t0: float, front: Any = None, groups: Any = None) -> Outcome:
         from ..fitness.racing import evaluate_racing

@@ -50,6 +50,12 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         # stretches some evaluations, both of which pull the means
         "merge_seconds_median": _mean(evaluated, "merge_seconds", np.median),
         "eval_seconds_median": _mean(evaluated, "eval_seconds", np.median),
+        # the workers' one-time merge setup (resident task vectors, sorted magnitudes, kernel
+        # compiles), summed, and the mean merge without it: the per-candidate cost
+        "merge_setup_seconds": _total(evaluated, "setup_seconds"),
+        "merge_seconds_without_setup": _mean(
+            [{"m": r["merge_seconds"] - (r.get("setup_seconds") or 0.0)} for r in evaluated
+             if r.get("merge_seconds") is not None], "m"),
         "evaluations_per_second": (len(records) - 1) / span if span > 0 else None,
         "complete": len(records) >= cfg.budget,
         "racing": _racing(records),
@@ -128,6 +134,12 @@ def _mean(records: list[dict[str, Any]], key: str, how: Any = np.mean) -> float 
     merge/eval split)."""
     vals = [r[key] for r in records if r.get(key) is not None]
     return float(how(vals)) if vals else None
+
+
+def _total(records: list[dict[str, Any]], key: str) -> float | None:
+    """Sum of ``key`` over the records that have it, or None when none has it."""
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return float(sum(vals)) if vals else None
 
 
 def _racing(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -296,6 +296,8 @@ class Search:
         }
         if outcome is not None and outcome.merge_seconds is not None:
             rec.update(merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds)
+            if outcome.setup_seconds is not None:
+                rec.update(setup_seconds=outcome.setup_seconds)
         if outcome is not None and outcome.total is not None:
             rec.update(racing_cut=cut, examples_evaluated=outcome.evaluated, examples_total=outcome.total)
         self.store.append_eval(rec)

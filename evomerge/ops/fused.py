@@ -33,6 +33,7 @@ import dataclasses
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -58,6 +59,7 @@ _FAILED: dict[str, bool] = {}
 _COMPILE_LOCK = threading.RLock()
 _WARM: set[tuple] = set()  # shape keys (_shape_key) whose graph is compiled
 _COMPILED_ON: set[str] = set()  # device types where a merge kernel ran compiled
+_COMPILE_CLOCK = [0.0]  # wall seconds of calls that may have compiled (see compile_seconds)
 
 
 @dataclass
@@ -334,7 +336,11 @@ def _run(mode: str, name: str, fn: Any, *args: Any) -> Any:
                 if key in _WARM:
                     return _compiled_fn(name, fn)(*args)
                 with _COMPILE_LOCK:
-                    out = _compiled_fn(name, fn)(*args)
+                    t0 = time.perf_counter()
+                    try:
+                        out = _compiled_fn(name, fn)(*args)
+                    finally:
+                        _COMPILE_CLOCK[0] += time.perf_counter() - t0
                     _WARM.add(key)
                     if name.startswith("gta"):
                         _COMPILED_ON.add(dev)
@@ -369,12 +375,19 @@ def _compiled_fn(name: str, fn: Any) -> Any:
         return _COMPILED[name]
 
 
+def compile_seconds() -> float:
+    """Wall seconds this process spent in kernel calls that may have compiled a graph (the
+    first call of each shape key: tracing, compiling or loading inductor's cached code, and
+    that one chunk): one-time setup, not per-candidate merge work."""
+    return _COMPILE_CLOCK[0]
+
+
 def compile_failed(device_type: str) -> bool:
     """True when compiling failed on this device type in this process (eager runs instead)."""
     return bool(_FAILED.get(device_type))
 
 
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
-           "compile_failed", "count_kernel", "fma", "fused_mode", "gta_combine", "gta_deltas",
+           "compile_failed", "compile_seconds", "count_kernel", "fma", "fused_mode", "gta_combine", "gta_deltas",
            "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel",
            "run_kernel_into", "scalars", "split_ties"]

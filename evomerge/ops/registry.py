@@ -94,6 +94,9 @@ class OpSpec:
     # computed by :func:`~.task_vector_merge.generalized_task_arithmetic`: honours the
     # context's ``task_vectors``, ``out`` and ``batch`` (a search worker's resident path)
     task_vectors: bool = False
+    # prunes by exact magnitude ranks (TIES, breadcrumbs): a search worker sorts each input's
+    # |x - base| once (evomerge/ops/precompute.py) before its first candidate
+    magnitude_ranks: bool = False
 
     def resolve_params(self, step: TensorStep) -> dict[str, Any]:
         """Defaults filled, per-input scalars broadcast to lists. Raises PlanError."""
