@@ -390,8 +390,8 @@ def _chunk_cut(inp: _Input, b: torch.Tensor, s: int, e: int, method: str,
                dtype: torch.dtype) -> ChunkCut:
     """The :class:`.fused.ChunkCut` of one input's magnitude / outlier pruning on the chunk
     ``[s, e)``: thresholds from its cuts, and where a cut keeps only some of the elements
-    equal to its threshold here, the chunk position before which it keeps them (found
-    eagerly, on this chunk only)."""
+    equal to its threshold here, the chunk position before which it keeps them (from the
+    precomputed statistics' tie blocks by scanning one block, else by a scan of this chunk)."""
     cuts = _cuts_at(inp, s)
     cut = ChunkCut()
     a = None
