@@ -37,7 +37,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+
+from .order_stats import TIE_BLOCK
 
 # CPU tensors below this many elements run eagerly: compiling costs seconds once per process
 # and shape class (sizes are dynamic), a small tensor's merge milliseconds. At 2**20,
@@ -286,10 +289,30 @@ def count_kernel(t: torch.Tensor, b: torch.Tensor,
             torch.sum(torch.where(torch.eq(a, v), 1.0, 0.0)))
 
 
+def tie_blocks_kernel(t: torch.Tensor, b: torch.Tensor,
+                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many ``|t - b| == v`` in each block of :data:`~.order_stats.TIE_BLOCK` elements
+    of the chunk, and in its shorter last block (float32 sums of 0/1): where a tie budget
+    ends is then found by scanning one block."""
+    eq = torch.where(torch.eq(torch.abs(torch.sub(t.to(v.dtype), b.to(v.dtype))), v), 1.0, 0.0)
+    full = (eq.shape[0] // TIE_BLOCK) * TIE_BLOCK
+    return torch.sum(eq[:full].view(-1, TIE_BLOCK), 1), torch.sum(eq[full:])
+
+
 def run_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     """:func:`count_kernel` (compiled in mode "compiled"), as ints."""
     less, equal = _run(mode, "count", count_kernel, t, b, v)
     return int(less), int(equal)
+
+
+def run_tie_blocks(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """:func:`tie_blocks_kernel` (compiled in mode "compiled"): int64 counts per block, the
+    shorter last block included."""
+    blocks, tail = _run(mode, "tie_blocks", tie_blocks_kernel, t, b, v)
+    per_block = blocks.to(torch.int64).numpy()
+    if t.shape[0] % TIE_BLOCK:
+        per_block = np.append(per_block, int(tail))
+    return per_block
 
 
 def run_band(mode: str, t: torch.Tensor, b: torch.Tensor, lohi: torch.Tensor):
@@ -388,6 +411,6 @@ def compile_failed(device_type: str) -> bool:
 
 
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
-           "compile_failed", "compile_seconds", "count_kernel", "fma", "fused_mode", "gta_combine", "gta_deltas",
-           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel",
+           "compile_failed", "compile_seconds", "count_kernel", "fma", "tie_blocks_kernel", "fused_mode", "gta_combine", "gta_deltas",
+           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel", "run_tie_blocks",
            "run_kernel_into", "scalars", "split_ties"]

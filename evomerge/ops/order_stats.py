@@ -46,6 +46,10 @@ SAMPLE_MIN = 1 << 11
 BRACKET = 3.0
 # Fixed seed of the sample positions: results never depend on it (selection is exact).
 _SAMPLE_SEED = 0x5EED
+# Elements per block in which the values equal to an order statistic are located (see
+# OrderStat.tie_blocks): a tied threshold's k-th value in flat order is then found by
+# scanning one block. Merge chunks start at multiples of it (balanced_bounds' quantum).
+TIE_BLOCK = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -338,5 +342,5 @@ def _direct(values: torch.Tensor, ranks: list[int]) -> list[OrderStat]:
     return res
 
 
-__all__ = ["Bracket", "OrderStat", "Stream", "counting", "order_statistics", "order_statistics_many",
+__all__ = ["TIE_BLOCK", "Bracket", "OrderStat", "Stream", "counting", "order_statistics", "order_statistics_many",
            "sample_positions"]

@@ -31,13 +31,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .order_stats import TIE_BLOCK  # the finest block whose id each sorted magnitude keeps
 from .sparsify import OrderStat
 
 DEFAULT_BUDGET_MB = 2048
-# Finest block whose id each sorted magnitude keeps (see tie_block): a tied threshold's k-th
-# value in flat order is then found by scanning one block of this many elements. Chunk
-# steps of the merges are multiples of it (balanced_bounds' quantum).
-TIE_BLOCK = 1 << 12
 
 
 def default_budget_bytes() -> int:
