@@ -123,6 +123,17 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
     n = b.numel()
     pending: list[tuple] = []
     streams: list[Stream] = []
+    base_at: dict[tuple, torch.Tensor] = {}
+
+    def gather_base(idx: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """``b[idx]`` in ``cdt``, gathered once for all inputs: their samples share the
+        positions (a gather is a cache miss per position on a large tensor)."""
+        key = (idx.data_ptr(), idx.numel(), cdt)
+        got = base_at.get(key)
+        if got is None:
+            got = base_at[key] = b[idx].to(cdt)
+        return got
+
     for inp in inputs:
         got = _cut_ranks(inp, n, method)
         if got is None:
@@ -149,7 +160,7 @@ def _prepare_cuts(inputs: list[_Input], b: torch.Tensor, method: str,
             lambda s, e, t=t, cdt=cdt, g=inp.given: _delta(t, b, s, e, _buf(e - s, cdt, b.device),
                                                            g).abs_(),
             lambda idx, t=t, cdt=cdt, g=inp.given: (torch.abs(t[idx]) if g else
-                                                    torch.sub(t[idx].to(cdt), b[idx].to(cdt)).abs_()),
+                                                    torch.sub(t[idx].to(cdt), gather_base(idx, cdt)).abs_()),
             bounds, band_fn, count_fn))
     for (inp, ks, ranks, count_fn), stats in zip(pending,
                                                  order_statistics_many(streams, b.device)):
