@@ -70,6 +70,7 @@ def time_path(backend, plans, resident: bool, keep_last: int) -> dict:
            "snapshots": snaps}
     if resident:
         out["resident"] = mat.resident.summary()
+        out["stats"] = mat.stats.summary()
     del mat
     return out
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up (medians): {plain['median_after_first'] / fast['median_after_first']:.2f}x; "
           f"weights of the last {keep} candidates bit-for-bit equal: {same}")
     print(f"resident: {json.dumps(fast['resident'])}")
+    print(f"statistics (sorted magnitudes): {json.dumps(fast['stats'])}")
     print(f"method {args.method}; load average before {load0}, after {load1}; "
           f"torch threads {args.threads}")
     if args.json:
