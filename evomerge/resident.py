@@ -76,7 +76,6 @@ class ResidentWriter:
 
     def __init__(self, budget_bytes: int | None = None):
         self.deltas = ResidentDeltas(budget_bytes)
-        self.batch = ChunkBatch()
         self.setup_seconds = 0.0
         self._written: dict[tuple, tuple[Any, int, tuple]] = {}
         self.skipped = 0
@@ -204,18 +203,19 @@ class ResidentWriter:
 
     def _task_vector_step(self, mat: Materializer, plan: MergePlan, step: TensorStep,
                           params: Mapping[str, Any], readers: Mapping[str, Any],
-                          tv: tuple[list[torch.Tensor], torch.Tensor], dst: torch.Tensor) -> None:
+                          tv: tuple[list[torch.Tensor], torch.Tensor], dst: torch.Tensor,
+                          batch: ChunkBatch) -> None:
         """Run the operator on the resident task vectors, writing into ``dst``; its chunks
-        go to :attr:`batch` (run by :meth:`write` once every step is queued)."""
+        go to ``batch`` (run by :meth:`write` once every step is queued)."""
         spec = get_op(step.op)
         ctx = mat.op_context(plan, step, readers)
-        ctx.task_vectors, ctx.out, ctx.batch = True, dst.view(-1), self.batch
+        ctx.task_vectors, ctx.out, ctx.batch = True, dst.view(-1), batch
         out = spec.fn(tv[0], tv[1], params, ctx)
         if tuple(out.shape) != tuple(dst.shape):
             raise PlanError(f"operator {step.op!r} produced shape {list(out.shape)} for tensor "
                             f"{step.output!r}, expected {list(dst.shape)}")
         if out.data_ptr() != dst.data_ptr():  # it did not write into dst: copy its result
-            self.batch.run("cpu")
+            batch.run("cpu")
             dst.copy_(out)
 
     # -- genome-independent work, before the first candidate ---------------------------------
@@ -265,6 +265,9 @@ class ResidentWriter:
         compiled0 = compile_seconds()
         setup = self.prepare(mat, plan, readers, target)
         rest, jobs = [], []
+        # this call's task-vector merges: queued, then run in one pass (never kept past the
+        # call: after an error nothing stale runs into a later candidate's tensors)
+        batch = ChunkBatch()
         pending: list[tuple[torch.Tensor, tuple]] = []  # written by the batch's chunks
         n_bytes = skipped = fused = 0
         # loads and first-time task vectors run whole-tensor torch ops: fewer intra-op
@@ -296,7 +299,7 @@ class ResidentWriter:
                     base_output(fast[0].base if fast is not None else tv[1], dst, out_dtype)
                     self.mark(dst, tag)
                 elif tv is not None:
-                    self._task_vector_step(mat, plan, step, params, readers, tv, dst)
+                    self._task_vector_step(mat, plan, step, params, readers, tv, dst, batch)
                     pending.append((dst, tag))
                     fused += 1
                 elif fast is None:
@@ -311,7 +314,7 @@ class ResidentWriter:
                     if fast[0].transient:  # do not hold non-resident tensors
                         self._run(jobs)
             self._run(jobs)
-            self.batch.run("cpu")  # every queued task-vector merge, one parallel pass
+            batch.run("cpu")  # every queued task-vector merge, one parallel pass
             for dst, tag in pending:
                 self.mark(dst, tag)
         self.skipped += skipped
