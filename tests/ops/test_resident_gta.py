@@ -109,3 +109,36 @@ def test_tied_thresholds_are_located_by_block():
                                      list(chunk_bounds(a.size, 10_000)))([150_000])
     assert st.chunk_equal is None and st.tie_blocks is not None
 
+
+
+def test_split_ties_keeps_exactly_the_budgeted_ties():
+    """A chunk cut where tie budgets end: every piece keeps all or none of its ties, and the
+    kept positions are exactly those below each budget's end."""
+    from evomerge.ops.fused import ChunkCut, split_ties
+
+    length = 100
+    cuts = [ChunkCut(low=0.5, tie_low=0.5, ties_low=37), ChunkCut(low=0.2, tie_low=0.2, ties_low=length),
+            ChunkCut(low=0.1, tie_low=0.1, ties_low=0, high=0.9, tie_high=0.9, ties_high=61)]
+    pieces = split_ties(cuts, length)
+    assert [(a, z) for a, z, _ in pieces] == [(0, 37), (37, 61), (61, 100)]
+    for i, c in enumerate(cuts):
+        kept_low = [p for a, z, piece in pieces for p in range(a, z)
+                    if piece[i].ties_low == z - a]
+        assert all(piece[i].ties_low in (0, z - a) and piece[i].ties_high in (0, z - a)
+                   for a, z, piece in pieces)
+        assert kept_low == list(range(min(c.ties_low, length)))
+        kept_high = [p for a, z, piece in pieces for p in range(a, z) if piece[i].ties_high == z - a]
+        assert kept_high == list(range(c.ties_high))
+    assert split_ties(cuts[1:2], length) == [(0, length, cuts[1:2])]  # nothing to split
+
+
+def test_chunk_batch_runs_every_queued_chunk_once():
+    seen = []
+    batch = ChunkBatch()
+    batch.add(lambda s, e: seen.append(("a", s, e)), [(0, 5), (5, 9)])
+    batch.add(lambda s, e: seen.append(("b", s, e)), [(0, 3)])
+    assert len(batch) == 3
+    batch.run()
+    assert sorted(seen) == [("a", 0, 5), ("a", 5, 9), ("b", 0, 3)] and len(batch) == 0
+    batch.run()  # nothing left: runs nothing
+    assert len(seen) == 3
