@@ -320,14 +320,9 @@ def run_band(mode: str, t: torch.Tensor, b: torch.Tensor, lohi: torch.Tensor):
     return _run(mode, "band", band_kernel, t, b, lohi)
 
 
-def run_kernel(mode: str, *args: Any) -> torch.Tensor:
-    """:func:`gta_kernel` compiled (mode "compiled"; falls back to eager, for good on this
-    device type, if compiling fails) or eager."""
-    return _run(mode, "gta", gta_kernel, *args)
-
-
 def run_kernel_into(mode: str, *args: Any) -> None:
-    """:func:`gta_kernel_into`, compiled or eager as :func:`run_kernel`."""
+    """:func:`gta_kernel_into` compiled (mode "compiled"; falls back to eager, for good on
+    this device type, if compiling fails) or eager."""
     _run(mode, "gta_into", gta_kernel_into, *args)
 
 
@@ -412,5 +407,5 @@ def compile_failed(device_type: str) -> bool:
 
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
            "compile_failed", "compile_seconds", "count_kernel", "fma", "tie_blocks_kernel", "fused_mode", "gta_combine", "gta_deltas",
-           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_kernel", "run_tie_blocks",
+           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_tie_blocks",
            "run_kernel_into", "scalars", "split_ties"]
