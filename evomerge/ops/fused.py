@@ -299,6 +299,37 @@ def tie_blocks_kernel(t: torch.Tensor, b: torch.Tensor,
     return torch.sum(eq[:full].view(-1, TIE_BLOCK), 1), torch.sum(eq[full:])
 
 
+def count_many_kernel(b: torch.Tensor, xs: list[torch.Tensor], vs: torch.Tensor,
+                      layout: tuple[int, ...]) -> torch.Tensor:
+    """:func:`count_kernel` for several inputs of one base in one pass (the base is read
+    once, not once per input): input ``i`` against the next ``layout[i]`` values of ``vs``;
+    ``[less, equal]`` per (input, value), flat, in that order."""
+    bc = b.to(vs.dtype)
+    sums = []
+    j = 0
+    for x, k in zip(xs, layout):
+        a = torch.abs(torch.sub(x.to(vs.dtype), bc))
+        for _ in range(k):
+            sums.append(torch.sum(torch.where(torch.lt(a, vs[j]), 1.0, 0.0)))
+            sums.append(torch.sum(torch.where(torch.eq(a, vs[j]), 1.0, 0.0)))
+            j += 1
+    return torch.stack(sums)
+
+
+def run_count_many(mode: str, b: torch.Tensor, xs: list[torch.Tensor], values: list[list[float]],
+                   dtype: torch.dtype) -> list[list[tuple[int, int]]]:
+    """:func:`count_many_kernel` (compiled in mode "compiled"): per input, per value of
+    ``values[i]``, ``(less, equal)`` as ints."""
+    vs = torch.tensor([v for vals in values for v in vals], dtype=dtype, device=b.device)
+    layout = tuple(len(vals) for vals in values)
+    flat = [int(x) for x in _run(mode, "count_many", count_many_kernel, b, xs, vs, layout).tolist()]
+    out, j = [], 0
+    for k in layout:
+        out.append([(flat[2 * q], flat[2 * q + 1]) for q in range(j, j + k)])
+        j += k
+    return out
+
+
 def run_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     """:func:`count_kernel` (compiled in mode "compiled"), as ints."""
     less, equal = _run(mode, "count", count_kernel, t, b, v)
@@ -406,6 +437,6 @@ def compile_failed(device_type: str) -> bool:
 
 
 __all__ = ["COMPILED_CPU_CHUNK", "FUSED_CPU_MIN", "ChunkCut", "KernelFlags", "PER_INPUT", "band_kernel",
-           "compile_failed", "compile_seconds", "count_kernel", "fma", "tie_blocks_kernel", "fused_mode", "gta_combine", "gta_deltas",
-           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_tie_blocks",
+           "compile_failed", "compile_seconds", "count_kernel", "count_many_kernel", "fma", "tie_blocks_kernel", "fused_mode", "gta_combine", "gta_deltas",
+           "gta_kernel", "gta_kernel_into", "run_band", "run_count", "run_count_many", "run_tie_blocks",
            "run_kernel_into", "scalars", "split_ties"]

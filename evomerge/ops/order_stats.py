@@ -108,14 +108,17 @@ def order_statistics(stream: Stream, device: torch.device | str | None = None) -
     return order_statistics_many([stream], device)[0]
 
 
-def order_statistics_many(streams: list[Stream],
-                          device: torch.device | str | None = None) -> list[list[OrderStat]]:
+def order_statistics_many(streams: list[Stream], device: torch.device | str | None = None,
+                          count_many: Callable | None = None) -> list[list[OrderStat]]:
     """Exact k-th smallest values of each stream, for each of its ranks, in rank order.
 
     Cost per stream: one streaming pass of cheap comparisons plus, unless the sample's
     estimate was right, a selection on a band of about ``6 n / sqrt(m)`` values, instead of
     a selection or sort over all ``n``; the phases of all streams run together in one thread
-    pool (:func:`.parallel.run_items`).
+    pool (:func:`.parallel.run_items`). ``count_many(s, e, [(stream, values), ...])``, when
+    the streams share their chunks: the counts of :func:`_count_at` for several streams on
+    one chunk in one call (per stream, ``(less, equal)`` per value), e.g. one compiled pass
+    that reads their common base once.
     """
     for st in streams:
         for r in st.ranks:
@@ -133,7 +136,7 @@ def order_statistics_many(streams: list[Stream],
         return out  # type: ignore[return-value]
     brackets = dict(zip(sampled, run_items(lambda i: _brackets(streams[i], device), sampled,
                                            device)))
-    _check_guesses(streams, brackets, out, device)
+    _check_guesses(streams, brackets, out, device, count_many)
     todo = {i: [j for j, stat in enumerate(out[i]) if stat is None] for i in sampled}
     todo = {i: js for i, js in todo.items() if js}
     per_chunk = _per_chunk(streams, {i: [brackets[i][j] for j in js] for i, js in todo.items()},
@@ -155,7 +158,7 @@ def order_statistics_many(streams: list[Stream],
 
 
 def _check_guesses(streams: list[Stream], brackets: dict[int, list[Bracket]],
-                   out: list[list[OrderStat | None]], device) -> None:
+                   out: list[list[OrderStat | None]], device, count_many=None) -> None:
     """The counting pass that checks the sample's estimates (:class:`Bracket`): per chunk,
     how many values are below and equal to each estimate, without writing anything per
     element. Where the wanted rank falls among the values equal to its estimate, the
@@ -166,9 +169,16 @@ def _check_guesses(streams: list[Stream], brackets: dict[int, list[Bracket]],
     guessed = {i: js for i, js in guessed.items() if js}
     if not guessed:
         return
-    per_chunk = _per_chunk(streams,
-                           {i: [brackets[i][j].guess for j in js] for i, js in guessed.items()},
-                           _count_at, device)
+    guesses = {i: [brackets[i][j].guess for j in js] for i, js in guessed.items()}
+    if count_many is not None and len({tuple(streams[i].bounds) for i in guessed}) == 1:
+        # the streams share their chunks (one tensor's inputs): count them all per chunk
+        which = list(guessed)
+        bounds = streams[which[0]].bounds
+        rows = run_items(lambda c: count_many(*bounds[c], [(i, guesses[i]) for i in which]),
+                         list(range(len(bounds))), device)
+        per_chunk = {i: [row[q] for row in rows] for q, i in enumerate(which)}
+    else:
+        per_chunk = _per_chunk(streams, guesses, _count_at, device)
     for i, js in guessed.items():
         for k, j in enumerate(js):
             r = streams[i].ranks[j]
