@@ -77,6 +77,7 @@ class ResidentWriter:
     def __init__(self, budget_bytes: int | None = None):
         self.deltas = ResidentDeltas(budget_bytes)
         self.setup_seconds = 0.0
+        self._prepared: set[tuple] = set()  # plan shapes prepare() has walked
         self._written: dict[tuple, tuple[Any, int, tuple]] = {}
         self.skipped = 0
         self.fused = 0
@@ -85,6 +86,7 @@ class ResidentWriter:
         """Forget the task vectors and what was written (the sources changed)."""
         self.deltas.clear()
         self._written.clear()
+        self._prepared.clear()
 
     # -- what a target tensor holds ----------------------------------------------------------
     def forget(self, dst: torch.Tensor | None = None) -> None:
@@ -126,14 +128,12 @@ class ResidentWriter:
                 repr(sorted(params.items())), int(plan.seed), str(out_dtype))
 
     # -- task arithmetic from resident task vectors --------------------------------------------
-    def task_arithmetic_job(self, mat: Materializer, step: TensorStep, params: Mapping[str, Any],
-                            readers: Mapping[str, Any], dst: torch.Tensor,
-                            out_dtype: torch.dtype) -> tuple[TAJob, bool] | None:
-        """``(job, output is the base bit for bit)`` for a task-arithmetic step, or None
-        when the step takes the plain path (not CPU, fused path on, a target or output
-        dtype other than float32, a non-contiguous target)."""
-        if (step.op not in FAST_OPS or step.base is None or mat.device.type != "cpu"
-                or dst.device.type != "cpu"
+    @staticmethod
+    def _base_of(mat: Materializer, step: TensorStep, readers: Mapping[str, Any],
+                 dst: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, str] | None:
+        """``(base as float32, its key)`` when the step can run from resident task vectors
+        (CPU, a contiguous float32 target written as float32, a non-empty base), else None."""
+        if (step.base is None or mat.device.type != "cpu" or dst.device.type != "cpu"
                 or dst.dtype != torch.float32 or out_dtype != torch.float32
                 or not dst.is_contiguous()):
             return None
@@ -141,7 +141,31 @@ class ResidentWriter:
         b = mat._load(base_reader, step.base)
         if b.numel() == 0:
             return None
-        base_key = tensor_key(base_reader, step.base)
+        return b, tensor_key(base_reader, step.base)
+
+    def _delta_of(self, mat: Materializer, readers: Mapping[str, Any], ref: Any, b: torch.Tensor,
+                  base_key: str) -> tuple[Any, bool]:
+        """``(task vector or ZERO, kept)`` of input ``ref``; ``(None, False)`` when its task
+        vector was refused by the budget before (the caller reads the source instead)."""
+        reader = readers[ref.model]
+        key = tensor_key(reader, ref)
+        if self.deltas.refused(key, base_key):
+            return None, False
+        return self.deltas.delta(key, base_key,
+                                 lambda: mat._load(reader, ref, cache=False), b)
+
+    def task_arithmetic_job(self, mat: Materializer, step: TensorStep, params: Mapping[str, Any],
+                            readers: Mapping[str, Any], dst: torch.Tensor,
+                            out_dtype: torch.dtype) -> tuple[TAJob, bool] | None:
+        """``(job, output is the base bit for bit)`` for a task-arithmetic step, or None
+        when the step takes the plain path (not CPU, fused path on, a target or output
+        dtype other than float32, a non-contiguous target)."""
+        if step.op not in FAST_OPS:
+            return None
+        got = self._base_of(mat, step, readers, dst, out_dtype)
+        if got is None:
+            return None
+        b, base_key = got
         flat_b = b.reshape(-1)
         weights = [float(w) for w in params["weight"]]
         inputs = []
@@ -149,14 +173,11 @@ class ResidentWriter:
         for ref, w in zip(step.inputs, weights):
             if w == 0.0:
                 continue  # a dead input, as in the direct path
-            reader = readers[ref.model]
-            key = tensor_key(reader, ref)
-            if self.deltas.refused(key, base_key):
-                inputs.append(("source", mat._load(reader, ref).reshape(-1), w))
+            d, kept = self._delta_of(mat, readers, ref, b, base_key)
+            if d is None:
+                inputs.append(("source", mat._load(readers[ref.model], ref).reshape(-1), w))
                 transient = True
                 continue
-            d, kept = self.deltas.delta(key, base_key,
-                                        lambda r=reader, f=ref: mat._load(r, f, cache=False), b)
             inputs.append(("zero", None, w) if d is ZERO else ("delta", d, w))
             transient = transient or not kept
         alpha = task_arithmetic_alpha(weights, float(params.get("lambda", 1.0)),
@@ -175,23 +196,13 @@ class ResidentWriter:
         without NaN or negative zero). None: the step takes the plain path (not CPU, a target
         or output dtype other than float32, a non-contiguous target, a task vector over the
         budget, or some but not all of them zero)."""
-        if (step.base is None or mat.device.type != "cpu" or dst.device.type != "cpu"
-                or dst.dtype != torch.float32 or out_dtype != torch.float32
-                or not dst.is_contiguous()):
+        got = self._base_of(mat, step, readers, dst, out_dtype)
+        if got is None:
             return None
-        base_reader = readers[step.base.model]
-        b = mat._load(base_reader, step.base)
-        if b.numel() == 0:
-            return None
-        base_key = tensor_key(base_reader, step.base)
+        b, base_key = got
         deltas = []
         for ref in step.inputs:
-            reader = readers[ref.model]
-            key = tensor_key(reader, ref)
-            if self.deltas.refused(key, base_key):
-                return None
-            d, kept = self.deltas.delta(key, base_key,
-                                        lambda r=reader, f=ref: mat._load(r, f, cache=False), b)
+            d, kept = self._delta_of(mat, readers, ref, b, base_key)
             if not kept:
                 return None
             deltas.append(d)
@@ -220,13 +231,20 @@ class ResidentWriter:
 
     # -- genome-independent work, before the first candidate ---------------------------------
     def prepare(self, mat: Materializer, plan: MergePlan, readers: Mapping[str, Any],
-                target: Mapping[str, torch.Tensor]) -> float:
+                target: Mapping[str, torch.Tensor], ids: Mapping[str, int] | None = None) -> float:
         """Compute what no candidate changes for every step a candidate would compute from
         task vectors: the resident ``x - base`` and, for operators that prune by magnitude
         ranks (with statistics on), each input's sorted ``|x - base|``, all tensors' sorts in
         one parallel pass (numpy releases the GIL; per tensor, 3 inputs on 2 threads left
         one idle a third of the time). Returns the seconds spent when it computed anything,
-        else 0 (the lookups of a later candidate are part of its merge)."""
+        else 0 (the lookups of a later candidate are part of its merge). With ``ids`` (the
+        sources' reader numbers), a plan whose steps and sources were prepared before is
+        not walked again: a search's later candidates skip this pass."""
+        shape = None
+        if ids is not None:
+            shape = (tuple(sorted(ids.items())), tuple((s.output, s.op) for s in plan.steps))
+            if shape in self._prepared:
+                return 0.0
         t0 = time.perf_counter()
         misses0 = self.deltas.misses
         sorts: dict[tuple[str, str], torch.Tensor] = {}
@@ -247,6 +265,8 @@ class ResidentWriter:
         if sorts:
             run_items(lambda job: mat.stats.sorted_magnitudes(job[0][0], job[0][1], job[1], None),
                       list(sorts.items()), "cpu")
+        if shape is not None:
+            self._prepared.add(shape)
         if not sorts and self.deltas.misses == misses0:
             return 0.0
         return time.perf_counter() - t0
@@ -263,7 +283,7 @@ class ResidentWriter:
             k = _key(target[step.output])
             count[k] = count.get(k, 0) + 1
         compiled0 = compile_seconds()
-        setup = self.prepare(mat, plan, readers, target)
+        setup = self.prepare(mat, plan, readers, target, ids)
         rest, jobs = [], []
         # this call's task-vector merges: queued, then run in one pass (never kept past the
         # call: after an error nothing stale runs into a later candidate's tensors)
