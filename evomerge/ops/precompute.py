@@ -111,14 +111,7 @@ class SourceStats:
             if blocks > 1 and cdt == torch.float32:
                 block = 0  # no room for the blocks: tie positions are not known
         else:
-            # |d| >= 0, so its float32 bits sort as integers: sort (bits, block) pairs packed
-            # in one int64 and unpack the values and their blocks in sorted order
-            packed = a.view(np.int32).astype(np.int64) << 16
-            packed |= np.arange(n, dtype=np.int64) // block
-            packed.sort(kind="quicksort")
-            a = (packed >> 16).astype(np.int32).view(np.float32)
-            block_of = (packed & 0xFFFF).astype(id_dtype)
-            del packed
+            a, block_of = sort_with_blocks(a, block, id_dtype)
         if cdt != torch.float32:
             block = 0
         got = self._sorted[k] = (a, block_of, block)
@@ -184,6 +177,29 @@ class SourceStats:
         return {"tensors": len(self._sorted), "mib": self.used_bytes / 2**20,
                 "budget_mib": self.budget_bytes / 2**20, "hits": self.hits,
                 "misses": self.misses}
+
+
+def sort_with_blocks(a: np.ndarray, block: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (float32, every value >= 0) sorted, and each sorted value's block
+    (``position // block``, ``id_dtype``); equal values keep their blocks ascending.
+
+    Non-negative float32 bits sort as integers, so each (value, block) pair is one int64:
+    the value's bits in the high 32-bit word, the block in the low one, written through a
+    view (no int64 arithmetic over the array: shifting, dividing and masking it cost more
+    than the sort itself, 3.4-4.1 s -> 2.5-2.9 s for 30M values on this machine)."""
+    n = a.size
+    packed = np.empty(n, dtype=np.int64)
+    words = packed.view(np.int32).reshape(n, 2)  # [low word, high word]
+    if not np.little_endian:
+        words = words[:, ::-1]
+    words[:, 1] = a.view(np.int32)
+    full = n // block
+    ids = words[:, 0]
+    ids[:full * block].reshape(full, block)[:] = np.arange(full, dtype=np.int32)[:, None]
+    ids[full * block:] = full
+    packed.sort(kind="quicksort")
+    values = words[:, 1].copy().view(np.float32)
+    return values, words[:, 0].astype(id_dtype)
 
 
 def tie_block(n: int) -> int:

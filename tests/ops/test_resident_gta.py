@@ -17,7 +17,7 @@ import torch
 
 from evomerge.ops import OpContext, get_op
 from evomerge.ops.parallel import ChunkBatch
-from evomerge.ops.precompute import TIE_BLOCK, SourceStats
+from evomerge.ops.precompute import TIE_BLOCK, SourceStats, sort_with_blocks
 from evomerge.ops.sparsify import chunk_bounds
 from evomerge.plan import step_seed
 
@@ -109,6 +109,21 @@ def test_tied_thresholds_are_located_by_block():
                                      list(chunk_bounds(a.size, 10_000)))([150_000])
     assert st.chunk_equal is None and st.tie_blocks is not None
 
+
+
+@pytest.mark.parametrize("n, block, id_dtype", [(10 * 64 + 17, 64, np.uint8),
+                                                  (300 * 8, 8, np.uint16), (5, 64, np.uint8)])
+def test_sort_with_blocks_matches_a_lexsort(n, block, id_dtype):
+    """Sorted values and their blocks equal a (value, position) lexsort's, ties included,
+    whether or not the last block is full."""
+    rng = np.random.default_rng(n)
+    a = np.abs(rng.integers(-6, 7, n).astype(np.float32) * np.float32(0.125))
+    a[::7] = np.float32(3e-39)  # subnormal: still sorts by its bits
+    order = np.lexsort((np.arange(n), a))
+    values, blocks = sort_with_blocks(a.copy(), block, id_dtype)
+    assert values.dtype == np.float32 and blocks.dtype == id_dtype
+    assert np.array_equal(values.view(np.int32), a[order].view(np.int32))
+    assert np.array_equal(blocks, (order // block).astype(id_dtype))
 
 
 def test_split_ties_keeps_exactly_the_budgeted_ties():
