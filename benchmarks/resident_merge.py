@@ -13,6 +13,7 @@ machine's load average before and after (the figures depend on it: say it).
 
     .venv/bin/python benchmarks/resident_merge.py --candidates 10
     .venv/bin/python benchmarks/resident_merge.py --candidates 6 --method ties
+    .venv/bin/python benchmarks/resident_merge.py --candidates 6 --method ties --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 
-def demo_plans(n: int, seed: int, method: str = "task_arithmetic") -> tuple[list, Path]:
+def demo_plans(n: int, seed: int, method: str = "task_arithmetic",
+               dtype: str = "float32") -> tuple[list, Path]:
     """``n`` plans of random genomes of the real demo's space (its merge method replaced by
     ``method``, with a per-layer-group density in [0.1, 1] where the method prunes), and the
     base model's folder."""
@@ -44,6 +46,7 @@ def demo_plans(n: int, seed: int, method: str = "task_arithmetic") -> tuple[list
     tasks, report = write_tasks(task_dir(root / EXPERTS_DIR, s, recipe), s, recipe)
     raw = real_config(s, experts, tasks, report, "resident-bench")
     raw["space"]["method"] = method
+    raw["dtype"] = dtype
     if method != "task_arithmetic":
         raw["space"]["params"]["density"] = {"low": 0.1, "high": 1.0, "init": 0.5}
     cfg = parse_config(raw, source="benchmark")
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="task_arithmetic",
                     choices=["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"],
                     help="the search space's merge method (the demo's: task_arithmetic)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the evaluation model's and the merge's output dtype")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.candidates < 2:
@@ -94,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     load0 = Path("/proc/loadavg").read_text().split()[:3]
-    plans, base = demo_plans(args.candidates, args.seed, args.method)
-    backend = make_backend("hf", model_dir=str(base), batch_size=64, dtype="float32")
+    plans, base = demo_plans(args.candidates, args.seed, args.method, args.dtype)
+    backend = make_backend("hf", model_dir=str(base), batch_size=64, dtype=args.dtype)
     keep = min(3, args.candidates)
     plain = time_path(backend, plans, False, keep)
     fast = time_path(backend, plans, True, keep)
-    same = all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32))
+    def bits(t):
+        return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+    same = all(torch.equal(bits(a[k]), bits(b[k]))
                for a, b in zip(plain.pop("snapshots"), fast.pop("snapshots")) for k in a)
     load1 = Path("/proc/loadavg").read_text().split()[:3]
     for name, r in (("plain", plain), ("resident", fast)):
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           f"weights of the last {keep} candidates bit-for-bit equal: {same}")
     print(f"resident: {json.dumps(fast['resident'])}")
     print(f"statistics (sorted magnitudes): {json.dumps(fast['stats'])}")
-    print(f"method {args.method}; load average before {load0}, after {load1}; "
+    print(f"method {args.method}, dtype {args.dtype}; load average before {load0}, after {load1}; "
           f"torch threads {args.threads}")
     if args.json:
         Path(args.json).write_text(json.dumps({"plain": plain, "resident": fast, "bitwise_equal": same,

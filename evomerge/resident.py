@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 # operators with a resident fast path
 FAST_OPS = ("task_arithmetic",)
+# target dtypes written from resident task vectors (computed in float32, rounded once)
+RESIDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -132,10 +134,18 @@ class ResidentWriter:
     def _base_of(mat: Materializer, step: TensorStep, readers: Mapping[str, Any],
                  dst: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, str] | None:
         """``(base as float32, its key)`` when the step can run from resident task vectors
-        (CPU, a contiguous float32 target written as float32, a non-empty base), else None."""
+        (CPU, a contiguous float32, bf16 or fp16 target written in its own dtype, sources
+        computed in float32 as the plain path computes them, a non-empty base), else None.
+
+        A narrow target gets the float32 result rounded once on the write, as the plain
+        path rounds it (a bf16 evaluation model keeps its resident speed-up)."""
         if (step.base is None or mat.device.type != "cpu" or dst.device.type != "cpu"
-                or dst.dtype != torch.float32 or out_dtype != torch.float32
+                or dst.dtype not in RESIDENT_DTYPES or out_dtype != dst.dtype
                 or not dst.is_contiguous()):
+            return None
+        # every source float64: the plain path computes in float64 (task vectors: float32)
+        if all(readers[r.model].dtype(r.tensor) == torch.float64
+               for r in (step.base, *step.inputs)):
             return None
         base_reader = readers[step.base.model]
         b = mat._load(base_reader, step.base)
@@ -158,8 +168,8 @@ class ResidentWriter:
                             readers: Mapping[str, Any], dst: torch.Tensor,
                             out_dtype: torch.dtype) -> tuple[TAJob, bool] | None:
         """``(job, output is the base bit for bit)`` for a task-arithmetic step, or None
-        when the step takes the plain path (not CPU, fused path on, a target or output
-        dtype other than float32, a non-contiguous target)."""
+        when the step takes the plain path (not CPU, fused path on, a target dtype other
+        than float32 / bf16 / fp16 or other than the output's, a non-contiguous target)."""
         if step.op not in FAST_OPS:
             return None
         got = self._base_of(mat, step, readers, dst, out_dtype)
@@ -194,8 +204,8 @@ class ResidentWriter:
         shape), or ``(None, base)`` when all of them are zero and the result is the base bit
         for bit (every GTA merge of zero task vectors is, for finite parameters and a base
         without NaN or negative zero). None: the step takes the plain path (not CPU, a target
-        or output dtype other than float32, a non-contiguous target, a task vector over the
-        budget, or some but not all of them zero)."""
+        dtype other than float32 / bf16 / fp16 or other than the output's, a non-contiguous
+        target, a task vector over the budget, or some but not all of them zero)."""
         got = self._base_of(mat, step, readers, dst, out_dtype)
         if got is None:
             return None

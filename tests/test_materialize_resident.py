@@ -56,24 +56,25 @@ def layer_of(name: str) -> int | None:
     return int(parts[2]) if name.startswith("model.layers.") else None
 
 
-def make_plan(zoo, weights: dict, op: str = "task_arithmetic", **params) -> MergePlan:
+def make_plan(zoo, weights: dict, op: str = "task_arithmetic", dtype: str = "float32",
+              **params) -> MergePlan:
     """One step per base tensor; ``weights[layer index or None]`` = per-expert weights."""
     names = CheckpointReader(zoo["a"]).names
     steps = [TensorStep(n, op, [TensorRef(k, n) for k in EXPERTS], base=TensorRef("a", n),
                         params={"weight": list(weights[layer_of(n)]), **params}) for n in names]
     return MergePlan(sources={k: str(zoo[k]) for k in ("a", *EXPERTS)}, steps=steps, base="a",
-                     dtype="float32")
+                     dtype=dtype)
 
 
-def target_of(zoo):
+def target_of(zoo, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(zoo["a"]).eval()
+    model = AutoModelForCausalLM.from_pretrained(zoo["a"]).eval().to(dtype)
     return model, dict(model.state_dict(keep_vars=True))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.int32)
+    return t.detach().contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
 def assert_same_bits(got, want):
@@ -117,6 +118,36 @@ def test_sequence_of_candidates_is_bit_for_bit_the_plain_path(zoo):
         1 for n in plans[1].output_names if layer_of(n) == 1)
     assert repeat["skipped"] == repeat["tensors"] and repeat["bytes"] == 0
     assert stats[-1]["skipped"] == 0  # TIES and linear wrote every tensor in between
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_narrow_target_runs_from_resident_task_vectors_bit_for_bit(zoo, dtype):
+    """A bf16 / fp16 evaluation model: the resident path computes in float32 and rounds
+    once on the write, the plain path's bits, for task arithmetic, TIES and breadcrumbs."""
+    name = str(dtype).removeprefix("torch.")
+    _, fast_t = target_of(zoo, dtype)
+    _, plain_t = target_of(zoo, dtype)
+    fast = Materializer("cpu", cache_sources=True, precompute=True, resident=True)
+    plain = Materializer("cpu", cache_sources=True, precompute=True)
+    w = {None: [1.0, 0.5, 0.7], 0: [0.3, 1.2, 0.9], 1: [1.5, 0.1, -0.4]}
+    plans = [make_plan(zoo, w, dtype=name),
+             make_plan(zoo, w, op="ties", dtype=name, density=[0.5, 0.3, 0.9]),
+             make_plan(zoo, w, op="breadcrumbs_ties", dtype=name, density=[0.6, 0.5, 0.7],
+                       gamma=0.02),
+             make_plan(zoo, w, dtype=name, normalize=True, **{"lambda": 0.8})]
+    for plan in plans:
+        got = fast.materialize_into(plan, fast_t)
+        plain.materialize_into(plan, plain_t)
+        assert got["fused"] > 0  # from the resident task vectors, not the plain loop
+        assert_same_bits(fast_t, plain_t)
+        assert all(t.dtype == dtype for t in fast_t.values())
+    # a target of another dtype than the plan's output takes the plain path, same bits
+    _, f32_t = target_of(zoo)
+    _, f32_plain = target_of(zoo)
+    got = fast.materialize_into(plans[1], f32_t)
+    plain.materialize_into(plans[1], f32_plain)
+    assert got["fused"] == 0
+    assert_same_bits(f32_t, f32_plain)
 
 
 def test_ties_runs_from_resident_task_vectors_and_reports_its_setup(zoo):

@@ -143,7 +143,8 @@ class ResidentDeltas:
 class TAJob:
     """One output tensor of a task-arithmetic merge for :func:`run_task_arithmetic`.
 
-    ``out``: flat float32 contiguous destination; ``base``: flat float32 base; ``inputs``:
+    ``out``: flat contiguous destination (float32, bf16 or fp16: the float32 result is
+    rounded once on the write); ``base``: flat float32 base; ``inputs``:
     per live input (weight != 0, in plan order) ``(kind, tensor, weight)`` with kind "delta"
     (a resident task vector), "source" (the source tensor: subtract the base per chunk) or
     "zero" (:data:`ZERO`; tensor None); ``alpha``: ``lambda / divisor``; ``transient``: it
