@@ -106,6 +106,11 @@ def _write(search: Search, i: int, b: Any, h: str, outcome: Outcome | None, erro
         **outcome_fields(b.recipe, h, fitness, means, scores, failed, error, cached is not None,
                          seconds, worker),
     }
+    if outcome is not None and outcome.merge_seconds is not None:
+        # as candidates log them: a worker's one-time merge setup often lands here
+        rec.update(merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds)
+        if outcome.setup_seconds is not None:
+            rec.update(setup_seconds=outcome.setup_seconds)
     search.store.append_jsonl(LOG, rec)
     maybe_crash("after_baseline")
     search.remember_baseline(rec)

@@ -136,6 +136,12 @@ def test_baselines_logged_first_never_told_and_resumed_exactly(test_zoo, tmp_pat
     by = {r["baseline"]: r for r in base}
     assert by["initial point"]["plan_hash"] == by["task arithmetic (uniform, w=1)"]["plan_hash"]
     assert sum(not r["cached"] for r in base) == 5
+    # evaluated baselines log their merge / evaluation split as candidates do (a worker's
+    # one-time merge setup is often paid on them, before the first candidate)
+    for r in base:
+        if not r["cached"]:
+            assert r["merge_seconds"] > 0 and r["eval_seconds"] > 0
+            assert r.get("setup_seconds", 0.0) <= r["merge_seconds"]
     # never told: the candidates are those of the same run without baselines
     cfg_nb = dict(cfg, baselines={"enabled": False}, selection={"enabled": False})
     path.write_text(yaml.safe_dump(cfg_nb))
