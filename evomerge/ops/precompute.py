@@ -6,10 +6,13 @@ them: the exact k-th largest ``|x_i - base|`` of every tensor (for any density t
 picks) and, for SLERP, the inner product and norms of the two inputs. :class:`SourceStats`
 keeps them per (input, base) pair of tensors:
 
-- magnitude order statistics: the sorted ``|x - base|`` of the tensor (float32, 4 bytes per
-  element, sorted once with numpy) and, where the budget allows, each sorted value's block
-  of :data:`TIE_BLOCK` elements (1-2 bytes per element). Any rank is then one array lookup
-  and two binary searches give the exact counts below / equal, i.e. exactly the
+- magnitude order statistics: the ``|x - base|`` of the tensor (float32, 4 bytes per
+  element) grouped into buckets of equal high 16 bits (:class:`MagnitudeIndex`: a stable
+  radix argsort, 2.3x cheaper than a full sort, which was most of a TIES search's one-time
+  setup) and, where the budget allows, each value's block of :data:`TIE_BLOCK` elements
+  (1-2 bytes per element). Buckets follow value order, so any rank falls in one bucket,
+  found from the bucket sizes, and a selection within that bucket (a few thousand values
+  on real tensors) gives the exact value and counts below / equal, i.e. exactly the
   :class:`OrderStat` the streaming selection finds, so the merge result is bit-for-bit the
   direct path's; the blocks give a tied threshold's per-chunk tie counts without a pass
   over the tensor, and the position where a tie budget ends by scanning one block;
@@ -52,8 +55,8 @@ class SourceStats:
     def __init__(self, budget_bytes: int | None = None):
         self.budget_bytes = default_budget_bytes() if budget_bytes is None else budget_bytes
         self.used_bytes = 0
-        # (input key, base key) -> (sorted values, their block ids or None, the block size)
-        self._sorted: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, int]] = {}
+        # (input key, base key) -> (its magnitudes' index, the block size)
+        self._sorted: dict[tuple[str, str], tuple[MagnitudeIndex, int]] = {}
         self._refused: set[tuple[str, str]] = set()
         self._slerp: dict[tuple[str, str], tuple[float, float, float]] = {}
         self._lock = threading.Lock()
@@ -69,14 +72,13 @@ class SourceStats:
 
     # -- magnitude order statistics -------------------------------------------------------
     def sorted_magnitudes(self, key: str, base_key: str | None, t: torch.Tensor,
-                          b: torch.Tensor | None
-                          ) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-        """``(sorted float32 |t - b|, block ids, block size)``, computed on first use (``b``
-        None: ``t`` is that difference already, a resident task vector). The block ids
-        (``position // block``, uint8 or uint16, :func:`tie_block` elements per block) follow
-        the sorted values; None for a tensor of one block or when the budget has no room
-        for them (block size 0 then). None when over budget or not on CPU (on CUDA the
-        streaming selection is already cheap)."""
+                          b: torch.Tensor | None) -> tuple[MagnitudeIndex, int] | None:
+        """``(index of |t - b|, block size)``, computed on first use (``b`` None: ``t`` is
+        that difference already, a resident task vector). The index keeps each value's
+        block (``position // block``, uint8 or uint16, :func:`tie_block` elements per block)
+        except for a tensor of one block or when the budget has no room for them (block size
+        0 then). None when over budget or not on CPU (on CUDA the streaming selection is
+        already cheap)."""
         if t.device.type != "cpu" or base_key is None:
             return None
         k = (key, base_key)
@@ -105,16 +107,11 @@ class SourceStats:
             a = torch.abs(t.reshape(-1).to(cdt)).numpy()  # a new array: t stays as it is
         else:
             a = torch.sub(t.reshape(-1).to(cdt), b.reshape(-1).to(cdt)).abs_().numpy()
-        block_of = None
-        if id_dtype is None:
-            a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
-            if blocks > 1 and cdt == torch.float32:
-                block = 0  # no room for the blocks: tie positions are not known
-        else:
-            a, block_of = sort_with_blocks(a, block, id_dtype)
+        if id_dtype is None and blocks > 1 and cdt == torch.float32:
+            block = 0  # no room for the blocks: tie positions are not known
         if cdt != torch.float32:
             block = 0
-        got = self._sorted[k] = (a, block_of, block)
+        got = self._sorted[k] = (MagnitudeIndex.build(a, block, id_dtype), block)
         return got
 
     def cached(self, key: str, base_key: str | None) -> bool:
@@ -137,22 +134,19 @@ class SourceStats:
         got = self.sorted_magnitudes(key, base_key, t, b)
         if got is None:
             return None
-        arr, block_of, block = got
+        index, block = got
         n = t.numel()
         chunks = len(bounds) if bounds is not None else 0
         step = _uniform_step(bounds, n)
         per_block = step // block if step and block and step % block == 0 else None
-        if per_block is not None and block_of is None and -(-n // block) > 1:
+        if per_block is not None and index.blocks is None and -(-n // block) > 1:
             per_block = None
 
         def stats(ranks: list[int]) -> list[OrderStat]:
             out = []
             for r in ranks:
-                v = arr[r - 1]
-                lo = int(np.searchsorted(arr, v, side="left"))
-                hi = int(np.searchsorted(arr, v, side="right"))
+                v, lo, hi, tied = index.at_rank(r)
                 per_chunk = None
-                tied = None if block_of is None else block_of[lo:hi]
                 # a threshold of 0 never needs tie budgets (zero deltas are free to drop)
                 if chunks == 1:
                     per_chunk = (hi - lo,)  # one chunk holds every tie
@@ -177,6 +171,83 @@ class SourceStats:
         return {"tensors": len(self._sorted), "mib": self.used_bytes / 2**20,
                 "budget_mib": self.budget_bytes / 2**20, "hits": self.hits,
                 "misses": self.misses}
+
+
+# Buckets of magnitudes share their float32 bits' high 16 (sign 0, exponent, 7 mantissa
+# bits); +inf and every NaN go to the last one (a sort treats NaNs as equal and last).
+_KEY_SHIFT = 16
+_LAST_KEY = 0x7F80
+# A tensor whose largest bucket holds more values than this (and more than an eighth of
+# them) is sorted whole instead: a rank lookup then needs no selection.
+_BUCKET_MAX = 1 << 16
+
+
+class MagnitudeIndex:
+    """Non-negative float32 (or float64) values indexed for exact order statistics.
+
+    ``values`` holds them bucket after bucket in value order (each bucket in position
+    order), ``ends`` each bucket's end in ``values``, ``blocks`` (optional) each value's
+    block id, so the values equal to one value have ascending blocks. A float64 input, or
+    one whose largest bucket is too large, is sorted whole (one bucket per value then
+    need not be found: ``ends`` None)."""
+
+    def __init__(self, values: np.ndarray, ends: np.ndarray | None, blocks: np.ndarray | None):
+        self.values, self.ends, self.blocks = values, ends, blocks
+
+    @classmethod
+    def build(cls, a: np.ndarray, block: int, id_dtype) -> MagnitudeIndex:
+        """Index ``a`` (consumed: it may be reordered in place); ``id_dtype`` None: no
+        block ids."""
+        if a.dtype == np.float32 and a.size > 1:
+            keys = np.minimum(a.view(np.uint32) >> _KEY_SHIFT, _LAST_KEY).astype(np.uint16)
+            sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
+            if int(sizes.max()) <= max(_BUCKET_MAX, a.size >> 3):
+                order = np.argsort(keys, kind="stable")  # radix sort of 16-bit keys
+                del keys
+                values = a[order]
+                blocks = None
+                if id_dtype is not None:
+                    shift = block.bit_length() - 1  # blocks are powers of two
+                    blocks = (order >> shift).astype(id_dtype)
+                return cls(values, np.cumsum(sizes[sizes > 0]), blocks)
+        if id_dtype is not None:
+            values, blocks = sort_with_blocks(a, block, id_dtype)
+            return cls(values, None, blocks)
+        a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
+        return cls(a, None, None)
+
+    def at_rank(self, r: int) -> tuple[float, int, int, np.ndarray | None]:
+        """``(value, first index, one past the last index, their blocks)`` of the values
+        equal to the ``r``-th smallest (1-based) in value order, as a sort would place them
+        (numpy's: NaNs equal and last)."""
+        if self.ends is None:
+            arr = self.values
+            v = arr[r - 1]
+            lo = int(np.searchsorted(arr, v, side="left"))
+            hi = int(np.searchsorted(arr, v, side="right"))
+            return float(v), lo, hi, None if self.blocks is None else self.blocks[lo:hi]
+        q = int(np.searchsorted(self.ends, r - 1, side="right"))  # the bucket of rank r
+        start = int(self.ends[q - 1]) if q > 0 else 0
+        seg = self.values[start:int(self.ends[q])]
+        j = r - 1 - start
+        if q == len(self.ends) - 1 and (np.isnan(seg).any() or np.isinf(seg).any()):
+            order = np.argsort(seg, kind="stable")  # inf and NaN: as the sort places them
+            srt = seg[order]
+            v = srt[j]
+            lo = int(np.searchsorted(srt, v, side="left"))
+            hi = int(np.searchsorted(srt, v, side="right"))
+            tied = None if self.blocks is None else np.sort(self.blocks[start:][order[lo:hi]])
+            return float(v), start + lo, start + hi, tied
+        v = np.partition(seg, j)[j]
+        equal = seg == v
+        lo = start + int(np.count_nonzero(seg < v))
+        hi = lo + int(np.count_nonzero(equal))
+        tied = None if self.blocks is None else self.blocks[start:start + seg.size][equal]
+        return float(v), lo, hi, tied
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (0 if self.blocks is None else self.blocks.nbytes)
 
 
 def sort_with_blocks(a: np.ndarray, block: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -226,4 +297,4 @@ def _uniform_step(bounds: list[tuple[int, int]] | None, n: int) -> int | None:
     return step
 
 
-__all__ = ["TIE_BLOCK", "SourceStats", "default_budget_bytes", "tie_block"]
+__all__ = ["TIE_BLOCK", "MagnitudeIndex", "SourceStats", "default_budget_bytes", "tie_block"]

@@ -157,3 +157,55 @@ def test_chunk_batch_runs_every_queued_chunk_once():
     assert sorted(seen) == [("a", 0, 5), ("a", 5, 9), ("b", 0, 3)] and len(batch) == 0
     batch.run()  # nothing left: runs nothing
     assert len(seen) == 3
+
+
+def _reference(a: np.ndarray, block: int):
+    """Every rank's (value, first, end, blocks of the equal values) from a full sort by
+    (value, position): numpy's order (NaNs equal and last)."""
+    order = np.lexsort((np.arange(a.size), a))
+    srt = a[order]
+
+    def at(r):
+        v = srt[r - 1]
+        lo = int(np.searchsorted(srt, v, "left"))
+        hi = int(np.searchsorted(srt, v, "right"))
+        return v, lo, hi, order[lo:hi] // block
+    return at
+
+
+@pytest.mark.parametrize("kind", ["continuous", "discrete", "specials", "one_bucket"])
+def test_magnitude_index_answers_every_rank_as_a_full_sort(kind):
+    """The bucketed index (buckets of equal high 16 bits, each in position order) gives every
+    rank's value, counts below / equal and the ascending blocks of the equal values that a
+    full sort gives: ties, zeros, subnormals, inf and NaN included; a tensor whose values
+    share one bucket is sorted whole."""
+    from evomerge.ops.precompute import MagnitudeIndex
+
+    rng = np.random.default_rng(7)
+    n, block = 20_000, 64
+    if kind == "continuous":
+        a = np.abs(rng.standard_normal(n).astype(np.float32)) * np.float32(0.01)
+    elif kind == "discrete":
+        a = np.abs(rng.integers(-40, 41, n).astype(np.float32) * np.float32(1 / 512))
+    elif kind == "specials":
+        a = np.abs(rng.standard_normal(n).astype(np.float32))
+        a[::13] = 0.0
+        a[::17] = np.float32(3e-39)
+        a[::101] = np.inf
+        a[5::97] = np.nan
+        a[7::89] = np.float32(np.nan).view(np.uint32).__add__(3).view(np.float32)  # another NaN
+    else:  # every value in one bucket: more than _BUCKET_MAX and an eighth of them
+        n = 70_000
+        a = (np.float32(1.0) + rng.integers(0, 100, n).astype(np.float32) * np.float32(2 ** -23))
+    idx = MagnitudeIndex.build(a.copy(), block, np.uint16)
+    assert (idx.ends is None) == (kind == "one_bucket")
+    ref = _reference(a, block)
+    ranks = sorted({1, 2, n // 2, n - 1, n, *rng.integers(1, n + 1, 400).tolist()})
+    for r in ranks:
+        v, lo, hi, tied = idx.at_rank(r)
+        wv, wlo, whi, wtied = ref(r)
+        assert np.float32(v).view(np.uint32) == wv.view(np.uint32) or (np.isnan(v) and np.isnan(wv))
+        assert (lo, hi) == (wlo, whi), r
+        assert np.array_equal(tied.astype(np.int64), np.sort(wtied)), r
+    plain = MagnitudeIndex.build(a.copy(), block, None)  # no room for blocks
+    assert plain.blocks is None and plain.at_rank(n // 3)[:3] == idx.at_rank(n // 3)[:3]
