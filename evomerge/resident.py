@@ -31,6 +31,7 @@ behind torch's back (raw pointers).
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -39,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import PlanError
-from .ops import get_op
-from .ops.fused import compile_seconds
+from .ops import OpContext, get_op
+from .ops.fused import FUSED_CPU_MIN, FUSED_WARM_MIN, compile_seconds, fused_mode
 from .ops.parallel import ChunkBatch, run_items, threads_for_load
 from .ops.resident import (
     ZERO,
@@ -272,12 +273,19 @@ class ResidentWriter:
                     key = tensor_key(readers[ref.model], ref)
                     if not mat.stats.cached(key, base_key):
                         sorts[(key, base_key)] = d
+        # compile meanwhile: the sorts run in numpy, mostly without the GIL (started
+        # during the task-vector loop above, its many short ops each waited for the GIL)
+        warm = warm_kernels(mat, plan, target) if sorts else None
         if sorts:
             run_items(lambda job: mat.stats.sorted_magnitudes(job[0][0], job[0][1], job[1], None),
                       list(sorts.items()), "cpu")
+        compiled = 0.0
+        if warm is not None:
+            warm.join()
+            compiled = warm.seconds
         if shape is not None:
             self._prepared.add(shape)
-        if not sorts and self.deltas.misses == misses0:
+        if not sorts and self.deltas.misses == misses0 and not compiled:
             return 0.0
         return time.perf_counter() - t0
 
@@ -292,8 +300,8 @@ class ResidentWriter:
         for step in plan.steps:
             k = _key(target[step.output])
             count[k] = count.get(k, 0) + 1
+        setup = self.prepare(mat, plan, readers, target, ids)  # its compiles included
         compiled0 = compile_seconds()
-        setup = self.prepare(mat, plan, readers, target, ids)
         rest, jobs = [], []
         # this call's task-vector merges: queued, then run in one pass (never kept past the
         # call: after an error nothing stale runs into a later candidate's tensors)
@@ -402,6 +410,78 @@ def base_output(base: torch.Tensor, dst: torch.Tensor, out_dtype: torch.dtype) -
     if out_dtype != dst.dtype:
         out = out.to(out_dtype)
     dst.copy_(out)
+
+
+class _Warm(threading.Thread):
+    """Runs :func:`warm_kernels`' tiny merges; ``seconds``: compile time they took."""
+
+    def __init__(self, jobs: list) -> None:
+        super().__init__(name="evomerge-warm-kernels", daemon=True)
+        self.jobs, self.seconds = jobs, 0.0
+
+    def run(self) -> None:
+        c0 = compile_seconds()
+        for spec, params, n_inputs, dtype in self.jobs:
+            g = torch.Generator().manual_seed(0)
+            n = FUSED_CPU_MIN
+            base = torch.randn(n, generator=g)
+            tvs = [torch.randn(n, generator=g) * 0.01 for _ in range(n_inputs)]
+            ctx = OpContext("warm-up", g, torch.device("cpu"), out_dtype=dtype)
+            ctx.task_vectors = True
+            try:
+                with torch.no_grad():
+                    spec.fn(tvs, base, params, ctx)
+            except Exception:  # noqa: BLE001 - only a warm-up: the real merge reports errors
+                pass
+        self.seconds = compile_seconds() - c0
+
+
+def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.Tensor]
+                 ) -> _Warm | None:
+    """Start compiling the fused kernels a plan's task-vector steps will run, in a thread,
+    or None (nothing to compile: not CPU, compiling off or done, small tensors only).
+
+    A worker's first candidate otherwise waits for them after its one-time sorts (on the
+    SmolLM2 TIES search ~3.4 s of tracing and loading inductor's cached code, after ~5 s
+    of sorts); the sorts run in numpy, mostly without the GIL, so the two overlap. Each
+    distinct (operator, input count, weight signs, densities below 1, other parameters,
+    target dtype) merges random task vectors of one compiled chunk's size, which compiles
+    exactly the graphs its real steps run (results never depend on it: eager and compiled
+    give the same bits)."""
+    if mat.device.type != "cpu" or fused_mode(torch.device("cpu"), FUSED_CPU_MIN) != "compiled":
+        return None
+    jobs, seen = [], set()
+    for step in plan.steps:
+        spec = get_op(step.op)
+        dst = target.get(step.output)
+        if not spec.task_vectors or dst is None or dst.numel() < FUSED_WARM_MIN:
+            continue
+        params = spec.resolve_params(step)
+        key = (step.op, len(step.inputs), dst.dtype,
+               tuple((k, _graph_shape(k, v)) for k, v in sorted(params.items())))
+        if key not in seen:
+            seen.add(key)
+            jobs.append((spec, params, len(step.inputs), dst.dtype))
+    if not jobs:
+        return None
+    warm = _Warm(jobs)
+    warm.start()
+    return warm
+
+
+def _graph_shape(name: str, value: Any) -> Any:
+    """What of a parameter can change which kernel graph runs: booleans, weight signs,
+    densities below 1, and whether other numbers are 0 (not their values: one job, not
+    one per layer)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_graph_shape(name, x) for x in value)
+    if isinstance(value, (int, float)):
+        if name == "weight":
+            return value > 0
+        return value < 1 if name == "density" else value != 0
+    return repr(value)
 
 
 def _key(t: torch.Tensor) -> tuple:

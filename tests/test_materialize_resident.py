@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import threading
 
 import pytest
 import torch
@@ -295,3 +297,43 @@ def test_delta_budget_refuses_what_does_not_fit():
     assert deltas.used_bytes == 4000 and torch.equal(d2, torch.full((1000,), 2.0))
     assert deltas.known("x1", "b") is d1
     assert math.isclose(deltas.summary()["mib"], 4000 / 2**20)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_the_first_candidate_finds_its_kernels_compiled_during_the_sorts(zoo, monkeypatch):
+    """The one-time sorts of a TIES worker overlap the compile of the kernels its steps run
+    (a thread started by ``prepare``): by the first chunk of every step, its graph is warm.
+    Same bits as the plain path."""
+    from evomerge.ops import fused
+    from evomerge.ops import task_vector_merge as tvm
+    from evomerge.resident import warm_kernels
+
+    monkeypatch.setattr(fused, "_WARM", set())  # as in a fresh worker
+    w = {None: [1.0, 0.5, 0.7], 0: [0.3, 1.2, 0.9], 1: [1.5, 0.1, -0.4]}
+    plan = make_plan(zoo, w, op="ties", density=[0.5, 0.3, 0.9])
+    _, fast_t = target_of(zoo)
+    _, plain_t = target_of(zoo)
+    warm = warm_kernels(Materializer("cpu"), plan, fast_t)
+    assert warm is not None and len(warm.jobs) == 2  # layer 1 has a negative weight
+    warm.join()
+    Materializer("cpu", cache_sources=True, precompute=True).materialize_into(plan, plain_t)
+    monkeypatch.setattr(fused, "_WARM", set())  # the plain path's graphs are others anyway
+    cold = []
+    real = tvm.run_kernel_into
+
+    def spy(mode, o, b, xs, masks, scal, flags):
+        key = fused._shape_key("gta_into", (o, b, xs, masks, scal, flags))
+        warming = threading.current_thread().name == "evomerge-warm-kernels"
+        # the resident writer's steps (from task vectors; steps with some zero task
+        # vectors take the plain loop, which compiles as it always did)
+        if mode == "compiled" and flags.given and o.storage_offset() == 0 and not warming:
+            cold.append(key not in fused._WARM)
+        return real(mode, o, b, xs, masks, scal, flags)
+
+    monkeypatch.setattr(tvm, "run_kernel_into", spy)
+    fast = Materializer("cpu", cache_sources=True, precompute=True, resident=True)
+    got = fast.materialize_into(plan, fast_t)
+    assert_same_bits(fast_t, plain_t)
+    assert got["fused"] > 0 and got["setup_seconds"] > 0
+    assert cold and not any(cold)  # every such step's first chunk ran a warm graph

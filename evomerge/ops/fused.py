@@ -422,7 +422,9 @@ def _run(mode: str, name: str, fn: Any, *args: Any) -> Any:
                 with _COMPILE_LOCK:
                     t0 = time.perf_counter()
                     try:
-                        out = _compiled_fn(name, fn)(*args)
+                        compiled = _compiled_fn(name, fn)
+                        _configure_thread()  # this thread may compile (or recompile) now
+                        out = compiled(*args)
                     finally:
                         _COMPILE_CLOCK[0] += time.perf_counter() - t0
                     _WARM.add(key)
@@ -434,23 +436,32 @@ def _run(mode: str, name: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
+def _configure_thread() -> None:
+    """The compiler settings the kernels need, in the calling thread: torch keeps these
+    settings per thread (one made in a thread is not seen in the others), and a graph
+    compiles in whichever thread first runs it (a pool thread, the warm-up thread). Seen
+    here: settings made only in the thread of the first compile left the others at dynamo's
+    recompile limit of 8, a later variant failed to compile, and every merge of the process
+    fell back to eager."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+
+    # no FP contraction in the generated C++: the eager ops round every step
+    inductor_config.cpp.enable_floating_point_contract_flag = "off"
+    # one graph per input count and flags; never fall back to eager silently for running
+    # out of cache entries (eager would be right, only slow)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4096)
+    # chunks are views at different offsets: no guard tying an offset to a size
+    fx_config.use_duck_shape = False
+
+
 def _compiled_fn(name: str, fn: Any) -> Any:
     with _COMPILE_LOCK:
         if name not in _COMPILED:
-            import torch._dynamo
-            import torch._inductor.config as inductor_config
-
-            # no FP contraction in the generated C++: the eager ops round every step
-            inductor_config.cpp.enable_floating_point_contract_flag = "off"
-            # one graph per input count and flags; never fall back to eager silently for
-            # running out of cache entries (eager would be right, only slow)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4096)
-            # chunks are views at different offsets: no guard tying an offset to a size
-            import torch.fx.experimental._config as fx_config
-
-            fx_config.use_duck_shape = False
+            _configure_thread()
             # the C++ wrapper releases the GIL while the graph runs, so chunks run in parallel
             # in the Python threads of .parallel.run_chunks (the default Python wrapper
             # calls each kernel holding it)

@@ -82,3 +82,39 @@ def test_small_tensors_stay_eager_until_a_kernel_is_compiled(monkeypatch):
     fused._COMPILED_ON.add("cpu")  # a large tensor paid for the compile: small ones use it
     assert fused.fused_mode(cpu, fused.FUSED_CPU_MIN - 1) == "compiled"
     assert fused.fused_mode(cpu, fused.FUSED_WARM_MIN - 1) == "eager"
+
+
+def test_a_thread_that_compiles_gets_the_kernels_settings(monkeypatch):
+    """torch keeps compiler settings per thread, and kernels compile in whichever thread
+    first runs them (pool threads, the resident writer's warm-up thread): every compile
+    applies the settings in its own thread (FP contraction off, a recompile limit above
+    dynamo's 8, which a variant past the 8th hit and sent the whole process to eager)."""
+    import threading
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+
+    def call():
+        b = torch.zeros(fused.FUSED_CPU_MIN)
+        o = torch.empty_like(b)
+        x = torch.ones_like(b)
+        scal = fused.scalars([fused.ChunkCut()], [1.0], [1.0], 1.0, torch.float32, b.device)
+        fused.run_kernel_into("compiled", o, b, [x], [None], scal, fused.KernelFlags())
+        return o
+
+    call()  # the compiled function exists (made in this thread)
+    monkeypatch.setattr(fused, "_WARM", set())  # the next call of its shape may compile
+
+    def worker():
+        seen["out"] = call()
+        seen["limit"] = torch._dynamo.config.recompile_limit
+        seen["contract"] = inductor_config.cpp.enable_floating_point_contract_flag
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert not fused.compile_failed("cpu")
+    assert seen["limit"] >= 256 and seen["contract"] == "off"
+    assert torch.equal(seen["out"], torch.ones(fused.FUSED_CPU_MIN))
