@@ -439,7 +439,8 @@ class _Warm(threading.Thread):
 def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.Tensor]
                  ) -> _Warm | None:
     """Start compiling the fused kernels a plan's task-vector steps will run, in a thread,
-    or None (nothing to compile: not CPU, compiling off or done, small tensors only).
+    or None (nothing to compile: not CPU, compiling off, no tensor of
+    :data:`~.ops.fused.FUSED_CPU_MIN` elements or more).
 
     A worker's first candidate otherwise waits for them after its one-time sorts (on the
     SmolLM2 TIES search ~3.4 s of tracing and loading inductor's cached code, after ~5 s
@@ -462,7 +463,9 @@ def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.
         if key not in seen:
             seen.add(key)
             jobs.append((spec, params, len(step.inputs), dst.dtype))
-    if not jobs:
+    big = any(target[st.output].numel() >= FUSED_CPU_MIN for st in plan.steps
+              if st.output in target and get_op(st.op).task_vectors)
+    if not jobs or not big:  # only small tensors: the merge runs eagerly, nothing compiles
         return None
     warm = _Warm(jobs)
     warm.start()
