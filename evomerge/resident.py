@@ -42,7 +42,7 @@ import torch
 from .errors import PlanError
 from .ops import OpContext, get_op
 from .ops.fused import FUSED_CPU_MIN, FUSED_WARM_MIN, compile_seconds, fused_mode
-from .ops.parallel import ChunkBatch, run_items, threads_for_load
+from .ops.parallel import ChunkBatch, run_inline, run_items, threads_for_load
 from .ops.resident import (
     ZERO,
     ResidentDeltas,
@@ -429,7 +429,7 @@ class _Warm(threading.Thread):
             ctx = OpContext("warm-up", g, torch.device("cpu"), out_dtype=dtype)
             ctx.task_vectors = True
             try:
-                with torch.no_grad():
+                with torch.no_grad(), run_inline():
                     spec.fn(tvs, base, params, ctx)
             except Exception:  # noqa: BLE001 - only a warm-up: the real merge reports errors
                 pass

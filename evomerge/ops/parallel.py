@@ -153,6 +153,20 @@ def torch_single_threaded() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def run_inline() -> Iterator[None]:
+    """:func:`run_items` and :func:`run_chunks` called in this thread within the block run
+    their items in order here, not in the shared pool, and leave torch's thread count
+    alone (a background thread then never waits behind the merge's own work items, nor
+    changes the count while the merge's own blocks have set and will restore it)."""
+    prev = getattr(_local, "inline", False)
+    _local.inline = True
+    try:
+        yield
+    finally:
+        _local.inline = prev
+
+
+@contextlib.contextmanager
 def threads_for_load(device: torch.device | str | None = None) -> Iterator[None]:
     """torch's thread count capped by :func:`idle_cpus` for the block (CPU only; restored after).
 
@@ -212,6 +226,8 @@ def run_items(fn: Callable[[Any], T], items: Sequence[Any],
               device: torch.device | str | None = None, threads: int | None = None) -> list[T]:
     """``[fn(x) for x in items]`` with the thread rules of :func:`run_chunks` (any
     independent work items: chunks, or the streams and ranks of a selection)."""
+    if getattr(_local, "inline", False):
+        return [fn(x) for x in items]
     dev = torch.device(device) if device is not None else torch.device("cpu")
     auto = threads is None
     if auto:
@@ -257,5 +273,5 @@ class ChunkBatch:
             run_items(lambda it: it[0](it[1], it[2]), items, device)
 
 
-__all__ = ["ChunkBatch", "available_cpus", "idle_cpus", "merge_threads", "run_chunks", "run_items", "scratch", "threads_for_load",
-           "torch_single_threaded"]
+__all__ = ["ChunkBatch", "available_cpus", "idle_cpus", "merge_threads", "run_chunks", "run_inline", "run_items",
+           "scratch", "threads_for_load", "torch_single_threaded"]

@@ -329,3 +329,28 @@ def test_precomputed_stats_count_ties_per_chunk():
     tight = SourceStats(budget_bytes=a.size * 4 + 100)
     (st,) = tight.magnitude_stats_fn("k", "base", xs[1], base, bounds)([50_000])
     assert st.chunk_equal is None and st.n_equal == int((a == st.value).sum())
+
+
+
+def test_run_inline_runs_items_here_and_leaves_torch_threads_alone():
+    """A background thread (a worker's kernel warm-up) runs its work items itself: never
+    queued behind the merge's items in the shared pool, and torch's thread count (which
+    the merge's own blocks set and restore) untouched."""
+    import threading
+
+    from evomerge.ops.parallel import run_inline, run_items
+
+    calls = []
+
+    def work():
+        with run_inline():
+            calls.append(run_items(lambda x: (x, threading.current_thread().name,
+                                              torch.get_num_threads()), [1, 2, 3]))
+
+    prev = torch.get_num_threads()
+    t = threading.Thread(target=work, name="bg")
+    t.start()
+    t.join()
+    assert [x for x, _, _ in calls[0]] == [1, 2, 3]
+    assert {name for _, name, _ in calls[0]} == {"bg"}
+    assert {n for _, _, n in calls[0]} == {prev} and torch.get_num_threads() == prev
