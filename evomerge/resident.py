@@ -279,13 +279,11 @@ class ResidentWriter:
         if sorts:
             run_items(lambda job: mat.stats.sorted_magnitudes(job[0][0], job[0][1], job[1], None),
                       list(sorts.items()), "cpu")
-        compiled = 0.0
         if warm is not None:
-            warm.join()
-            compiled = warm.seconds
+            warm.join()  # its compile time is part of this setup's wall time
         if shape is not None:
             self._prepared.add(shape)
-        if not sorts and self.deltas.misses == misses0 and not compiled:
+        if not sorts and self.deltas.misses == misses0:
             return 0.0
         return time.perf_counter() - t0
 
@@ -413,14 +411,13 @@ def base_output(base: torch.Tensor, dst: torch.Tensor, out_dtype: torch.dtype) -
 
 
 class _Warm(threading.Thread):
-    """Runs :func:`warm_kernels`' tiny merges; ``seconds``: compile time they took."""
+    """Runs :func:`warm_kernels`' tiny merges."""
 
     def __init__(self, jobs: list) -> None:
         super().__init__(name="evomerge-warm-kernels", daemon=True)
-        self.jobs, self.seconds = jobs, 0.0
+        self.jobs = jobs
 
     def run(self) -> None:
-        c0 = compile_seconds()
         for spec, params, n_inputs, dtype in self.jobs:
             g = torch.Generator().manual_seed(0)
             n = FUSED_CPU_MIN
@@ -433,7 +430,6 @@ class _Warm(threading.Thread):
                     spec.fn(tvs, base, params, ctx)
             except Exception:  # noqa: BLE001 - only a warm-up: the real merge reports errors
                 pass
-        self.seconds = compile_seconds() - c0
 
 
 def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.Tensor]
@@ -451,20 +447,19 @@ def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.
     give the same bits)."""
     if mat.device.type != "cpu" or fused_mode(torch.device("cpu"), FUSED_CPU_MIN) != "compiled":
         return None
-    jobs, seen = [], set()
+    jobs, seen, big = [], set(), False
     for step in plan.steps:
         spec = get_op(step.op)
         dst = target.get(step.output)
         if not spec.task_vectors or dst is None or dst.numel() < FUSED_WARM_MIN:
             continue
+        big = big or dst.numel() >= FUSED_CPU_MIN
         params = spec.resolve_params(step)
         key = (step.op, len(step.inputs), dst.dtype,
                tuple((k, _graph_shape(k, v)) for k, v in sorted(params.items())))
         if key not in seen:
             seen.add(key)
             jobs.append((spec, params, len(step.inputs), dst.dtype))
-    big = any(target[st.output].numel() >= FUSED_CPU_MIN for st in plan.steps
-              if st.output in target and get_op(st.op).task_vectors)
     if not jobs or not big:  # only small tensors: the merge runs eagerly, nothing compiles
         return None
     warm = _Warm(jobs)

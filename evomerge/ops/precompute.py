@@ -245,10 +245,6 @@ class MagnitudeIndex:
         tied = None if self.blocks is None else self.blocks[start:start + seg.size][equal]
         return float(v), lo, hi, tied
 
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + (0 if self.blocks is None else self.blocks.nbytes)
-
 
 def sort_with_blocks(a: np.ndarray, block: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:
     """``a`` (float32, every value >= 0) sorted, and each sorted value's block

@@ -192,6 +192,7 @@ def generalized_task_arithmetic(
     lam_eff = lam if consensus else lam / divisor
     plain_scal = scalars([ChunkCut()] * len(live), ews, ws, lam_eff, cdt, device)
     prune = method in ("magnitude", "outliers") and any(pruning[inp.pos] for inp in live)
+    negative = not all(w > 0 for w in ws)  # else the kernel skips the weights' sign products
     dare = method == "random" and any(pruning[inp.pos] for inp in live)
 
     def chunk(s: int, e: int) -> None:
@@ -220,7 +221,7 @@ def generalized_task_arithmetic(
             scal = scalars(piece, ews, ws, lam_eff, cdt, device)
             flags = KernelFlags(prune, consensus, normalize, given, high=high,
                                 ties=prune and any(c.has_ties() for c in piece),
-                                negative=not all(w > 0 for w in ws))
+                                negative=negative)
             run_kernel_into(mode, o[p:q], b[p:q], [inp.flat[p:q] for inp in live],
                             [None if m is None else m[a:z] for m in masks], scal, flags)
 
