@@ -102,7 +102,7 @@ def kth_smallest(x: torch.Tensor, r: int) -> float:
     """Exact r-th smallest (1-based) element of ``x`` (any shape), without sorting."""
     flat = x.reshape(-1)
     return order_statistics(
-        flat.numel(), [r], lambda s, e: flat[s:e], lambda idx: flat[idx], flat.device
+        flat.numel(), [r], lambda s, e: flat[s:e], lambda idx: flat.index_select(0, idx), flat.device
     )[0].value
 
 
@@ -228,7 +228,7 @@ def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     r = RankCut.rank_for(n, k)
     stat = None
     if r is not None:
-        stat = order_statistics(n, [r], lambda s, e: flat[s:e], lambda idx: flat[idx],
+        stat = order_statistics(n, [r], lambda s, e: flat[s:e], lambda idx: flat.index_select(0, idx),
                                 flat.device)[0]
     cut = RankCut(n, k, stat)
     return cut.keep(flat).reshape(score.shape)
