@@ -210,7 +210,7 @@ def generalized_task_arithmetic(
         masks: list[torch.Tensor | None] = [None] * len(live)
         if dare:  # every input gets a mask (ones where not pruned): one graph for all genomes
             masks = [inp.draws.keep_at(s, e, inp.density).to(device) if pruning[inp.pos]
-                     else torch.ones(e - s, device=device) for inp in live]
+                     else torch.ones(e - s, dtype=torch.uint8, device=device) for inp in live]
         cuts = [chunk_cut(inp, b, s, e, method, cdt, mode) if prune and pruning[inp.pos]
                 else ChunkCut() for inp in live]
         high = prune and any(c.uses_high() for c in cuts)
