@@ -15,7 +15,9 @@ keeps them per (input, base) pair of tensors:
   on real tensors) gives the exact value and counts below / equal, i.e. exactly the
   :class:`OrderStat` the streaming selection finds, so the merge result is bit-for-bit the
   direct path's; the blocks give a tied threshold's per-chunk tie counts without a pass
-  over the tensor, and the position where a tie budget ends by scanning one block;
+  over the tensor, and the position where a tie budget ends by scanning one block. For a
+  resident task vector (float32, kept by the worker) only the positions are indexed
+  (4 bytes per element, blocks included) and a bucket's values are read from the vector;
 - SLERP: ``(dot, |a|, |b|)`` accumulated exactly as the operator does.
 
 Memory is bounded by ``budget_bytes`` (the sorted magnitudes and their blocks; the SLERP
@@ -30,6 +32,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +106,16 @@ class SourceStats:
                 id_dtype = None  # the values fit, their blocks do not
             self.used_bytes += n * (cdt.itemsize + (0 if id_dtype is None else np.dtype(id_dtype).itemsize))
         self.misses += 1
+        if b is None and t.dtype == torch.float32 and t.is_contiguous():
+            # a resident task vector: index positions only, read values from it when asked
+            index = MagnitudeIndex.of_positions(t.reshape(-1).numpy(), block)
+            if index is not None:
+                with self._lock:  # 4 bytes per element instead of the values' 4 + blocks'
+                    self.used_bytes -= n * (cdt.itemsize + (0 if id_dtype is None else
+                                                            np.dtype(id_dtype).itemsize))
+                    self.used_bytes += index.order.nbytes + 4 * (n >> 3)  # + buckets read
+                got = self._sorted[k] = (index, block)
+                return got
         if b is None:
             a = torch.abs(t.reshape(-1).to(cdt)).numpy()  # a new array: t stays as it is
         else:
@@ -139,7 +152,7 @@ class SourceStats:
         chunks = len(bounds) if bounds is not None else 0
         step = _uniform_step(bounds, n)
         per_block = step // block if step and block and step % block == 0 else None
-        if per_block is not None and index.blocks is None and -(-n // block) > 1:
+        if per_block is not None and not index.has_blocks and -(-n // block) > 1:
             per_block = None
 
         def stats(ranks: list[int]) -> list[OrderStat]:
@@ -180,26 +193,44 @@ _LAST_KEY = 0x7F80
 # A tensor whose largest bucket holds more values than this (and more than an eighth of
 # them) is sorted whole instead: a rank lookup then needs no selection.
 _BUCKET_MAX = 1 << 16
+_ABS_MASK = np.uint32(0x7FFF_FFFF)
 
 
 class MagnitudeIndex:
     """Non-negative float32 (or float64) values indexed for exact order statistics.
 
-    ``values`` holds them bucket after bucket in value order (each bucket in position
-    order), ``ends`` each bucket's end in ``values``, ``blocks`` (optional) each value's
-    block id, so the values equal to one value have ascending blocks. A float64 input, or
-    one whose largest bucket is too large, is sorted whole (one bucket per value then
-    need not be found: ``ends`` None)."""
+    Two layouts. Values: ``values`` holds them bucket after bucket in value order (each
+    bucket in position order), ``blocks`` (optional) each value's block id, so the values
+    equal to one value have ascending blocks. Positions (:meth:`of_positions`, a resident
+    task vector ``d`` whose ``|d|`` is indexed): ``order`` holds the positions bucket after
+    bucket, and a bucket's values are read from ``d`` when a rank falls in it (4 bytes per
+    element instead of 5-6, plus the buckets read so far up to half a byte per element;
+    no gather of every value while indexing: 30-40% less setup). ``ends`` is each bucket's end. A float64 input, or one whose largest bucket is
+    too large, is sorted whole (one bucket per value then need not be found: ``ends``
+    None)."""
 
-    def __init__(self, values: np.ndarray, ends: np.ndarray | None, blocks: np.ndarray | None):
+    def __init__(self, values: np.ndarray | None, ends: np.ndarray | None,
+                 blocks: np.ndarray | None, order: np.ndarray | None = None,
+                 source: np.ndarray | None = None, shift: int = -1):
         self.values, self.ends, self.blocks = values, ends, blocks
+        self.order, self.source, self.shift = order, source, shift
+        # buckets read from ``source`` so far, kept up to an eighth of the values (half a
+        # byte per element): a bucket is a gather of scattered positions, measured 8% of a
+        # SmolLM2 candidate's merge when read again each time
+        self._read: dict[int, np.ndarray] = {}
+        self._read_room = 0 if order is None else order.size >> 3
+
+    @property
+    def has_blocks(self) -> bool:
+        """Whether the blocks of the values equal to a rank's come with it."""
+        return self.blocks is not None or (self.order is not None and self.shift >= 0)
 
     @classmethod
     def build(cls, a: np.ndarray, block: int, id_dtype) -> MagnitudeIndex:
         """Index ``a`` (consumed: it may be reordered in place); ``id_dtype`` None: no
         block ids."""
         if a.dtype == np.float32 and a.size > 1:
-            keys = np.minimum(a.view(np.uint32) >> _KEY_SHIFT, _LAST_KEY).astype(np.uint16)
+            keys = _bucket_keys(a.view(np.uint32), False)
             sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
             if int(sizes.max()) <= max(_BUCKET_MAX, a.size >> 3):
                 order = np.argsort(keys, kind="stable")  # radix sort of 16-bit keys
@@ -216,6 +247,41 @@ class MagnitudeIndex:
         a.sort(kind="quicksort")  # introsort (numpy's SIMD sort for float32)
         return cls(a, None, None)
 
+    @classmethod
+    def of_positions(cls, d: np.ndarray, block: int) -> MagnitudeIndex | None:
+        """The positions layout for ``|d|`` (``d`` float32, kept and never changed while
+        the index lives; blocks of ``block`` elements, a power of two, 0: none), or None
+        when one bucket holds too many of its values (then index a copy with
+        :meth:`build`)."""
+        if d.dtype != np.float32 or d.size < 2 or d.size >= 1 << 31:
+            return None
+        bits = d.view(np.uint32)
+        keys = _bucket_keys(bits, True)
+        sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
+        if int(sizes.max()) > max(_BUCKET_MAX, d.size >> 3):
+            return None
+        order = np.argsort(keys, kind="stable").astype(np.int32)  # radix sort of 16-bit keys
+        del keys
+        shift = block.bit_length() - 1 if block else -1
+        return cls(None, np.cumsum(sizes[sizes > 0]), None, order, bits, shift)
+
+    def _bucket(self, start: int, end: int) -> tuple[np.ndarray, Callable[[Any], np.ndarray] | None]:
+        """A bucket's values (position order) and a function: index into them -> their
+        blocks (None: no blocks)."""
+        if self.order is None:
+            blocks = self.blocks
+            return self.values[start:end], (None if blocks is None
+                                             else lambda sel: blocks[start:end][sel])
+        pos = self.order[start:end]
+        seg = self._read.get(start)
+        if seg is None:
+            seg = (self.source[pos] & _ABS_MASK).view(np.float32)  # |d|: the sign bit cleared
+            if self._read_room >= seg.size:  # a search revisits the buckets near its densities
+                self._read_room -= seg.size
+                self._read[start] = seg
+        shift = self.shift
+        return seg, (None if shift < 0 else lambda sel: pos[sel].astype(np.int64) >> shift)
+
     def at_rank(self, r: int) -> tuple[float, int, int, np.ndarray | None]:
         """``(value, first index, one past the last index, their blocks)`` of the values
         equal to the ``r``-th smallest (1-based) in value order, as a sort would place them
@@ -228,7 +294,7 @@ class MagnitudeIndex:
             return float(v), lo, hi, None if self.blocks is None else self.blocks[lo:hi]
         q = int(np.searchsorted(self.ends, r - 1, side="right"))  # the bucket of rank r
         start = int(self.ends[q - 1]) if q > 0 else 0
-        seg = self.values[start:int(self.ends[q])]
+        seg, blocks_of = self._bucket(start, int(self.ends[q]))
         j = r - 1 - start
         if q == len(self.ends) - 1 and (np.isnan(seg).any() or np.isinf(seg).any()):
             order = np.argsort(seg, kind="stable")  # inf and NaN: as the sort places them
@@ -236,14 +302,23 @@ class MagnitudeIndex:
             v = srt[j]
             lo = int(np.searchsorted(srt, v, side="left"))
             hi = int(np.searchsorted(srt, v, side="right"))
-            tied = None if self.blocks is None else np.sort(self.blocks[start:][order[lo:hi]])
+            tied = None if blocks_of is None else np.sort(blocks_of(order[lo:hi]))
             return float(v), start + lo, start + hi, tied
         v = np.partition(seg, j)[j]
         equal = seg == v
         lo = start + int(np.count_nonzero(seg < v))
         hi = lo + int(np.count_nonzero(equal))
-        tied = None if self.blocks is None else self.blocks[start:start + seg.size][equal]
+        tied = None if blocks_of is None else blocks_of(equal)
         return float(v), lo, hi, tied
+
+
+def _bucket_keys(bits: np.ndarray, clear_sign: bool) -> np.ndarray:
+    """The uint16 bucket of every float32 (as uint32 ``bits``), of its absolute value when
+    ``clear_sign``."""
+    k = np.bitwise_and(bits, _ABS_MASK) if clear_sign else bits.copy()
+    np.right_shift(k, _KEY_SHIFT, out=k)
+    np.minimum(k, _LAST_KEY, out=k)
+    return k.astype(np.uint16)
 
 
 def sort_with_blocks(a: np.ndarray, block: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -209,3 +209,21 @@ def test_magnitude_index_answers_every_rank_as_a_full_sort(kind):
         assert np.array_equal(tied.astype(np.int64), np.sort(wtied)), r
     plain = MagnitudeIndex.build(a.copy(), block, None)  # no room for blocks
     assert plain.blocks is None and plain.at_rank(n // 3)[:3] == idx.at_rank(n // 3)[:3]
+    # the positions layout, of a signed task vector d with |d| = a (-0.0 and NaNs with
+    # the sign bit set included), answers the same
+    signs = np.where(rng.random(n) < 0.5, np.float32(-1), np.float32(1))
+    d = (a.view(np.uint32) | np.where(signs < 0, np.uint32(1 << 31), np.uint32(0))).view(np.float32)
+    pos = MagnitudeIndex.of_positions(d, block)
+    if kind == "one_bucket":
+        assert pos is None  # indexed by values then
+        return
+    assert pos.has_blocks and pos.order.dtype == np.int32 and pos.values is None
+    for _ in range(2):  # the second time from the buckets kept (up to an eighth of them)
+        for r in ranks:
+            got, want = pos.at_rank(r), idx.at_rank(r)
+            assert np.float32(got[0]).view(np.uint32) == np.float32(want[0]).view(np.uint32) or (
+                np.isnan(got[0]) and np.isnan(want[0])), r
+            assert got[1:3] == want[1:3], r
+            assert np.array_equal(got[3], want[3].astype(np.int64)), r
+    assert pos._read and sum(v.size for v in pos._read.values()) <= n >> 3
+    assert MagnitudeIndex.of_positions(d, 0).at_rank(n // 3)[3] is None  # no blocks asked
