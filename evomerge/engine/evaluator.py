@@ -9,6 +9,7 @@ never a crash of the run.
 
 from __future__ import annotations
 
+import gc
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,7 @@ class Evaluator:
             out.merge_seconds, out.eval_seconds = t1 - t0, out.seconds - (t1 - t0)
             if setup > 0:
                 out.setup_seconds = min(setup, out.merge_seconds)
+                self._freeze_long_lived()
             return out
         except Exception as err:  # noqa: BLE001 - any failure is a failed candidate
             msg = f"{type(err).__name__}: {err}"
@@ -124,5 +126,20 @@ class Evaluator:
         return Outcome(scores, time.perf_counter() - t0, None, self.worker, complete=res.complete,
                        partial_fitness=res.fitness, evaluated=res.evaluated, total=res.total)
 
+    def _freeze_long_lived(self) -> None:
+        """After the worker's one-time setup, move every live object (the model, torch's
+        and the compiler's modules, the per-worker caches: ~400k objects on the SmolLM2
+        demo) out of the cyclic collector's reach: its full collections walked them all,
+        0.24-0.30 s every ~14 candidates (one merge in 14 took twice as long, ~7% of the
+        merge time on average); after the freeze they take ~1 ms. Garbage is collected
+        first, so none is frozen; frozen objects are still freed by reference counting,
+        and :meth:`close` gives the rest back to the collector."""
+        gc.collect()
+        gc.freeze()
+        self._frozen = True
+
     def close(self) -> None:
+        if getattr(self, "_frozen", False):
+            gc.unfreeze()
+            self._frozen = False
         self.backend.close()
