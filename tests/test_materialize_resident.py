@@ -122,6 +122,21 @@ def test_sequence_of_candidates_is_bit_for_bit_the_plain_path(zoo):
     assert stats[-1]["skipped"] == 0  # TIES and linear wrote every tensor in between
 
 
+def test_dare_from_stored_draws_is_bit_for_bit_a_cold_merge(zoo):
+    """A worker keeps the high bits of its DARE draws (precompute.DrawHighs): candidates at
+    new densities and repeats give a cold merge's bits (fresh draws, no worker state)."""
+    w = {None: [1.0, 0.5, 0.7], 0: [0.3, 1.2, 0.9], 1: [1.5, 0.1, 0.4]}
+    _, fast_t = target_of(zoo)
+    fast = Materializer("cpu", cache_sources=True, precompute=True, resident=True)
+    for density in (0.5, 0.23, 0.5, 0.9):
+        plan = make_plan(zoo, w, op="dare_ties", density=density)
+        fast.materialize_into(plan, fast_t)
+        _, cold_t = target_of(zoo)
+        Materializer("cpu").materialize_into(plan, cold_t)
+        assert_same_bits(fast_t, cold_t)
+    assert fast.stats.summary()["mib"] > 0  # the draws' high bits are kept
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_narrow_target_runs_from_resident_task_vectors_bit_for_bit(zoo, dtype):
     """A bf16 / fp16 evaluation model: the resident path computes in float32 and rounds

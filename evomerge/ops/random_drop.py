@@ -10,6 +10,7 @@ operators in :mod:`.task_vectors` are tested against. Re-exported from :mod:`.sp
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +27,12 @@ class UniformField:
     CPU; the two devices give different (equally valid) streams.
     """
 
-    def __init__(self, seed: int, device: torch.device | str | None = None):
+    def __init__(self, seed: int, device: torch.device | str | None = None, highs: Any = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         self._seed = seed
+        # CPU: a per-worker store of the draws' high 16 bits (.precompute.DrawHighs)
+        self._highs = highs if self.device.type == "cpu" else None
         self._pos = 0  # CUDA: the next flat position (draws are sequential there)
         if self.device.type == "cpu":
             self._bits = np.random.PCG64(seed)
@@ -74,9 +77,35 @@ class UniformField:
     def keep_at(self, s: int, e: int, density: float) -> torch.Tensor:
         """:meth:`keep` for flat positions ``[s, e)`` (CPU: any order; CUDA: in order)."""
         if self.device.type == "cpu":
-            return self._keep_cpu(self._raw_at(s, e), density)
+            st = self._highs
+            if st is not None and (s, e) in st.filled:
+                return self._keep_stored(st.highs[s:e], s, density)
+            raw = self._raw_at(s, e)
+            if st is not None:
+                np.right_shift(raw, 16, out=st.highs[s:e], casting="unsafe")
+                st.filled.add((s, e))
+            return self._keep_cpu(raw, density)
         self._check_order(s, e)
         return self.keep(e - s, density)
+
+    def _keep_stored(self, highs: np.ndarray, s: int, density: float) -> torch.Tensor:
+        """:meth:`_keep_cpu` of the draws from ``s`` on, from their high 16 bits: below the
+        limit's high bits is kept, above dropped, and the few equal to them compare their
+        whole draw (drawn again, in one pass of a generator jumped from one to the next)."""
+        limit = min(2**32 - 1, max(0, round(density * 2**32)))
+        lh, ll = limit >> 16, limit & 0xFFFF
+        keep = np.less(highs, np.uint16(lh))  # limit < 2**32: lh <= 0xFFFF
+        at = np.flatnonzero(highs == np.uint16(lh)) if ll else ()
+        if len(at):
+            bits = np.random.PCG64(self._seed)
+            nxt, w = 0, 0  # the word the generator gives next; the last one drawn
+            for p in (at + s).tolist():
+                if p // 2 >= nxt:  # (both halves of one word may tie)
+                    bits.advance(p // 2 - nxt)
+                    w = int(bits.random_raw(1)[0])
+                    nxt = p // 2 + 1
+                keep[p - s] = ((w >> 32) if p % 2 else (w & 0xFFFF_FFFF)) < limit
+        return torch.from_numpy(keep.view(np.uint8))
 
     @staticmethod
     def _keep_cpu(raw: np.ndarray, density: float) -> torch.Tensor:

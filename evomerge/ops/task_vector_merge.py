@@ -139,7 +139,9 @@ def generalized_task_arithmetic(
         bounds = list(chunk_bounds(n, chunk_size(device), align))
     if method in ("random", "della"):
         for inp, seed in zip(inputs, _input_seeds(len(inputs), ctx, device)):
-            inp.draws = UniformField(seed, device)
+            store = (ctx.stats.draw_highs(seed, n) if method == "random" and ctx.stats is not None
+                     and device.type == "cpu" and inp.weight != 0.0 and inp.density < 1.0 else None)
+            inp.draws = UniformField(seed, device, store)
     to_cut: list[MergeInput] = []
     stats_fns: dict = {}
     for inp in inputs:

@@ -113,6 +113,29 @@ def test_quantized_cases_exercise_partial_ties():
     assert int(torch.cat([par[s] for s, _ in bounds]).sum()) == k
 
 
+@pytest.mark.parametrize("seed", [1, 2**61 + 7])
+def test_stored_high_bits_of_draws_keep_exactly_what_the_draws_keep(seed):
+    """A worker keeps DARE streams' high 16 bits (precompute.DrawHighs); the keep masks it
+    gives then equal fresh draws' at any density, those whose limit equals some draws'
+    high bits (the draws compared whole, both halves of a word included) and 0 / 1 among
+    them, and chunks not stored yet are drawn (and stored)."""
+    from evomerge.ops.precompute import SourceStats
+
+    n = 400_003
+    bounds = [(s, min(n, s + 65_537)) for s in range(0, n, 65_537)]
+    raw = sp.UniformField(seed)._raw_at(0, n)
+    store = SourceStats().draw_highs(seed, n)
+    assert SourceStats(budget_bytes=2 * n - 1).draw_highs(seed, n) is None  # over budget
+    ties = [float((int(raw[i]) + k) / 2**32) for i in (3, 4, 1000, n - 1) for k in (-1, 0, 1)]
+    for d in [0.4, 1e-9, 0.0, 1.0, 0.99999, *ties]:
+        for s, e in bounds[:3] if d == 0.4 else bounds:  # the first density stores 3 chunks
+            want = sp.UniformField(seed).keep_at(s, e, d)
+            got = sp.UniformField(seed, highs=store).keep_at(s, e, d)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), (d, s)
+    assert store.filled == set(bounds)
+    assert np.array_equal(store.highs, (raw >> 16).astype(np.uint16))
+
+
 def test_positional_draws_equal_the_stream():
     f_seq, f_pos = sp.UniformField(1234), sp.UniformField(1234)
     bounds = [(0, 5), (5, 6), (6, 1001), (1001, 4000), (4000, 4001)]
