@@ -95,11 +95,11 @@ class UniformField:
         limit = min(2**32 - 1, max(0, round(density * 2**32)))
         lh, ll = limit >> 16, limit & 0xFFFF
         keep = np.less(highs, np.uint16(lh))  # limit < 2**32: lh <= 0xFFFF
-        at = np.flatnonzero(highs == np.uint16(lh)) if ll else ()
-        if len(at):
+        at = _true_positions(highs == np.uint16(lh)) if ll else []
+        if at:
             bits = np.random.PCG64(self._seed)
             nxt, w = 0, 0  # the word the generator gives next; the last one drawn
-            for p in (at + s).tolist():
+            for p in (q + s for q in at):
                 if p // 2 >= nxt:  # (both halves of one word may tie)
                     bits.advance(p // 2 - nxt)
                     w = int(bits.random_raw(1)[0])
@@ -128,6 +128,24 @@ class UniformField:
     def _check_order(self, s: int, e: int) -> None:
         assert s == self._pos, "CUDA draws must be taken in flat order"
         self._pos = e
+
+
+def _true_positions(mask: np.ndarray, few: int = 64) -> list[int]:
+    """Positions of the True entries of a bool array that holds few: found one by one with
+    ``argmax`` (6x cheaper than ``flatnonzero`` for the ~8 in half a million entries of a
+    chunk's tied draws), or by ``flatnonzero`` past ``few`` of them."""
+    out: list[int] = []
+    start, n = 0, mask.size
+    while start < n:
+        j = start + int(mask[start:].argmax())
+        if not mask[j]:
+            break
+        out.append(j)
+        start = j + 1
+        if len(out) == few:
+            out += (np.flatnonzero(mask[start:]) + start).tolist()
+            break
+    return out
 
 
 def random_mask(

@@ -136,6 +136,17 @@ def test_stored_high_bits_of_draws_keep_exactly_what_the_draws_keep(seed):
     assert np.array_equal(store.highs, (raw >> 16).astype(np.uint16))
 
 
+def test_true_positions_of_a_sparse_mask_are_flatnonzero():
+    from evomerge.ops.random_drop import _true_positions
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 5, 1000, 100_000):
+        for p in (0.0, 1e-4, 0.01, 0.5, 1.0):
+            m = rng.random(n) < p
+            for few in (1, 3, 64):  # past ``few`` of them, flatnonzero finds the rest
+                assert _true_positions(m, few) == np.flatnonzero(m).tolist(), (n, p, few)
+
+
 def test_positional_draws_equal_the_stream():
     f_seq, f_pos = sp.UniformField(1234), sp.UniformField(1234)
     bounds = [(0, 5), (5, 6), (6, 1001), (1001, 4000), (4000, 4001)]
