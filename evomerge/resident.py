@@ -438,9 +438,11 @@ def warm_kernels(mat: Materializer, plan: MergePlan, target: Mapping[str, torch.
     or None (nothing to compile: not CPU, compiling off, no tensor of
     :data:`~.ops.fused.FUSED_CPU_MIN` elements or more).
 
-    A worker's first candidate otherwise waits for them after its one-time sorts (on the
-    SmolLM2 TIES search ~3.4 s of tracing and loading inductor's cached code, after ~5 s
-    of sorts); the sorts run in numpy, mostly without the GIL, so the two overlap. Each
+    A worker's first candidate otherwise waits for them after its one-time sorts. On the
+    SmolLM2 TIES search (~2 s of sorts, ~2-3 s of tracing and loading inductor's cached
+    code) the overlap now saves little: the warm-up's Python holds the GIL between the
+    sorts' numpy calls, and overlapped they take about as long as one after the other
+    (~4.8 s); it paid when the sorts were longer and mostly in one numpy call. Each
     distinct (operator, input count, weight signs, densities below 1, other parameters,
     target dtype) merges random task vectors of one compiled chunk's size, which compiles
     exactly the graphs its real steps run (results never depend on it: eager and compiled

@@ -82,11 +82,11 @@ class SourceStats:
     def sorted_magnitudes(self, key: str, base_key: str | None, t: torch.Tensor,
                           b: torch.Tensor | None) -> tuple[MagnitudeIndex, int] | None:
         """``(index of |t - b|, block size)``, computed on first use (``b`` None: ``t`` is
-        that difference already, a resident task vector). The index keeps each value's
-        block (``position // block``, uint8 or uint16, :func:`tie_block` elements per block)
-        except for a tensor of one block or when the budget has no room for them (block size
-        0 then). None when over budget or not on CPU (on CUDA the streaming selection is
-        already cheap)."""
+        that difference already, a resident task vector: its positions are indexed, see
+        :class:`MagnitudeIndex`). The index gives the blocks (``position // block``,
+        :func:`tie_block` elements per block) of the values equal to a rank's, except when
+        the budget has no room for them (block size 0 then). None when over budget or not on
+        CPU (on CUDA the streaming selection is already cheap)."""
         if t.device.type != "cpu" or base_key is None:
             return None
         k = (key, base_key)
@@ -238,18 +238,18 @@ class MagnitudeIndex:
     task vector ``d`` whose ``|d|`` is indexed): ``order`` holds the positions bucket after
     bucket, and a bucket's values are read from ``d`` when a rank falls in it (4 bytes per
     element instead of 5-6, plus the buckets read so far up to half a byte per element;
-    no gather of every value while indexing: 30-40% less setup). ``ends`` is each bucket's end. A float64 input, or one whose largest bucket is
-    too large, is sorted whole (one bucket per value then need not be found: ``ends``
-    None)."""
+    no gather of every value while indexing: 30-40% less setup). ``ends`` is each bucket's
+    end. A float64 input, or one whose largest bucket is too large, is sorted whole (one
+    bucket per value then need not be found: ``ends`` None)."""
 
     def __init__(self, values: np.ndarray | None, ends: np.ndarray | None,
                  blocks: np.ndarray | None, order: np.ndarray | None = None,
                  source: np.ndarray | None = None, shift: int = -1):
         self.values, self.ends, self.blocks = values, ends, blocks
         self.order, self.source, self.shift = order, source, shift
-        # buckets read from ``source`` so far, kept up to an eighth of the values (half a
-        # byte per element): a bucket is a gather of scattered positions, measured 8% of a
-        # SmolLM2 candidate's merge when read again each time
+        # buckets read from ``source`` so far, kept up to about an eighth of the values
+        # (half a byte per element; two threads may both take the last room, unlocked): a
+        # bucket is a gather of scattered positions
         self._read: dict[int, np.ndarray] = {}
         self._read_room = 0 if order is None else order.size >> 3
 
@@ -262,18 +262,14 @@ class MagnitudeIndex:
     def build(cls, a: np.ndarray, block: int, id_dtype) -> MagnitudeIndex:
         """Index ``a`` (consumed: it may be reordered in place); ``id_dtype`` None: no
         block ids."""
-        if a.dtype == np.float32 and a.size > 1:
-            keys = _bucket_keys(a.view(np.uint32), False)
-            sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
-            if int(sizes.max()) <= max(_BUCKET_MAX, a.size >> 3):
-                order = np.argsort(keys, kind="stable")  # radix sort of 16-bit keys
-                del keys
-                values = a[order]
-                blocks = None
-                if id_dtype is not None:
-                    shift = block.bit_length() - 1  # blocks are powers of two
-                    blocks = (order >> shift).astype(id_dtype)
-                return cls(values, np.cumsum(sizes[sizes > 0]), blocks)
+        bucketed = _bucket_order(a.view(np.uint32), False) if a.dtype == np.float32 else None
+        if bucketed is not None:
+            order, ends = bucketed
+            blocks = None
+            if id_dtype is not None:
+                shift = block.bit_length() - 1  # blocks are powers of two
+                blocks = (order >> shift).astype(id_dtype)
+            return cls(a[order], ends, blocks)
         if id_dtype is not None:
             values, blocks = sort_with_blocks(a, block, id_dtype)
             return cls(values, None, blocks)
@@ -286,17 +282,15 @@ class MagnitudeIndex:
         the index lives; blocks of ``block`` elements, a power of two, 0: none), or None
         when one bucket holds too many of its values (then index a copy with
         :meth:`build`)."""
-        if d.dtype != np.float32 or d.size < 2 or d.size >= 1 << 31:
+        if d.dtype != np.float32 or d.size >= 1 << 31:
             return None
         bits = d.view(np.uint32)
-        keys = _bucket_keys(bits, True)
-        sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
-        if int(sizes.max()) > max(_BUCKET_MAX, d.size >> 3):
+        bucketed = _bucket_order(bits, True)
+        if bucketed is None:
             return None
-        order = np.argsort(keys, kind="stable").astype(np.int32)  # radix sort of 16-bit keys
-        del keys
+        order, ends = bucketed
         shift = block.bit_length() - 1 if block else -1
-        return cls(None, np.cumsum(sizes[sizes > 0]), None, order, bits, shift)
+        return cls(None, ends, None, order.astype(np.int32), bits, shift)
 
     def _bucket(self, start: int, end: int) -> tuple[np.ndarray, Callable[[Any], np.ndarray] | None]:
         """A bucket's values (position order) and a function: index into them -> their
@@ -345,13 +339,21 @@ class MagnitudeIndex:
         return float(v), lo, hi, tied
 
 
-def _bucket_keys(bits: np.ndarray, clear_sign: bool) -> np.ndarray:
-    """The uint16 bucket of every float32 (as uint32 ``bits``), of its absolute value when
-    ``clear_sign``."""
+def _bucket_order(bits: np.ndarray, clear_sign: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions of float32 values (as uint32 ``bits``; their absolute values when
+    ``clear_sign``) bucket after bucket, in position order within a bucket, and each
+    non-empty bucket's end; None for fewer than 2 values or a bucket too large."""
+    if bits.size < 2:
+        return None
     k = np.bitwise_and(bits, _ABS_MASK) if clear_sign else bits.copy()
     np.right_shift(k, _KEY_SHIFT, out=k)
     np.minimum(k, _LAST_KEY, out=k)
-    return k.astype(np.uint16)
+    keys = k.astype(np.uint16)
+    del k
+    sizes = np.bincount(keys, minlength=_LAST_KEY + 1)
+    if int(sizes.max()) > max(_BUCKET_MAX, bits.size >> 3):
+        return None
+    return np.argsort(keys, kind="stable"), np.cumsum(sizes[sizes > 0])  # a radix sort
 
 
 def sort_with_blocks(a: np.ndarray, block: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:
