@@ -35,7 +35,7 @@ class UniformField:
         self._highs = highs if self.device.type == "cpu" else None
         self._pos = 0  # CUDA: the next flat position (draws are sequential there)
         if self.device.type == "cpu":
-            self._bits = np.random.PCG64(seed)
+            self._bits: np.random.PCG64 | None = None  # the in-order stream, made on first use
             self._pending: np.ndarray | None = None  # a leftover 32-bit draw
         else:
             self._gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -47,6 +47,8 @@ class UniformField:
             parts.append(self._pending)
             self._pending = None
             n -= 1
+        if self._bits is None:  # (seeding costs ~30 us: the positional draws never need it)
+            self._bits = np.random.PCG64(self._seed)
         words = self._bits.random_raw((n + 1) // 2).view(np.uint32)
         if words.size > n:
             self._pending = words[n:].copy()
