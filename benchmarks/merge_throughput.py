@@ -10,7 +10,8 @@ CPU-bound neighbour processes spinning during the timings) and each thread count
    (the compute floor of reading the same sources), TIES, DARE-TIES and breadcrumbs at
    density 0.5, with seconds, GB/s of input bytes and the ratios TIES / task arithmetic;
 3. mergekit (``--mergekit-bin``, ``$EVOMERGE_MERGEKIT_BIN`` or ``mergekit-yaml`` on PATH):
-   the same TIES recipe run by ``mergekit-yaml`` to disk, against evomerge to disk.
+   the same TIES, DARE-TIES and breadcrumbs recipes (``--mergekit-methods``) run by
+   ``mergekit-yaml`` to disk, against evomerge to disk and in memory.
 
 Then, on a quiet machine, in fresh processes: the peak RSS of an in-memory merge into a
 resident model (target <= 1.1 x (sources + output)) and of a streamed export (target <= one
@@ -19,7 +20,7 @@ model + one shard), and with ``--candidates K`` the per-candidate cost of a sear
 (``--device cuda``) ``--resident`` times merges of sources already on the device against a
 device-to-device copy of the same bytes (target >= 50%).
 
-Targets (issue 14): TIES >= 5x mergekit quiet and busy; 2 threads >= 1.6x 1 thread quiet and
+Targets (issue 14): TIES, DARE-TIES and breadcrumbs >= 5x mergekit quiet and busy; 2 threads >= 1.6x 1 thread quiet and
 never slower busy; TIES within 3x of task arithmetic.
 
     .venv/bin/python benchmarks/merge_throughput.py --small --busy 2          # a few minutes
@@ -226,7 +227,7 @@ def disk_pass(plan, device: torch.device, out: Path) -> float:
 
 
 def mergekit_pass(mk_bin: str, recipe: dict, out: Path, device: torch.device, root: Path) -> float:
-    cfg = root / "mergekit_ties.yaml"
+    cfg = root / f"mergekit_{recipe['merge_method']}.yaml"
     cfg.write_text(recipe_to_mergekit_yaml(recipe))
     cmd = [mk_bin, str(cfg), str(out), "--random-seed", "0", "--allow-crimes"]
     if device.type == "cuda":
@@ -240,6 +241,30 @@ def mergekit_pass(mk_bin: str, recipe: dict, out: Path, device: torch.device, ro
 
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs")
+MERGEKIT_METHODS = ("ties", "dare_ties", "breadcrumbs")  # the sparsifying merges issue 14 targets
+
+
+def mergekit_compare(method: str, plan, dirs, device, root: Path, mk_bin: str, no_disk: bool,
+                     in_memory_s: float, res: dict) -> None:
+    """mergekit-yaml against evomerge on one recipe, both to disk (and evomerge in memory).
+
+    Fills ``res[f"{method}_disk"]`` and ``res["mergekit"][method]`` (seconds)."""
+    if not no_disk:
+        res[f"{method}_disk"] = disk_pass(plan, device, root / "evomerge_out")
+        shutil.rmtree(root / "evomerge_out", ignore_errors=True)
+        print(f"{method + ' -> disk':24s} {res[f'{method}_disk']:8.2f} s  (evomerge, same recipe)")
+    try:
+        mk_s = mergekit_pass(mk_bin, _recipe(method, dirs), root / "mergekit_out", device, root)
+    except RuntimeError as e:
+        print(f"mergekit {method}: {e}")
+        return
+    finally:
+        shutil.rmtree(root / "mergekit_out", ignore_errors=True)
+    res.setdefault("mergekit", {})[method] = mk_s
+    print(f"{'mergekit-yaml ' + method:24s} {mk_s:8.2f} s  (to disk, incl. start-up)")
+    print(f"  mergekit / evomerge {method}: {mk_s / in_memory_s:.1f}x in memory"
+          + ("" if no_disk else f", {mk_s / res[f'{method}_disk']:.1f}x both to disk")
+          + "  (target >= 5x)")
 
 
 def _recipe(method: str, dirs: dict[str, Path], weights=(1.0, 1.0, 1.0),
@@ -444,7 +469,7 @@ def _numel(plan, step) -> int:
 
 
 def timings(plans, device, threads_list, dirs, root, mk_bin, no_disk, label,
-            repeat: int = 2) -> dict:
+            repeat: int = 2, mk_methods: tuple[str, ...] = ("ties",)) -> dict:
     """Every figure of one machine state; merge times are the best of ``repeat`` passes."""
     res: dict = {"load": loadavg()}
     print(f"--- {label}: {res['load']}")
@@ -471,22 +496,9 @@ def timings(plans, device, threads_list, dirs, root, mk_bin, no_disk, label,
         print(f"  TIES {a} thr / {b} thr: {res[f'ties@{a}'] / res[f'ties@{b}']:.2f}x speed-up")
     torch.set_num_threads(threads_list[-1])
     if mk_bin:
-        if not no_disk:
-            res["ties_disk"] = disk_pass(plans["ties"], device, root / "evomerge_out")
-            shutil.rmtree(root / "evomerge_out", ignore_errors=True)
-            print(f"{'ties -> disk':24s} {res['ties_disk']:8.2f} s  (evomerge, same recipe)")
-        try:
-            mk_s = mergekit_pass(mk_bin, _recipe("ties", dirs), root / "mergekit_out", device, root)
-        except RuntimeError as e:
-            print(f"mergekit: {e}")
-        else:
-            res["mergekit"] = mk_s
-            best = res[f"ties@{threads_list[-1]}"]
-            print(f"{'mergekit-yaml ties':24s} {mk_s:8.2f} s  (to disk, incl. start-up)")
-            print(f"  mergekit / evomerge TIES: {mk_s / best:.1f}x in memory"
-                  + ("" if no_disk else f", {mk_s / res['ties_disk']:.1f}x both to disk")
-                  + "  (target >= 5x)")
-        shutil.rmtree(root / "mergekit_out", ignore_errors=True)
+        for m in mk_methods:
+            mergekit_compare(m, plans[m], dirs, device, root, mk_bin, no_disk,
+                             res[f"{m}@{threads_list[-1]}"], res)
     return res
 
 
@@ -501,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-bin", default=None,
                     help="mergekit-yaml executable (default: $EVOMERGE_MERGEKIT_BIN or PATH)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
+    ap.add_argument("--mergekit-methods", default=None,
+                    help="methods also run by mergekit-yaml (default: those of "
+                         f"{','.join(MERGEKIT_METHODS)} in --methods; each ~2-4 min at 0.49 B)")
     ap.add_argument("--no-disk", action="store_true", help="skip the to-disk evomerge run")
     ap.add_argument("--threads", default="1,2", help="CPU thread counts to time, e.g. 1,2")
     ap.add_argument("--busy", type=int, default=0,
@@ -547,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
         clear_reader_cache()
         plans = {m: compile_recipe(_recipe(m, dirs)) for m in args.methods.split(",")}
         mk_bin = None
+        mk_methods = (tuple(m for m in MERGEKIT_METHODS if m in plans)
+                      if args.mergekit_methods is None
+                      else tuple(m for m in args.mergekit_methods.split(",") if m.strip()))
+        unknown = [m for m in mk_methods if m not in plans]
+        if unknown:
+            print(f"--mergekit-methods: {', '.join(unknown)} not among --methods ({args.methods})")
+            return 2
         if not args.no_mergekit:
             mk_bin = (args.mergekit_bin or os.environ.get("EVOMERGE_MERGEKIT_BIN")
                       or shutil.which("mergekit-yaml"))
@@ -557,12 +579,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.busy and args.busy_only):
             figures["quiet"] = timings(plans, device, threads_list, dirs, root, mk_bin,
                                        args.no_disk, "quiet (no neighbours started by this benchmark)",
-                                       args.repeat)
+                                       args.repeat, mk_methods)
         if args.busy:
             with neighbours(args.busy):
                 figures["busy"] = timings(plans, device, threads_list, dirs, root, mk_bin,
                                           args.no_disk, f"busy: {args.busy} CPU-bound neighbours",
-                                          args.repeat)
+                                          args.repeat, mk_methods)
         if args.busy and "quiet" in figures:
             q, b = figures["quiet"], figures["busy"]
             for th in threads_list if device.type == "cpu" else []:

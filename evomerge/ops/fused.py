@@ -354,15 +354,20 @@ def count_many_kernel(b: torch.Tensor, xs: list[torch.Tensor], vs: torch.Tensor,
 def run_count_many(mode: str, b: torch.Tensor, xs: list[torch.Tensor], values: list[list[float]],
                    dtype: torch.dtype) -> list[list[tuple[int, int]]]:
     """:func:`count_many_kernel` (compiled in mode "compiled"): per input, per value of
-    ``values[i]``, ``(less, equal)`` as ints."""
-    vs = torch.tensor([v for vals in values for v in vals], dtype=dtype, device=b.device)
-    layout = tuple(len(vals) for vals in values)
+    ``values[i]``, ``(less, equal)`` as ints.
+
+    Every input is given as many values as the longest list (a shorter list repeats its last
+    value; those counts are dropped): the graph then depends on the input count and that
+    length only, not on which inputs need how many values. Breadcrumbs' two cuts per input
+    otherwise met up to 3**n layouts, each a graph to compile (seconds each on a machine
+    whose inductor cache does not hold it yet), mid-merge."""
+    k = max(len(vals) for vals in values)
+    vs = torch.tensor([v for vals in values for v in (*vals, *[vals[-1]] * (k - len(vals)))],
+                      dtype=dtype, device=b.device)
+    layout = (k,) * len(values)
     flat = [int(x) for x in _run(mode, "count_many", count_many_kernel, b, xs, vs, layout).tolist()]
-    out, j = [], 0
-    for k in layout:
-        out.append([(flat[2 * q], flat[2 * q + 1]) for q in range(j, j + k)])
-        j += k
-    return out
+    return [[(flat[2 * (i * k + q)], flat[2 * (i * k + q) + 1]) for q in range(len(vals))]
+            for i, vals in enumerate(values)]
 
 
 def run_count(mode: str, t: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:

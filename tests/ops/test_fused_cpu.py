@@ -118,3 +118,37 @@ def test_a_thread_that_compiles_gets_the_kernels_settings(monkeypatch):
     assert not fused.compile_failed("cpu")
     assert seen["limit"] >= 256 and seen["contract"] == "off"
     assert torch.equal(seen["out"], torch.ones(fused.FUSED_CPU_MIN))
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_count_many_gives_each_input_its_own_values_counts(mode):
+    """The counting pass of exact selection for several inputs of one base: per input, per
+    value, how many ``|x - b|`` are below and equal to it, whatever number of values each
+    input asks for (breadcrumbs asks two per input, fewer where the sample settled one)."""
+    base, xs = _sources(seed=9)
+    n = 70_001
+    b, xs = base[:n], [x[:n] for x in xs]
+    deltas = [(x.float() - b.float()).abs() for x in xs]
+    # values that occur (ties: bf16 differences are discrete) and one that does not
+    values = [[float(deltas[0][17]), float(deltas[0][4])], [float(deltas[1][3])],
+              [1e-3, float(deltas[2][99])]]
+    got = fused.run_count_many(mode, b, xs, values, torch.float32)
+    want = [[(int((d < v).sum()), int((d == v).sum())) for v in vals]
+            for d, vals in zip(deltas, values)]
+    assert got == want
+    assert any(eq > 1 for row in want for _, eq in row)  # ties were counted
+
+
+def test_count_many_compiles_one_graph_per_input_count_not_per_layout():
+    """Which inputs ask for one value and which for two varies tensor by tensor; a graph per
+    such layout compiled seconds each mid-merge. The values are padded to a common count:
+    every layout of three inputs with up to two values runs one graph."""
+    base, xs = _sources(seed=11)
+    b, xs = base[: fused.FUSED_CPU_MIN], [x[: fused.FUSED_CPU_MIN] for x in xs]
+    fused.run_count_many("compiled", b, xs, [[0.001, 0.002]] * 3, torch.float32)
+    keys = set(fused._WARM)
+    for values in ([[0.001], [0.001, 0.002], [0.003]], [[0.001, 0.002], [0.001], [0.002]],
+                   [[0.004], [0.005], [0.003, 0.001]]):
+        fused.run_count_many("compiled", b, xs, values, torch.float32)
+    assert fused._WARM == keys
+    assert not fused.compile_failed("cpu")
