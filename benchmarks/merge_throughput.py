@@ -51,8 +51,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):  # the package, and random_llama beside this script
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from random_llama import FINETUNES, SHAPES, build_models, tensor_shapes  # noqa: E402
 

@@ -110,3 +110,24 @@ def build_models(root: Path, shape: dict, shard_bytes: int = 2 * 10**9, seed: in
         cfg.save_pretrained(dirs[n])
     _write_tokenizer(shape["vocab"], list(dirs.values()))
     return dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the merge benchmarks' random base and "
+                                             "fine-tunes (bf16 safetensors) into OUT/{base,ft1,ft2,ft3}.")
+    ap.add_argument("out", help="directory for the four models")
+    ap.add_argument("--small", action="store_true", help="small preset (~78M params)")
+    for k in SHAPES["default"]:
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
+    args = ap.parse_args(argv)
+    shape = dict(SHAPES["small" if args.small else "default"])
+    shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
+    dirs = build_models(Path(args.out), shape)
+    print("\n".join(str(d) for d in dirs.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
