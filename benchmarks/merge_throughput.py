@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                   else tuple(m for m in args.mergekit_methods.split(",") if m.strip()))
     unknown = [m for m in mk_methods if m not in methods]
     if unknown:
-        print(f"--mergekit-methods: {', '.join(unknown)} not among --methods ({args.methods})")
+        print(f"--mergekit-methods: {', '.join(unknown)} not among --methods ({args.methods})", file=sys.stderr)
         return 2
     device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
               if args.device == "auto" else torch.device(args.device))

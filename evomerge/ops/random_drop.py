@@ -94,7 +94,7 @@ class UniformField:
         """:meth:`_keep_cpu` of the draws from ``s`` on, from their high 16 bits: below the
         limit's high bits is kept, above dropped, and the few equal to them compare their
         whole draw (drawn again, in one pass of a generator jumped from one to the next)."""
-        limit = min(2**32 - 1, max(0, round(density * 2**32)))
+        limit = _draw_limit(density)
         lh, ll = limit >> 16, limit & 0xFFFF
         keep = np.less(highs, np.uint16(lh))  # limit < 2**32: lh <= 0xFFFF
         at = _true_positions(highs == np.uint16(lh)) if ll else []
@@ -111,7 +111,7 @@ class UniformField:
 
     @staticmethod
     def _keep_cpu(raw: np.ndarray, density: float) -> torch.Tensor:
-        limit = min(2**32 - 1, max(0, round(density * 2**32)))
+        limit = _draw_limit(density)
         return torch.from_numpy(np.less(raw, np.uint32(limit)).view(np.uint8))
 
     def uniform(self, n: int) -> torch.Tensor:
@@ -130,6 +130,12 @@ class UniformField:
     def _check_order(self, s: int, e: int) -> None:
         assert s == self._pos, "CUDA draws must be taken in flat order"
         self._pos = e
+
+
+def _draw_limit(density: float) -> int:
+    """The uint32 bound a CPU draw must be below to keep its entry (``density`` of 2**32,
+    clamped to the draws' range)."""
+    return min(2**32 - 1, max(0, round(density * 2**32)))
 
 
 def _true_positions(mask: np.ndarray, few: int = 64) -> list[int]:
